@@ -1,0 +1,1 @@
+"""The AMP engine: pure PyTorch (never imports Ray)."""

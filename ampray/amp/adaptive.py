@@ -1,0 +1,140 @@
+"""AdaptiveMixedPrecisionTrainer: retunes the loss scaler from what it measures while training.
+
+Policy (thresholds in `MixedPrecisionConfig.adaptation`, so a search can tune them):
+- overflow rate in the last window above `overflow_rate_high`: gentler scaling, i.e. growth_factor
+  halfway towards 1 (not below `min_growth_factor`) and growth_interval doubled (not above
+  `max_growth_interval`): the scale was growing into overflows faster than it should;
+- `clean_steps_to_increase` optimizer steps in a row without an overflow: more aggressive scaling,
+  i.e. growth_factor twice as far from 1 (not above `max_growth_factor`) and growth_interval halved
+  (not below `min_growth_interval`): a larger scale keeps more small gradients out of fp16 underflow;
+- after any change, `cooldown` optimizer steps pass before the next one;
+- throughput below `min_speedup` times an fp32 baseline (when one is given) is reported as "mixed
+  precision is not paying off"; that is a warning, the config is left as it is.
+The policy runs by itself at the end of every `window` optimizer steps; `adapt_config` is the same
+policy called by hand. Overflows are known on the host from the step's single sync: no extra sync.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ampray.amp.config import MixedPrecisionConfig
+from ampray.amp.trainer import MixedPrecisionTrainer
+
+
+class AdaptiveMixedPrecisionTrainer(MixedPrecisionTrainer):
+    """MixedPrecisionTrainer plus an adaptation policy over the loss-scaler settings."""
+
+    def __init__(self, config: MixedPrecisionConfig | None = None, device: torch.device | str | None = None,
+                 baseline_performance: dict[str, Any] | None = None):
+        super().__init__(config, device)
+        self.baseline_performance = baseline_performance
+        self.adaptation_history: list[dict[str, Any]] = []
+        self.warnings: list[dict[str, Any]] = []
+        self._clean_streak = 0
+        self._last_adapt_step: int | None = None
+        self._window = {"overflows": 0, "steps": 0, "samples": 0, "time_s": 0.0}
+        self._window_t0 = (0, 0.0)
+
+    def _after_optimizer_step(self, overflow: bool) -> None:
+        w = self._window
+        w["steps"] += 1
+        w["overflows"] += int(overflow)
+        self._clean_streak = 0 if overflow else self._clean_streak + 1
+        if w["steps"] >= self.config.adaptation.window:
+            c = self.counters
+            samples0, time0 = self._window_t0
+            elapsed = c.host_time_s - time0
+            current = {"overflow_rate": w["overflows"] / w["steps"], "clean_steps": self._clean_streak,
+                       "samples_per_s": (c.samples - samples0) / elapsed if elapsed > 0 else 0.0}
+            self.adapt_config(current, self.baseline_performance, source="window")
+            self._window = {"overflows": 0, "steps": 0, "samples": 0, "time_s": 0.0}
+            self._window_t0 = (c.samples, c.host_time_s)
+
+    def adapt_config(self, current_performance: dict[str, Any],
+                     baseline_performance: dict[str, Any] | None = None,
+                     source: str = "manual") -> dict[str, dict[str, Any]]:
+        """Apply the policy to measured performance; returns {field: {"before", "after"}} of the changes.
+
+        `current_performance` needs "overflow_rate"; optional "clean_steps" (defaults to the trainer's own
+        streak) and "samples_per_s"; `baseline_performance` may give the fp32 "samples_per_s".
+        """
+        a, step = self.config.adaptation, self.counters.optimizer_steps
+        self._check_speedup(current_performance, baseline_performance, step)
+        if self._last_adapt_step is not None and step - self._last_adapt_step < a.cooldown:
+            return {}
+        if not (self.scaler.enabled and self.scaler.dynamic):
+            return {}
+        rate = float(current_performance["overflow_rate"])
+        clean = int(current_performance.get("clean_steps", self._clean_streak))
+        gf, gi = self.scaler.growth_factor, self.scaler.growth_interval
+        if rate > a.overflow_rate_high:
+            target = {"growth_factor": max(a.min_growth_factor, 1.0 + (gf - 1.0) / 2.0),
+                      "growth_interval": min(a.max_growth_interval, gi * 2)}
+            reason = f"overflow rate {rate:.4f} > overflow_rate_high {a.overflow_rate_high}: gentler scaling"
+        elif clean >= a.clean_steps_to_increase:
+            target = {"growth_factor": min(a.max_growth_factor, 1.0 + (gf - 1.0) * 2.0),
+                      "growth_interval": max(a.min_growth_interval, gi // 2)}
+            reason = f"{clean} clean steps >= clean_steps_to_increase {a.clean_steps_to_increase}: bolder scaling"
+        else:
+            return {}
+        diff = self.update_scaler_settings(**target)
+        if not diff:
+            return {}  # already at the bounds: nothing changed, no cool-down started
+        self._last_adapt_step = step
+        if clean >= a.clean_steps_to_increase:
+            self._clean_streak = 0  # the next increase needs a fresh clean stretch
+        changes = {name: {"before": b, "after": v} for name, (b, v) in diff.items()}
+        self.adaptation_history.append({
+            "step": step, "source": source, "reason": reason,
+            "before": {n: c["before"] for n, c in changes.items()},
+            "after": {n: c["after"] for n, c in changes.items()},
+            "observed": {"overflow_rate": rate, "clean_steps": clean},
+        })
+        return changes
+
+    def _check_speedup(self, current: dict[str, Any], baseline: dict[str, Any] | None, step: int) -> None:
+        if not baseline or not baseline.get("samples_per_s") or not current.get("samples_per_s"):
+            return
+        speedup = float(current["samples_per_s"]) / float(baseline["samples_per_s"])
+        if speedup < self.config.adaptation.min_speedup:
+            self.warnings.append({
+                "step": step, "speedup": speedup, "min_speedup": self.config.adaptation.min_speedup,
+                "message": f"mixed precision is not paying off: {speedup:.2f}x the fp32 baseline "
+                           f"< min_speedup {self.config.adaptation.min_speedup}",
+            })
+
+    def get_adaptation_summary(self) -> dict[str, Any]:
+        return {
+            "total_adaptations": len(self.adaptation_history),
+            "current_config": self.config.to_dict(),
+            "history": list(self.adaptation_history),
+            "warnings": list(self.warnings),
+            "clean_streak": self._clean_streak,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["adaptation"] = {
+            "history": list(self.adaptation_history), "warnings": list(self.warnings),
+            "clean_streak": self._clean_streak, "last_adapt_step": self._last_adapt_step,
+            "window": dict(self._window), "window_t0": list(self._window_t0),
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        a = state.get("adaptation")
+        if a:
+            self.adaptation_history = list(a["history"])
+            self.warnings = list(a["warnings"])
+            self._clean_streak = int(a["clean_streak"])
+            self._last_adapt_step = a["last_adapt_step"]
+            self._window = dict(a["window"])
+            self._window_t0 = (int(a["window_t0"][0]), float(a["window_t0"][1]))
+        # The scaler's settings were restored by the base class; mirror them into the config.
+        for name, value in self.scaler.settings().items():
+            setattr(self.config, name, value)

@@ -1,0 +1,188 @@
+"""LossScaler: dynamic loss scaling with hysteresis, a floor and a ceiling, state kept on the device.
+
+What it adds to `torch.amp.GradScaler`:
+- hysteresis: the scale backs off only after `hysteresis` overflowing steps in a row (1 = GradScaler);
+- `min_scale` / `max_scale`: backoff never goes below the floor, growth never above the ceiling;
+- settings (`growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, floor, ceiling) can be
+  changed while training without losing the growth tracker;
+- counters (overflows, backoffs, growths, min/max scale seen) live on the device beside the scale, so
+  updating them costs no host-device synchronisation; they are read when a summary asks.
+
+The skip decision (whether the optimizer may step) is the caller's: `found_inf` is a device tensor that
+the trainer reads once per optimizer step, the same single sync that `GradScaler.step` makes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+from ampray.amp.config import ConfigError, MixedPrecisionConfig
+from ampray.amp.records import ScalerState
+
+_SETTINGS = ("growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale")
+
+
+class LossScaler:
+    """Scales the loss, unscales gradients and finds non-finite ones, and updates the scale on the device."""
+
+    def __init__(self, config: MixedPrecisionConfig, device: torch.device | str = "cpu"):
+        self.enabled = config.scaling_enabled
+        self.dynamic = config.use_dynamic_loss_scaling
+        self.device = torch.device(device)
+        self.init_scale = float(config.init_scale) if self.enabled else 1.0
+        self._growth_factor = float(config.growth_factor)
+        self._backoff_factor = float(config.backoff_factor)
+        self._growth_interval = int(config.growth_interval)
+        self._hysteresis = int(config.hysteresis)
+        self._min_scale = float(config.min_scale)
+        self._max_scale = float(config.max_scale)
+        self._reset_tensors(self.init_scale)
+
+    def _reset_tensors(self, scale: float) -> None:
+        f32 = dict(dtype=torch.float32, device=self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self._scale = torch.tensor(scale, **f32)
+        self._growth_tracker = torch.tensor(0, **i64)
+        self._hysteresis_left = torch.tensor(self._hysteresis, **i64)
+        self._overflows = torch.tensor(0, **i64)
+        self._backoffs = torch.tensor(0, **i64)
+        self._growths = torch.tensor(0, **i64)
+        self._min_seen = torch.tensor(scale, **f32)
+        self._max_seen = torch.tensor(scale, **f32)
+        self._found_inf = torch.zeros((), **f32)
+        self._unscaled = False
+
+    # -- settings: validated, and applied from the next update on ---------------------------------
+    def settings(self) -> dict[str, float | int]:
+        return {name: getattr(self, name) for name in _SETTINGS}
+
+    def set(self, **changes: Any) -> dict[str, tuple[Any, Any]]:
+        """Change scaler settings mid-run; returns {name: (before, after)}. The growth tracker is kept."""
+        unknown = sorted(set(changes) - set(_SETTINGS))
+        if unknown:
+            raise ConfigError(f"LossScaler.set: unknown setting(s) {unknown}; allowed are {list(_SETTINGS)}")
+        merged = {**self.settings(), **changes}
+        # Validate the combination through the config's own rules, so there is one source of truth.
+        MixedPrecisionConfig(
+            growth_factor=merged["growth_factor"], backoff_factor=merged["backoff_factor"],
+            growth_interval=int(merged["growth_interval"]), hysteresis=int(merged["hysteresis"]),
+            min_scale=merged["min_scale"], max_scale=merged["max_scale"], init_scale=merged["min_scale"],
+        )
+        before = self.settings()
+        for name, value in changes.items():
+            setattr(self, "_" + name, int(value) if name in ("growth_interval", "hysteresis") else float(value))
+        if "hysteresis" in changes:
+            # A smaller budget applies at once; a larger one starts counting from the next clean step.
+            self._hysteresis_left.clamp_(max=self._hysteresis)
+        return {n: (before[n], v) for n, v in self.settings().items() if before[n] != v}
+
+    growth_factor = property(lambda self: self._growth_factor)
+    backoff_factor = property(lambda self: self._backoff_factor)
+    growth_interval = property(lambda self: self._growth_interval)
+    hysteresis = property(lambda self: self._hysteresis)
+    min_scale = property(lambda self: self._min_scale)
+    max_scale = property(lambda self: self._max_scale)
+
+    # -- the three verbs of a step ---------------------------------------------------------------
+    def to(self, device: torch.device | str) -> "LossScaler":
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            for name, value in list(vars(self).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(self, name, value.to(device))
+        return self
+
+    @property
+    def scale_tensor(self) -> torch.Tensor:
+        """The current scale as a 0-d device tensor (no sync)."""
+        return self._scale
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return loss
+        # fp32 multiply: an fp16 loss times 2**16 would itself overflow before backward starts.
+        return loss.float() * self._scale
+
+    @torch.no_grad()
+    def unscale_(self, grads: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Divide gradients by the scale in place; return `found_inf` (0-d float tensor, 1.0 if any
+        gradient is inf/NaN). Idempotent within one optimizer step."""
+        if not self.enabled or self._unscaled:
+            return self._found_inf
+        self._found_inf.zero_()
+        inv_scale = self._scale.double().reciprocal().float()
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for g in grads:
+            if g.is_sparse:
+                g = g.coalesce()._values()
+            if g.dtype == torch.float16:
+                raise TypeError(
+                    "LossScaler.unscale_: found an fp16 gradient; keep parameters in fp32 and let autocast "
+                    "cast activations (call model.float() before training)")
+            by_device[(g.device, g.dtype)].append(g)
+        for (device, _), group in by_device.items():
+            found = self._found_inf if device == self.device else torch.zeros((), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale.to(device))
+            if found is not self._found_inf:
+                self._found_inf += found.to(self.device)
+        self._unscaled = True
+        return self._found_inf
+
+    @torch.no_grad()
+    def update(self, found_inf: torch.Tensor | None = None) -> None:
+        """Advance the scale by one optimizer step, on the device (no sync)."""
+        if not self.enabled:
+            return
+        found_inf = self._found_inf if found_inf is None else found_inf
+        self._unscaled = False
+        found = found_inf > 0
+        self._overflows += found
+        if not self.dynamic:
+            return
+        scale = self._scale
+        left = self._hysteresis_left - found.long()
+        backoff = found & (left <= 0)
+        tracker = torch.where(found, 0, self._growth_tracker + 1)
+        grow = tracker >= self._growth_interval
+        shrunk = (scale * self._backoff_factor).clamp(min=self._min_scale)
+        grown = (scale * self._growth_factor).clamp(max=self._max_scale)
+        new_scale = torch.where(backoff, shrunk, torch.where(grow, grown, scale))
+        # A clean step or a backoff refills the hysteresis budget: only overflows *in a row* count.
+        self._hysteresis_left.copy_(torch.where(found & ~backoff, left, self._hysteresis))
+        self._growth_tracker.copy_(torch.where(grow, 0, tracker))
+        self._backoffs += backoff
+        self._growths += grow
+        self._scale.copy_(new_scale)
+        torch.minimum(self._min_seen, new_scale, out=self._min_seen)
+        torch.maximum(self._max_seen, new_scale, out=self._max_seen)
+
+    def set_scale(self, value: float) -> None:
+        self._scale.fill_(float(value))
+
+    # -- reading and resuming (these synchronise; call them when reporting, not per step) --------
+    def read(self) -> ScalerState:
+        values = torch.stack([
+            self._scale.double(), self._growth_tracker.double(), self._hysteresis_left.double(),
+            self._overflows.double(), self._backoffs.double(), self._growths.double(),
+            self._min_seen.double(), self._max_seen.double(),
+        ]).tolist()
+        return ScalerState(values[0], int(values[1]), int(values[2]), int(values[3]), int(values[4]),
+                           int(values[5]), values[6], values[7])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "dynamic": self.dynamic, **self.read().to_dict(), **self.settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set(**{k: state[k] for k in _SETTINGS if k in state})
+        self._reset_tensors(float(state["scale"]))
+        self._growth_tracker.fill_(int(state["growth_tracker"]))
+        self._hysteresis_left.fill_(int(state["hysteresis_left"]))
+        self._overflows.fill_(int(state["overflows"]))
+        self._backoffs.fill_(int(state["backoffs"]))
+        self._growths.fill_(int(state["growths"]))
+        self._min_seen.fill_(float(state["min_scale_seen"]))
+        self._max_seen.fill_(float(state["max_scale_seen"]))

@@ -1,0 +1,347 @@
+"""MixedPrecisionTrainer: one `train_step` that does autocast, loss scaling, accumulation, clipping and the
+OOM / non-finite / scale-collapse policies, with counters and state that resume exactly.
+
+Host-device synchronisation: at most one per *optimizer* step, and only where a decision needs it (the
+scaler's skip decision, as in `GradScaler.step`; a non-finite loss check; a non-finite clipped norm).
+The flags, the scale and the loss check are read together in that one sync. Accumulation micro-steps and
+unscaled runs with `nonfinite_loss_policy="ignore"` and no clipping never sync. Loss sums stay on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ampray.amp.autocast import Fp32Islands, autocast_supported, default_device
+from ampray.amp.config import MixedPrecisionConfig, dtype_name, parse_dtype
+from ampray.amp.memory import memory_stats
+from ampray.amp.scaler import LossScaler
+from ampray.amp.state import TrainerCounters, atomic_save, count_params, estimate_memory_savings
+
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was NaN/inf and `nonfinite_loss_policy="raise"`."""
+
+
+class ScaleCollapseError(FloatingPointError):
+    """Overflows continued at `min_scale` and `collapse_policy="raise"`."""
+
+
+class _WindowPoisoned(Exception):
+    """An OOM struck mid-backward after gradients had been accumulated: this window cannot be exact."""
+
+
+class MixedPrecisionTrainer:
+    """Mixed-precision training engine: `prepare_model`, then `train_step` per batch."""
+
+    def __init__(self, config: MixedPrecisionConfig | None = None, device: torch.device | str | None = None):
+        self.config = config if config is not None else MixedPrecisionConfig()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.amp_dtype = self.config.dtype if self.config.autocast_enabled else torch.float32
+        if not autocast_supported(self.device.type, self.amp_dtype):
+            raise ValueError(f"MixedPrecisionConfig.dtype={self.amp_dtype} is not supported for autocast on "
+                             f"device={self.device}; use fp16 on CUDA, bf16 on Ampere+/CPU, or fp32")
+        self.scaler = LossScaler(self.config, self.device)
+        self.counters = TrainerCounters(self.device)
+        self.offenders: Counter[str] = Counter()
+        self.scale_history: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self._islands = Fp32Islands(self.config.fp32_modules, self.device.type)
+        self._prepared: set[int] = set()
+        self._last_scale = self.scaler.init_scale
+        self._num_params = 0
+
+    # -- setup ------------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device (fp32 master weights), channels_last for conv nets on CUDA when
+        memory_efficient, and hook the configured fp32 modules."""
+        model = model.to(self.device)
+        if self.config.memory_efficient and self.device.type == "cuda" and any(
+                isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+        self._attach(model)
+        return model
+
+    def _attach(self, model: nn.Module) -> None:
+        if id(model) not in self._prepared:
+            self._prepared.add(id(model))
+            self._num_params = count_params(model)
+            if self.config.fp32_modules:
+                self._islands.attach(model)
+
+    def build_optimizer(self, model: nn.Module, name: str = "adamw", lr: float = 1e-3, **kwargs: Any):
+        """Adam/AdamW/SGD; fused on CUDA when memory_efficient (one kernel per step, no per-param loop)."""
+        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        if name not in classes:
+            raise ValueError(f"build_optimizer: name={name!r} is not allowed; expected one of {sorted(classes)}")
+        if self.config.memory_efficient and self.device.type == "cuda":
+            kwargs.setdefault("fused", True)
+        return classes[name](model.parameters(), lr=lr, **kwargs)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # -- the step --------------------------------------------------------------------------------
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
+                   data: Any, target: Any, scheduler: Any = None) -> dict[str, Any]:
+        """One micro-batch; the optimizer steps on every `gradient_accumulation_steps`-th call."""
+        t0 = time.perf_counter()
+        self._attach(model)
+        c, k = self.counters, self.config.gradient_accumulation_steps
+        c.micro_in_window += 1
+        boundary = c.micro_in_window == k
+        data, target = _to(data, self.device), _to(target, self.device)
+        try:
+            loss = self._forward_backward(model, criterion, data, target, 1.0 / k, boundary)
+            c.add_loss(loss, check=self.config.nonfinite_loss_policy != "ignore")
+        except _WindowPoisoned:
+            loss = torch.full((), math.nan, device=self.device)
+            c.window_poisoned = True
+        c.training_steps += 1
+        c.samples += _batch_size(data)
+        out: dict[str, Any] = {"loss": loss, "scale": self._last_scale, "skipped": False,
+                               "optimizer_stepped": False, "is_boundary": boundary}
+        if boundary:
+            out.update(self._optimizer_step(model, optimizer, scheduler))
+        out["step_time_s"] = time.perf_counter() - t0
+        c.host_time_s += out["step_time_s"]
+        return out
+
+    def _forward_backward(self, model, criterion, data, target, weight: float, boundary: bool) -> torch.Tensor:
+        """Forward and backward over the micro-batch, in chunks when OOM splitting has been needed."""
+        c = self.counters
+        n = _batch_size(data)
+        size = min(n, c.max_chunk) if c.max_chunk else n
+        starts = list(range(0, n, size))
+        losses = [self._chunk(model, criterion, data, target, start, min(start + size, n), n, weight,
+                              boundary and i == len(starts) - 1) for i, start in enumerate(starts)]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+    def _chunk(self, model, criterion, data, target, start, stop, n, weight, sync) -> torch.Tensor:
+        """Run rows [start, stop); on OOM apply the policy (retry halves, skip, or raise)."""
+        c, policy = self.counters, self.config.oom_policy
+        frac = (stop - start) / n
+        phase = "forward"
+        try:
+            x, y = _rows(data, start, stop), _rows(target, start, stop)
+            # Only the last chunk of the last micro-step all-reduces gradients under DDP.
+            no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with no_sync, self._islands.guard():
+                with self.autocast():
+                    loss = criterion(model(x), y)
+                phase = "backward"
+                self.scaler.scale(loss.float() * (weight * frac)).backward()
+            c.grads_dirty = True
+            loss = loss.detach().float()
+            return loss if frac == 1.0 else loss * frac
+        except OutOfMemoryError:
+            c.oom_events += 1
+            if policy == "raise":
+                raise
+        # Out of the except block: the traceback (and the activations it pins) is released.
+        _free_memory(self.device)
+        if phase == "backward" and c.grads_dirty:
+            raise _WindowPoisoned()
+        if phase == "backward":
+            for p in model.parameters():
+                p.grad = None  # a partial backward left partial sums; nothing else was accumulated yet
+        if policy == "skip" or stop - start == 1:
+            c.oom_skipped_batches += 1
+            raise _WindowPoisoned()
+        c.oom_split_retries += 1
+        mid = start + (stop - start + 1) // 2
+        c.max_chunk = mid - start if not c.max_chunk else min(c.max_chunk, mid - start)
+        return (self._chunk(model, criterion, data, target, start, mid, n, weight, False)
+                + self._chunk(model, criterion, data, target, mid, stop, n, weight, sync))
+
+    def _optimizer_step(self, model, optimizer, scheduler) -> dict[str, Any]:
+        cfg, c = self.config, self.counters
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        found_inf = self.scaler.unscale_(p.grad for p in params)
+        out: dict[str, Any] = {}
+        grad_norm = None
+        if cfg.max_grad_norm is not None and params:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            out["grad_norm"] = grad_norm
+        must_read = (self.scaler.enabled or c.window_poisoned or grad_norm is not None
+                     or cfg.nonfinite_loss_policy != "ignore")
+        found = bad_loss = False
+        if must_read:
+            grad_bad = (~torch.isfinite(grad_norm)).float() if grad_norm is not None else torch.zeros_like(found_inf)
+            # The one sync of the step: flags and scale in a single device-to-host copy.
+            flags = torch.stack([found_inf, grad_bad, c.window_bad_loss.float(), self.scaler.scale_tensor]).tolist()
+            found, bad_loss = flags[0] > 0 or flags[1] > 0, flags[2] > 0
+            self._note_scale(flags[3])
+        skip = found or bad_loss or c.window_poisoned
+        if bad_loss and cfg.nonfinite_loss_policy == "raise":
+            self._end_window(optimizer)
+            raise NonFiniteLossError(f"non-finite loss at training step {c.training_steps} (optimizer step "
+                                     f"{c.optimizer_steps}); nonfinite_loss_policy='raise'")
+        if skip:
+            c.skipped_steps += 1
+            if found and not bad_loss:
+                self._on_overflow(model)
+        else:
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        if not bad_loss and not c.window_poisoned:
+            # A NaN loss is a forward problem that a smaller scale cannot fix: leave the scale alone.
+            self.scaler.update(found_inf)
+        c.optimizer_steps += 1
+        self._end_window(optimizer)
+        self._after_optimizer_step(overflow=found and not bad_loss)
+        out.update(skipped=skip, optimizer_stepped=not skip, scale=self._last_scale)
+        return out
+
+    def _end_window(self, optimizer) -> None:
+        self.scaler._unscaled = False
+        self.counters.end_window()
+        optimizer.zero_grad(set_to_none=self.config.memory_efficient)
+
+    def _after_optimizer_step(self, overflow: bool) -> None:
+        """Hook for subclasses (the adaptive trainer), called after every optimizer step."""
+
+    # -- policies --------------------------------------------------------------------------------
+    def _note_scale(self, scale: float) -> None:
+        """Record a scale change seen at this step's sync (it happened at the previous update)."""
+        if scale != self._last_scale and self.config.log_scaling:
+            reason = "growth" if scale > self._last_scale else "backoff"
+            self.scale_history.append({"optimizer_step": self.counters.optimizer_steps - 1,
+                                       "old": self._last_scale, "new": scale, "reason": reason})
+        self._last_scale = scale
+
+    def _on_overflow(self, model: nn.Module) -> None:
+        c = self.counters
+        names, flags = [], []
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                names.append(name.removeprefix("module."))
+                flags.append(~torch.isfinite(p.grad).all())
+        bad = [n for n, f in zip(names, torch.stack(flags).tolist()) if f] if flags else []
+        self.offenders.update(bad)
+        at_floor = self._last_scale <= self.scaler.min_scale
+        c.overflows_at_floor = c.overflows_at_floor + 1 if at_floor else 0
+        if c.overflows_at_floor >= self.config.collapse_patience:
+            self._on_collapse(bad)
+
+    def _on_collapse(self, offenders: list[str]) -> None:
+        c = self.counters
+        event = {"optimizer_step": c.optimizer_steps, "scale": self._last_scale,
+                 "offenders": offenders[: self.config.attribution_top_k], "action": self.config.collapse_policy}
+        can_fallback = autocast_supported(self.device.type, torch.bfloat16)
+        if self.config.collapse_policy == "fallback_bf16" and can_fallback:
+            self.amp_dtype = torch.bfloat16
+            self.scaler.enabled = False
+            self.scaler.set_scale(1.0)
+            self._last_scale = 1.0
+            event["action"] = "fallback_bf16"
+            self.events.append({"kind": "scale_collapse", **event})
+            c.overflows_at_floor = 0
+            return
+        event["action"] = "raise"
+        self.events.append({"kind": "scale_collapse", **event})
+        raise ScaleCollapseError(
+            f"loss scale collapsed: {c.overflows_at_floor} overflowing steps in a row at min_scale="
+            f"{self.scaler.min_scale} (optimizer step {c.optimizer_steps}, scale {self._last_scale}); "
+            f"offending parameters: {offenders[:self.config.attribution_top_k]}"
+            + ("" if can_fallback else f"; bf16 fallback unavailable on {self.device}"))
+
+    # -- settings changed while training (adaptation, PBT) ----------------------------------------
+    def update_scaler_settings(self, **changes: Any) -> dict[str, tuple[Any, Any]]:
+        """Change growth/backoff/interval/hysteresis/floor/ceiling mid-run, keeping the growth tracker."""
+        diff = self.scaler.set(**changes)
+        for name, (_, after) in diff.items():
+            setattr(self.config, name, after)
+        return diff
+
+    # -- summaries and state ---------------------------------------------------------------------
+    def get_performance_summary(self) -> dict[str, Any]:
+        """Counters, scaler, memory and estimates; reads device counters (one sync)."""
+        from ampray.amp.summary import performance_summary
+
+        return performance_summary(self)
+
+    def memory(self) -> dict[str, Any]:
+        return memory_stats(self.device).to_dict()
+
+    def estimated_memory_savings(self) -> dict[str, Any]:
+        return estimate_memory_savings(self.amp_dtype, self._num_params)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "config": self.config.to_dict(),
+            "amp_dtype": dtype_name(self.amp_dtype),
+            "scaler_enabled": self.scaler.enabled,
+            "counters": self.counters.state_dict(),
+            "offenders": dict(self.offenders),
+            "scale_history": list(self.scale_history),
+            "events": list(self.events),
+            "last_scale": self._last_scale,
+        }
+        if self.config.save_scaler_state:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.amp_dtype = parse_dtype(state["amp_dtype"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.scaler.enabled = bool(state["scaler_enabled"])
+        self.counters.load_state_dict(state["counters"])
+        self.offenders = Counter(state["offenders"])
+        self.scale_history = list(state["scale_history"])
+        self.events = list(state["events"])
+        self._last_scale = float(state["last_scale"])
+
+    def save_scaler_state(self, path) -> None:
+        """Write the engine state to `path`; `torch.load(path, weights_only=True)` reads it."""
+        atomic_save(self.state_dict(), path)
+
+    def load_scaler_state(self, path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _rows(value: Any, start: int, stop: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if (start == 0 and stop == value.shape[0]) else value[start:stop]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, start, stop) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, start, stop) for k, v in value.items()}
+    return value
+
+
+def _batch_size(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.dim() else 1
+    if isinstance(value, (tuple, list)) and value:
+        return _batch_size(value[0])
+    if isinstance(value, dict) and value:
+        return _batch_size(next(iter(value.values())))
+    return 1
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
