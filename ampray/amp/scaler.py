@@ -163,6 +163,13 @@ class LossScaler:
     def set_scale(self, value: float) -> None:
         self._scale.fill_(float(value))
 
+    def disable(self) -> None:
+        """Stop scaling from now on (the bf16 fallback); counters keep their history."""
+        self.enabled = False
+        self._scale.fill_(1.0)
+        self._found_inf.zero_()
+        self._unscaled = False
+
     # -- reading and resuming (these synchronise; call them when reporting, not per step) --------
     def read(self) -> ScalerState:
         values = torch.stack([

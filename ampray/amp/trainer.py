@@ -140,7 +140,8 @@ class MixedPrecisionTrainer:
                 with self.autocast():
                     loss = criterion(model(x), y)
                 phase = "backward"
-                self.scaler.scale(loss.float() * (weight * frac)).backward()
+                w = weight * frac
+                self.scaler.scale(loss if w == 1.0 else loss.float() * w).backward()
             c.grads_dirty = True
             loss = loss.detach().float()
             return loss if frac == 1.0 else loss * frac
@@ -151,6 +152,8 @@ class MixedPrecisionTrainer:
         # Out of the except block: the traceback (and the activations it pins) is released.
         _free_memory(self.device)
         if phase == "backward" and c.grads_dirty:
+            # Earlier chunks' gradients are mixed with partial sums of this one: not recoverable exactly.
+            c.oom_skipped_batches += 1
             raise _WindowPoisoned()
         if phase == "backward":
             for p in model.parameters():
@@ -173,11 +176,16 @@ class MixedPrecisionTrainer:
         if cfg.max_grad_norm is not None and params:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             out["grad_norm"] = grad_norm
-        must_read = (self.scaler.enabled or c.window_poisoned or grad_norm is not None
-                     or cfg.nonfinite_loss_policy != "ignore")
+        check = cfg.nonfinite_loss_policy != "ignore"
+        must_read = self.scaler.enabled or c.window_poisoned or grad_norm is not None or check
         found = bad_loss = False
         if must_read:
-            grad_bad = (~torch.isfinite(grad_norm)).float() if grad_norm is not None else torch.zeros_like(found_inf)
+            grad_bad = torch.zeros_like(found_inf)
+            if not self.scaler.enabled and check and params:
+                # Unscaled (bf16/fp32): nothing else looked at the gradients; one read of them (the norm
+                # that clipping computed anyway, else a foreach norm) keeps inf/NaN out of the weights.
+                norm = grad_norm if grad_norm is not None else _total_norm([p.grad for p in params])
+                grad_bad = (~torch.isfinite(norm)).float()
             # The one sync of the step: flags and scale in a single device-to-host copy.
             flags = torch.stack([found_inf, grad_bad, c.window_bad_loss.float(), self.scaler.scale_tensor]).tolist()
             found, bad_loss = flags[0] > 0 or flags[1] > 0, flags[2] > 0
@@ -242,8 +250,7 @@ class MixedPrecisionTrainer:
         can_fallback = autocast_supported(self.device.type, torch.bfloat16)
         if self.config.collapse_policy == "fallback_bf16" and can_fallback:
             self.amp_dtype = torch.bfloat16
-            self.scaler.enabled = False
-            self.scaler.set_scale(1.0)
+            self.scaler.disable()
             self._last_scale = 1.0
             event["action"] = "fallback_bf16"
             self.events.append({"kind": "scale_collapse", **event})
@@ -294,9 +301,13 @@ class MixedPrecisionTrainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the whole engine, its config included (settings changed by adaptation survive); to
+        change settings of a resumed run (a PBT mutation), call `update_scaler_settings` afterwards."""
+        self.config = MixedPrecisionConfig.from_dict(state["config"])
         self.amp_dtype = parse_dtype(state["amp_dtype"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+            self.scaler.dynamic = bool(state["scaler"]["dynamic"])
         self.scaler.enabled = bool(state["scaler_enabled"])
         self.counters.load_state_dict(state["counters"])
         self.offenders = Counter(state["offenders"])
@@ -340,6 +351,12 @@ def _batch_size(value: Any) -> int:
     if isinstance(value, dict) and value:
         return _batch_size(next(iter(value.values())))
     return 1
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _free_memory(device: torch.device) -> None:

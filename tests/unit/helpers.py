@@ -1,0 +1,69 @@
+"""Small models and fault injectors shared by the engine's unit tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ampray.amp.trainer import OutOfMemoryError
+
+
+def tiny_mlp(seed: int = 0, d_in: int = 8, hidden: int = 16, d_out: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+
+
+def batches(n: int, batch: int = 8, d_in: int = 8, d_out: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, d_in, generator=g), torch.randint(0, d_out, (batch,), generator=g))
+            for _ in range(n)]
+
+
+class GradPoison:
+    """Makes one parameter's gradient inf on chosen calls (counted per backward)."""
+
+    def __init__(self, param: torch.Tensor, steps: set[int] | None = None, always: bool = False):
+        self.calls, self.steps, self.always = 0, steps or set(), always
+        self.handle = param.register_hook(self._hook)
+
+    def _hook(self, grad):
+        self.calls += 1
+        if self.always or (self.calls - 1) in self.steps:
+            return torch.full_like(grad, float("inf"))
+        return grad
+
+    def remove(self):
+        self.handle.remove()
+
+
+class OOMAbove(nn.Module):
+    """Raises torch's OutOfMemoryError when the batch is larger than `limit` rows: in forward, or in
+    backward (phase="backward"), as the CUDA allocator would for a batch that does not fit."""
+
+    def __init__(self, limit: int, phase: str = "forward"):
+        super().__init__()
+        self.limit, self.phase, self.raised = limit, phase, 0
+
+    def forward(self, x):
+        if x.shape[0] > self.limit and self.phase == "forward":
+            self.raised += 1
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (test)")
+        if self.phase == "backward":
+            # the input is the first node of the graph: backward reaches it last, after every
+            # parameter's gradient has been accumulated, the worst case for a retry
+            return _OOMInBackward.apply(x.detach().requires_grad_(), self)
+        return x
+
+
+class _OOMInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, owner):
+        ctx.owner = owner
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.shape[0] > ctx.owner.limit:
+            ctx.owner.raised += 1
+            raise OutOfMemoryError("CUDA out of memory in backward (test)")
+        return grad, None

@@ -1,0 +1,105 @@
+"""The loss scaler's trajectories: GradScaler parity, hysteresis, floor, ceiling, live settings, state."""
+
+import pytest
+import torch
+
+from ampray.amp.config import ConfigError, MixedPrecisionConfig
+from ampray.amp.scaler import LossScaler
+
+INF = float("inf")
+
+
+def drive(scaler: LossScaler, pattern: str) -> list[float]:
+    """Feed a pattern of steps ('x' = overflow, '.' = clean); return the scale after each update."""
+    scales = []
+    for ch in pattern:
+        g = torch.tensor([INF if ch == "x" else 1.0])
+        scaler.unscale_([g])
+        scaler.update()
+        scales.append(scaler.read().scale)
+    return scales
+
+
+def test_hysteresis_one_matches_torch_gradscaler():
+    pattern = "...x..x.xx....x......" * 2
+    ours = LossScaler(MixedPrecisionConfig(growth_interval=3, max_scale=2.0**40), "cpu")
+    ref = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.0)
+    ref_scales, ref_trackers = [], []
+    for ch in pattern:
+        ref.scale(torch.tensor(1.0))  # GradScaler creates its state lazily here
+        p.grad = torch.tensor([INF if ch == "x" else 1.0]) * ref.get_scale()
+        ref.unscale_(opt)
+        ref.step(opt)
+        ref.update()
+        ref_scales.append(ref.get_scale())
+        ref_trackers.append(ref._get_growth_tracker())
+    ours_scales, ours_trackers = [], []
+    for ch in pattern:
+        drive(ours, ch)
+        s = ours.read()
+        ours_scales.append(s.scale)
+        ours_trackers.append(s.growth_tracker)
+    assert ours_scales == ref_scales
+    assert ours_trackers == ref_trackers
+
+
+def test_hysteresis_backs_off_only_after_n_overflows_in_a_row():
+    s = LossScaler(MixedPrecisionConfig(init_scale=1024.0, hysteresis=3, growth_interval=100), "cpu")
+    # two overflows, a clean step (refills the budget), three overflows -> one backoff, then refilled
+    assert drive(s, "xx.xxx") == [1024.0, 1024.0, 1024.0, 1024.0, 1024.0, 512.0]
+    assert drive(s, "xxx") == [512.0, 512.0, 256.0]
+    st = s.read()
+    assert (st.overflows, st.backoffs, st.hysteresis_left) == (8, 2, 3)
+
+
+def test_floor_and_ceiling_hold():
+    s = LossScaler(MixedPrecisionConfig(init_scale=8.0, min_scale=2.0, max_scale=32.0, growth_interval=1), "cpu")
+    assert drive(s, "xxxx") == [4.0, 2.0, 2.0, 2.0]
+    assert drive(s, "......") == [4.0, 8.0, 16.0, 32.0, 32.0, 32.0]
+    st = s.read()
+    assert (st.min_scale_seen, st.max_scale_seen) == (2.0, 32.0)
+
+
+def test_static_scale_counts_overflows_but_never_moves():
+    s = LossScaler(MixedPrecisionConfig(init_scale=128.0, use_dynamic_loss_scaling=False, growth_interval=1), "cpu")
+    assert drive(s, "x..x..") == [128.0] * 6
+    assert s.read().overflows == 2
+
+
+def test_settings_change_keeps_the_growth_tracker():
+    s = LossScaler(MixedPrecisionConfig(init_scale=16.0, growth_interval=10), "cpu")
+    drive(s, "......")
+    assert s.read().growth_tracker == 6
+    diff = s.set(growth_interval=8, growth_factor=4.0)
+    assert diff == {"growth_factor": (2.0, 4.0), "growth_interval": (10, 8)}
+    assert s.read().growth_tracker == 6
+    assert drive(s, "..") == [16.0, 64.0]  # tracker reaches the new interval: grows by the new factor
+
+
+def test_settings_are_validated():
+    s = LossScaler(MixedPrecisionConfig(), "cpu")
+    with pytest.raises(ConfigError, match="backoff_factor"):
+        s.set(backoff_factor=2.0)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        s.set(speed=3)
+
+
+def test_state_dict_round_trip_continues_identically():
+    cfg = MixedPrecisionConfig(init_scale=256.0, hysteresis=2, growth_interval=2)
+    a = LossScaler(cfg, "cpu")
+    drive(a, "..x.x..x")
+    b = LossScaler(MixedPrecisionConfig(), "cpu")
+    b.load_state_dict(a.state_dict())
+    assert b.read() == a.read() and b.settings() == a.settings()
+    tail = "xx...x..x"
+    assert drive(b, tail) == drive(a, tail)
+
+
+def test_unscale_divides_and_flags():
+    s = LossScaler(MixedPrecisionConfig(init_scale=4.0), "cpu")
+    g = torch.tensor([8.0, 4.0])
+    found = s.unscale_([g])
+    assert g.tolist() == [2.0, 1.0] and found.item() == 0.0
+    assert s.unscale_([g]) is found and g.tolist() == [2.0, 1.0]  # idempotent within a step
