@@ -1,0 +1,1 @@
+"""Code that runs inside Ray workers (the Train loop, aggregation, checkpoints)."""

@@ -1,0 +1,1 @@
+"""The driver side: job configs, launching runs, TensorBoard, the CLI."""
