@@ -118,13 +118,17 @@ class MixedPrecisionTrainer:
         return out
 
     def _forward_backward(self, model, criterion, data, target, weight: float, boundary: bool) -> torch.Tensor:
-        """Forward and backward over the micro-batch, in chunks when OOM splitting has been needed."""
-        c = self.counters
-        n = _batch_size(data)
-        size = min(n, c.max_chunk) if c.max_chunk else n
-        starts = list(range(0, n, size))
-        losses = [self._chunk(model, criterion, data, target, start, min(start + size, n), n, weight,
-                              boundary and i == len(starts) - 1) for i, start in enumerate(starts)]
+        """Forward and backward over the micro-batch (in chunks once OOM splitting has been needed)."""
+        return self._span(model, criterion, data, target, 0, _batch_size(data), weight, boundary)
+
+    def _span(self, model, criterion, data, target, start, stop, weight, sync) -> torch.Tensor:
+        """Rows [start, stop) in chunks of at most `max_chunk` rows (re-read after each chunk: an OOM
+        inside one shrinks the chunks that follow it too)."""
+        n, c, losses = _batch_size(data), self.counters, []
+        while start < stop:
+            end = min(stop, start + c.max_chunk) if c.max_chunk else stop
+            losses.append(self._chunk(model, criterion, data, target, start, end, n, weight, sync and end == stop))
+            start = end
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     def _chunk(self, model, criterion, data, target, start, stop, n, weight, sync) -> torch.Tensor:
@@ -162,10 +166,8 @@ class MixedPrecisionTrainer:
             c.oom_skipped_batches += 1
             raise _WindowPoisoned()
         c.oom_split_retries += 1
-        mid = start + (stop - start + 1) // 2
-        c.max_chunk = mid - start if not c.max_chunk else min(c.max_chunk, mid - start)
-        return (self._chunk(model, criterion, data, target, start, mid, n, weight, False)
-                + self._chunk(model, criterion, data, target, mid, stop, n, weight, sync))
+        c.max_chunk = (stop - start + 1) // 2
+        return self._span(model, criterion, data, target, start, stop, weight, sync)
 
     def _optimizer_step(self, model, optimizer, scheduler) -> dict[str, Any]:
         cfg, c = self.config, self.counters

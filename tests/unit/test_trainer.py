@@ -109,7 +109,7 @@ def test_nonfinite_loss_skip_and_raise():
         eng_raise.train_step(model, opt, nan_loss, *batches(1)[0])
 
 
-@pytest.mark.parametrize("phase,limit,events,chunk", [("forward", 5, 3, 4), ("backward", 8, 1, 8)])
+@pytest.mark.parametrize("phase,limit,events,chunk", [("forward", 5, 2, 4), ("backward", 8, 1, 8)])
 def test_oom_split_retries_halves_and_matches_the_whole_batch(phase, limit, events, chunk):
     x, y = batches(1, batch=16)[0]
     ref, model = tiny_mlp(), nn.Sequential(OOMAbove(limit=limit, phase=phase), tiny_mlp())
@@ -128,13 +128,15 @@ def test_oom_split_retries_halves_and_matches_the_whole_batch(phase, limit, even
 
 
 def test_oom_in_backward_after_accumulated_grads_drops_the_window():
-    # limit 5: the 8-row half fails in backward after the first 4-row chunk has accumulated gradients;
-    # its partial sums cannot be told apart, so the window is dropped rather than applied wrongly.
+    # The first micro-batch (4 rows) has accumulated gradients; the second (16 rows) fails in backward,
+    # after its partial sums were added: they cannot be told apart, so the window is dropped.
     model = nn.Sequential(OOMAbove(limit=5, phase="backward"), tiny_mlp())
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = params_of(model)
-    eng = engine(dtype="fp32", oom_policy="split")
-    out = eng.train_step(model, opt, F.cross_entropy, *batches(1, batch=16)[0])
+    eng = engine(dtype="fp32", oom_policy="split", gradient_accumulation_steps=2)
+    (x1, y1), (x2, y2) = batches(1, batch=4)[0], batches(1, batch=16)[0]
+    assert eng.train_step(model, opt, F.cross_entropy, x1, y1)["optimizer_stepped"] is False
+    out = eng.train_step(model, opt, F.cross_entropy, x2, y2)
     assert out["skipped"] is True
     assert_bitwise(params_of(model), before)
     assert eng.get_performance_summary()["performance"]["oom_skipped_batches"] == 1

@@ -1,0 +1,168 @@
+"""The engine on a CUDA GPU: precisions, synchronisation count, real OOM splitting, resume, fused
+optimizers and channels_last, fp32 islands, the bf16 fallback and the benchmark helper."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ampray import benchmark_mixed_precision
+from ampray.amp.config import MixedPrecisionConfig
+from ampray.amp.trainer import MixedPrecisionTrainer
+from ampray.models import build_criterion, build_model, example_batch
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def gpt_setup(dtype, **cfg):
+    torch.manual_seed(0)
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=dtype, **cfg), CUDA)
+    model = eng.prepare_model(build_model("gpt", preset="micro"))
+    opt = eng.build_optimizer(model, "adamw", lr=1e-3)
+    return eng, model, opt
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gpt_learns_under_each_precision(dtype):
+    eng, model, opt = gpt_setup(dtype)
+    x, y = example_batch("gpt", {"preset": "micro"}, 16, torch.Generator().manual_seed(0))
+    x, y = x.cuda(), y.cuda()
+    losses = [float(eng.train_step(model, opt, build_criterion("gpt"), x, y)["loss"]) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    info = eng.get_performance_summary()["scaler_info"]
+    assert info["autocast_dtype"] == ("float16" if dtype == "fp16" else "bfloat16")
+    assert info["enabled"] == (dtype == "fp16")
+
+
+def _count_syncs(fn) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("dtype,policy,expected", [("fp16", "skip", 1), ("bf16", "skip", 1), ("bf16", "ignore", 0)])
+def test_at_most_one_sync_per_optimizer_step_and_none_per_micro_step(dtype, policy, expected):
+    eng, model, opt = gpt_setup(dtype, gradient_accumulation_steps=4, nonfinite_loss_policy=policy)
+    x, y = example_batch("gpt", {"preset": "micro"}, 8, torch.Generator().manual_seed(0))
+    x, y = x.cuda(), y.cuda()
+    crit = build_criterion("gpt")
+    for _ in range(4):  # warm-up: lazy state (optimizer buffers, cuBLAS handles) is created here
+        eng.train_step(model, opt, crit, x, y)
+    micro = _count_syncs(lambda: [eng.train_step(model, opt, crit, x, y) for _ in range(3)])
+    boundary = _count_syncs(lambda: eng.train_step(model, opt, crit, x, y))
+    assert micro == 0
+    assert boundary == expected
+
+
+def test_real_oom_is_split_and_training_continues():
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    hidden = 65536
+    rows = int(free / (hidden * 2 * 2)) + 1  # fp16 activation and its ReLU output: over the free memory
+    torch.manual_seed(0)
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", oom_policy="split"), CUDA)
+    model = eng.prepare_model(nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 4)))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(rows, 64, device=CUDA)
+    y = torch.randint(0, 4, (rows,), device=CUDA)
+    out = eng.train_step(model, opt, F.cross_entropy, x, y)
+    perf = eng.get_performance_summary()["performance"]
+    assert perf["oom_events"] >= 1 and perf["oom_split_retries"] >= 1 and out["skipped"] is False
+    chunk = perf["oom_max_chunk"]
+    assert chunk is not None and chunk < rows
+    with torch.no_grad(), eng.autocast():
+        ref = sum(F.cross_entropy(model[2](model[1](model[0](x[i:i + chunk]))), y[i:i + chunk]).float()
+                  * (min(chunk, rows - i) / rows) for i in range(0, rows, chunk))
+    out2 = eng.train_step(model, opt, F.cross_entropy, x, y)
+    assert eng.counters.oom_events == perf["oom_events"]  # already split: no new OOM
+    assert float(out2["loss"]) == pytest.approx(float(ref), rel=1e-2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_on_gpu_is_bitwise(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        eng = MixedPrecisionTrainer(MixedPrecisionConfig(init_scale=2.0**20, growth_interval=3), CUDA)
+        model = eng.prepare_model(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)))
+        return eng, model, eng.build_optimizer(model, "adamw", lr=1e-2)
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 32, generator=g).cuda() * 100, torch.randint(0, 8, (16,), generator=g).cuda())
+            for _ in range(20)]
+    e_full, m_full, o_full = fresh()
+    full = [e_full.train_step(m_full, o_full, F.cross_entropy, x, y)["scale"] for x, y in data]
+    e1, m1, o1 = fresh()
+    first = [e1.train_step(m1, o1, F.cross_entropy, x, y)["scale"] for x, y in data[:9]]
+    e1.save_scaler_state(tmp_path / "engine.pt")
+    torch.save({"m": m1.state_dict(), "o": o1.state_dict()}, tmp_path / "rest.pt")
+    e2, m2, o2 = fresh()
+    rest = torch.load(tmp_path / "rest.pt", weights_only=True)
+    m2.load_state_dict(rest["m"])
+    o2.load_state_dict(rest["o"])
+    e2.load_scaler_state(tmp_path / "engine.pt")
+    second = [e2.train_step(m2, o2, F.cross_entropy, x, y)["scale"] for x, y in data[9:]]
+    assert first + second == full
+    for p, q in zip(m2.parameters(), m_full.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_memory_efficient_cnn_is_channels_last_with_a_fused_optimizer():
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16"), CUDA)
+    model = eng.prepare_model(build_model("cnn", arch="resnet18", num_classes=10))
+    opt = eng.build_optimizer(model, "adamw", lr=1e-3)
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.defaults["fused"] is True
+    x, y = example_batch("cnn", {"arch": "resnet18", "num_classes": 10}, 32, torch.Generator().manual_seed(0))
+    x, y = x.cuda(), y.cuda()
+    losses = [float(eng.train_step(model, opt, F.cross_entropy, x, y)["loss"]) for _ in range(10)]
+    assert losses[-1] < losses[0]
+    plain = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", memory_efficient=False), CUDA)
+    m2 = plain.prepare_model(build_model("cnn", arch="resnet18", num_classes=10))
+    assert next(m for m in m2.modules() if isinstance(m, nn.Conv2d)).weight.is_contiguous()
+    assert not plain.build_optimizer(m2, "adamw").defaults.get("fused")
+
+
+def test_fp32_island_on_cuda():
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="fp16", fp32_modules=("2",)), CUDA)
+    model = eng.prepare_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    seen = {}
+    model[0].register_forward_hook(lambda m, i, o: seen.__setitem__("0", o.dtype))
+    model[2].register_forward_hook(lambda m, i, o: seen.__setitem__("2", o.dtype))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    eng.train_step(model, opt, F.cross_entropy, torch.randn(4, 8), torch.randint(0, 4, (4,)))
+    assert seen == {"0": torch.float16, "2": torch.float32}
+
+
+def test_scale_collapse_falls_back_to_bf16_on_the_gpu():
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(init_scale=1.0, collapse_patience=2,
+                                                     collapse_policy="fallback_bf16"), CUDA)
+    model = eng.prepare_model(nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h = model.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    for _ in range(2):
+        eng.train_step(model, opt, F.cross_entropy, torch.randn(4, 8), torch.randint(0, 4, (4,)))
+    h.remove()
+    assert eng.amp_dtype == torch.bfloat16 and eng.events[-1]["action"] == "fallback_bf16"
+    out = eng.train_step(model, opt, F.cross_entropy, torch.randn(4, 8), torch.randint(0, 4, (4,)))
+    assert out["skipped"] is False
+
+
+def test_benchmark_reports_every_precision_with_memory():
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=256, hidden=1024, depth=2, num_classes=10)
+    data = (torch.randn(256, 256), torch.randint(0, 10, (256,)))
+    res = benchmark_mixed_precision(model, data, num_iterations=10)
+    assert set(res["results"]) >= {"fp32", "tf32", "fp16", "bf16"}
+    for name, row in res["results"].items():
+        assert row["median_step_time_s"] > 0 and row["peak_memory_bytes"] > 0
+        expected = (res["results"]["fp32"]["median_step_time_s"] / row["median_step_time_s"] - 1) * 100
+        assert row["speed_improvement_percent"] == pytest.approx(expected)
