@@ -1,0 +1,193 @@
+"""benchmark_mixed_precision: the same model and batch trained under each precision, side by side.
+
+Each precision gets a fresh deep copy of the model (same initial weights), its own optimizer and a
+MixedPrecisionTrainer; steps are timed after a warm-up, with the device synchronised so a time covers the
+work and not just its launch. Medians, not means: one slow step (a page fault, an allocator resize) should
+not move the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ampray.amp.advice import detect_hardware
+from ampray.amp.autocast import autocast_supported, default_device
+from ampray.amp.config import MixedPrecisionConfig
+from ampray.amp.records import BenchResult
+from ampray.amp.trainer import MixedPrecisionTrainer
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """Set TF32 for CUDA matmuls and cuDNN convolutions for one run, restoring the previous flags.
+
+    Both are set explicitly either way: cuDNN's flag defaults to True, so an "fp32" run that left it alone
+    would time TF32 convolutions.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def available_precisions(device: torch.device | str) -> list[str]:
+    """The precisions `device` can run: tf32 on CUDA cc >= 8.0, fp16/bf16 where autocast has them."""
+    device = torch.device(device)
+    hw = detect_hardware(device)
+    out = ["fp32"]
+    if hw["tf32"]:
+        out.append("tf32")
+    out += [p for p in ("fp16", "bf16") if autocast_supported(device.type, _DTYPES[p])]
+    return out
+
+
+def time_steps(step: Callable[[], Any], n: int, device: torch.device) -> list[float]:
+    """Seconds per call of `step`, n calls. On CUDA, events around each call on the stream (synchronised
+    once at the end, so the timing adds no sync of its own); on CPU, perf_counter around each call."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return times
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1000.0 for start, end in events]
+
+
+def default_criterion(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy for integer targets ((B, T, V) logits are flattened), MSE for float targets, and the
+    mean of squared outputs when there is no target (a loss that exercises the whole backward pass)."""
+    if target is None:
+        return output.float().pow(2).mean()
+    if target.dtype in (torch.int64, torch.int32):
+        if output.dim() == 3:
+            output, target = output.flatten(0, 1), target.flatten()
+        return F.cross_entropy(output.float(), target)
+    return F.mse_loss(output.float(), target.float())
+
+
+def _split(data: Any) -> tuple[Any, Any]:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    return data, None
+
+
+def _check(precisions: list[str], available: list[str], num_iterations: Any, warmup: Any) -> None:
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 1:
+        raise ValueError(f"benchmark_mixed_precision: num_iterations={num_iterations!r} is not allowed: "
+                         f"expected an integer >= 1")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"benchmark_mixed_precision: warmup={warmup!r} is not allowed: expected an integer >= 0")
+    for p in precisions:
+        if p not in available:
+            raise ValueError(f"benchmark_mixed_precision: precisions contains {p!r}, which is not allowed "
+                             f"on this device: expected a subset of {available}")
+
+
+def _run_one(model: nn.Module, precision: str, x: Any, y: Any, criterion: Callable, lr: float,
+             iterations: int, warmup: int, device: torch.device) -> tuple[list[float], int | None]:
+    """Train a deep copy of `model` under `precision`; returns per-step seconds and the peak bytes."""
+    trainer = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=_DTYPES[precision]), device=device)
+    work = trainer.prepare_model(copy.deepcopy(model))
+    work.train()
+    optimizer = trainer.build_optimizer(work, "adamw", lr)
+    step = lambda: trainer.train_step(work, optimizer, criterion, x, y)  # noqa: E731
+    with tf32_mode(precision == "tf32"):
+        for _ in range(warmup):
+            step()
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_steps(step, iterations, device)
+        if device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(device))
+    del trainer, work, optimizer, step
+    _release(device)
+    return times, peak
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()  # the copy, its gradients and the optimizer state go before the next precision starts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def benchmark_mixed_precision(model: nn.Module, data: Any, num_iterations: int = 100,
+                              precisions: list[str] | None = None, warmup: int = 10,
+                              criterion: Callable | None = None, lr: float = 1e-3,
+                              device: torch.device | str | None = None) -> dict[str, Any]:
+    """Time training steps of `model` on `data` (a batch, or an (input, target) pair) per precision.
+
+    Without a target the loss is the mean of squared outputs; without a criterion it is cross-entropy for
+    integer targets and MSE otherwise (`default_criterion`). fp32 is always measured, first, because the
+    speed and memory figures are relative to it. `speed_improvement_percent` is (t_fp32 / t_p - 1) * 100 of
+    the median step times; `memory_savings_percent` is (1 - peak_p / peak_fp32) * 100 of the CUDA
+    allocator's peak (None on CPU, where the process RSS cannot be reset between precisions).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    available = available_precisions(device)
+    precisions = list(precisions) if precisions is not None else available
+    _check(precisions, available, num_iterations, warmup)
+    order = ["fp32"] + [p for p in precisions if p != "fp32"]
+    # Moved once: the timed steps should not include a host-to-device copy of the batch.
+    x, y = (v.to(device) if isinstance(v, torch.Tensor) else v for v in _split(data))
+    criterion = criterion or default_criterion
+    batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
+    times, peaks = {}, {}
+    for p in order:
+        times[p], peaks[p] = _run_one(model, p, x, y, criterion, lr, num_iterations, warmup, device)
+    return _summarise(str(device), times, peaks, batch, num_iterations)
+
+
+def _summarise(device: str, times: dict[str, list[float]], peaks: dict[str, int | None], batch: int,
+               iterations: int) -> dict[str, Any]:
+    medians = {p: statistics.median(t) for p, t in times.items()}
+    base_t, base_mem = medians["fp32"], peaks["fp32"]
+    results, speed, saving = {}, {}, {}
+    for p, t in medians.items():
+        speed[p] = (base_t / t - 1.0) * 100.0
+        saving[p] = (1.0 - peaks[p] / base_mem) * 100.0 if peaks[p] is not None and base_mem else None
+        results[p] = BenchResult(precision=p, median_step_time_s=t, mean_step_time_s=statistics.fmean(times[p]),
+                                 throughput_samples_per_s=batch / t, peak_memory_bytes=peaks[p],
+                                 speed_improvement_percent=speed[p], memory_savings_percent=saving[p],
+                                 iterations=iterations).to_dict()
+    return {"device": device, "results": results, "step_times_s": times, "speed_improvement_percent": speed,
+            "memory_savings_percent": saving, "best": min(medians, key=medians.__getitem__)}
+
+
+def format_bench_table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One plain row per precision (milliseconds, MiB, rounded) for printing or a results table."""
+    rows = []
+    for p, r in result["results"].items():
+        peak = r["peak_memory_bytes"]
+        saving = r["memory_savings_percent"]
+        rows.append({"precision": p, "median_ms": round(r["median_step_time_s"] * 1e3, 3),
+                     "samples_per_s": round(r["throughput_samples_per_s"], 1),
+                     "speedup_percent": round(r["speed_improvement_percent"], 1),
+                     "peak_mib": None if peak is None else round(peak / 2**20, 1),
+                     "memory_savings_percent": None if saving is None else round(saving, 1),
+                     "best": p == result["best"]})
+    return rows
