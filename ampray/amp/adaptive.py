@@ -39,7 +39,7 @@ class AdaptiveMixedPrecisionTrainer(MixedPrecisionTrainer):
         self._window = {"overflows": 0, "steps": 0, "samples": 0, "time_s": 0.0}
         self._window_t0 = (0, 0.0)
 
-    def _after_optimizer_step(self, overflow: bool) -> None:
+    def _after_optimizer_step(self, overflow: bool, step: int) -> None:
         w = self._window
         w["steps"] += 1
         w["overflows"] += int(overflow)
@@ -50,19 +50,20 @@ class AdaptiveMixedPrecisionTrainer(MixedPrecisionTrainer):
             elapsed = c.host_time_s - time0
             current = {"overflow_rate": w["overflows"] / w["steps"], "clean_steps": self._clean_streak,
                        "samples_per_s": (c.samples - samples0) / elapsed if elapsed > 0 else 0.0}
-            self.adapt_config(current, self.baseline_performance, source="window")
+            self.adapt_config(current, self.baseline_performance, source="window", step=step)
             self._window = {"overflows": 0, "steps": 0, "samples": 0, "time_s": 0.0}
             self._window_t0 = (c.samples, c.host_time_s)
 
     def adapt_config(self, current_performance: dict[str, Any],
                      baseline_performance: dict[str, Any] | None = None,
-                     source: str = "manual") -> dict[str, dict[str, Any]]:
+                     source: str = "manual", step: int | None = None) -> dict[str, dict[str, Any]]:
         """Apply the policy to measured performance; returns {field: {"before", "after"}} of the changes.
 
         `current_performance` needs "overflow_rate"; optional "clean_steps" (defaults to the trainer's own
         streak) and "samples_per_s"; `baseline_performance` may give the fp32 "samples_per_s".
         """
-        a, step = self.config.adaptation, self.counters.optimizer_steps
+        a = self.config.adaptation
+        step = self.counters.optimizer_steps if step is None else step
         self._check_speedup(current_performance, baseline_performance, step)
         if self._last_adapt_step is not None and step - self._last_adapt_step < a.cooldown:
             return {}

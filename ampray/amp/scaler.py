@@ -132,14 +132,22 @@ class LossScaler:
         self._unscaled = True
         return self._found_inf
 
+    def inv_scale(self) -> torch.Tensor:
+        """1/scale as a 0-d device tensor (no sync)."""
+        return torch.reciprocal(self._scale)
+
     @torch.no_grad()
-    def update(self, found_inf: torch.Tensor | None = None) -> None:
-        """Advance the scale by one optimizer step, on the device (no sync)."""
+    def update(self, found_inf: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> None:
+        """Advance the scale by one optimizer step, on the device (no sync). `valid` (0-d bool tensor)
+        masks the whole update off for a step that must not count (a non-finite *loss*), when that is
+        known only on the device."""
         if not self.enabled:
             return
         found_inf = self._found_inf if found_inf is None else found_inf
         self._unscaled = False
         found = found_inf > 0
+        if valid is not None:
+            found = found & valid
         self._overflows += found
         if not self.dynamic:
             return
@@ -151,14 +159,16 @@ class LossScaler:
         shrunk = (scale * self._backoff_factor).clamp(min=self._min_scale)
         grown = (scale * self._growth_factor).clamp(max=self._max_scale)
         new_scale = torch.where(backoff, shrunk, torch.where(grow, grown, scale))
+        if valid is not None:
+            grow = grow & valid
         # A clean step or a backoff refills the hysteresis budget: only overflows *in a row* count.
-        self._hysteresis_left.copy_(torch.where(found & ~backoff, left, self._hysteresis))
-        self._growth_tracker.copy_(torch.where(grow, 0, tracker))
+        _commit(self._hysteresis_left, torch.where(found & ~backoff, left, self._hysteresis), valid)
+        _commit(self._growth_tracker, torch.where(grow, 0, tracker), valid)
+        _commit(self._scale, new_scale, valid)
         self._backoffs += backoff
         self._growths += grow
-        self._scale.copy_(new_scale)
-        torch.minimum(self._min_seen, new_scale, out=self._min_seen)
-        torch.maximum(self._max_seen, new_scale, out=self._max_seen)
+        torch.minimum(self._min_seen, self._scale, out=self._min_seen)
+        torch.maximum(self._max_seen, self._scale, out=self._max_seen)
 
     def set_scale(self, value: float) -> None:
         self._scale.fill_(float(value))
@@ -193,3 +203,7 @@ class LossScaler:
         self._growths.fill_(int(state["growths"]))
         self._min_seen.fill_(float(state["min_scale_seen"]))
         self._max_seen.fill_(float(state["max_scale_seen"]))
+
+
+def _commit(state: torch.Tensor, new: torch.Tensor, valid: torch.Tensor | None) -> None:
+    state.copy_(new if valid is None else torch.where(valid, new, state))

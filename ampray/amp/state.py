@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,12 @@ class TrainerCounters:
         for name in _HOST_FIELDS:
             setattr(self, name, 0)
         self.host_time_s = 0.0
+        self.wall_time_before_s = 0.0  # wall time of earlier sessions of a resumed run
+        self._t_start: float | None = None
+        self._t_end = 0.0
+        cuda = device.type == "cuda"
+        self._ev_start = torch.cuda.Event(enable_timing=True) if cuda else None
+        self._ev_end = torch.cuda.Event(enable_timing=True) if cuda else None
         self.grads_dirty = False      # a backward of this accumulation window has completed
         self.window_poisoned = False  # an OOM left this window's gradients unusable
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -31,6 +38,29 @@ class TrainerCounters:
         self.last_loss = torch.full((), float("nan"), device=device)
         self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=device)
         self.window_bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+
+    def mark_start(self) -> None:
+        if self._t_start is None:
+            self._t_start = time.perf_counter()
+            if self._ev_start is not None:
+                self._ev_start.record()
+
+    def mark_end(self) -> None:
+        self._t_end = time.perf_counter()
+        if self._ev_end is not None:
+            self._ev_end.record()
+
+    def wall_time_s(self) -> float:
+        """Time from the first step's start to the last step's end: on CUDA measured by events on the
+        stream (the GPU's own time, waiting for it), else on the host."""
+        if self._t_start is None:
+            return self.wall_time_before_s
+        if self._ev_start is not None:
+            self._ev_end.synchronize()
+            span = self._ev_start.elapsed_time(self._ev_end) / 1e3
+        else:
+            span = self._t_end - self._t_start
+        return self.wall_time_before_s + span
 
     @torch.no_grad()
     def add_loss(self, loss: torch.Tensor, check: bool) -> None:
@@ -57,7 +87,7 @@ class TrainerCounters:
             self.loss_sum, self.loss_count.double(), self.last_loss.double(), self.nonfinite_losses.double()
         ]).tolist()
         out = {name: getattr(self, name) for name in _HOST_FIELDS}
-        out.update(host_time_s=self.host_time_s, loss_sum=loss_sum, loss_count=int(count), last_loss=last,
+        out.update(host_time_s=self.host_time_s, wall_time_s=self.wall_time_s(), loss_sum=loss_sum, loss_count=int(count), last_loss=last,
                    nonfinite_losses=int(nonfinite))
         return out
 
@@ -68,6 +98,8 @@ class TrainerCounters:
         for name in _HOST_FIELDS:
             setattr(self, name, int(state[name]))
         self.host_time_s = float(state["host_time_s"])
+        self.wall_time_before_s = float(state.get("wall_time_s", 0.0))
+        self._t_start = None
         self.loss_sum.fill_(float(state["loss_sum"]))
         self.loss_count.fill_(int(state["loss_count"]))
         self.last_loss = torch.tensor(float(state["last_loss"]), device=self.device)

@@ -16,7 +16,7 @@ def step_stats(trainer: "MixedPrecisionTrainer") -> StepStats:
     c = trainer.counters.read()
     steps, opt_steps = c["training_steps"], c["optimizer_steps"]
     overflows = trainer.scaler.read().overflows if trainer.scaler.enabled or trainer.scaler.dynamic else 0
-    t = c["host_time_s"]
+    t = c["wall_time_s"]
     return StepStats(
         training_steps=steps,
         optimizer_steps=opt_steps,
@@ -41,7 +41,8 @@ def performance_summary(trainer: "MixedPrecisionTrainer") -> dict[str, Any]:
     performance.update(
         samples=c["samples"],
         mean_loss=c["loss_sum"] / c["loss_count"] if c["loss_count"] else float("nan"),
-        total_step_time_s=c["host_time_s"],
+        wall_time_s=c["wall_time_s"],
+        host_time_s=c["host_time_s"],
         oom_max_chunk=c["max_chunk"] or None,
     )
     scaler_info = scaler.to_dict()

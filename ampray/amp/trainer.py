@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -22,24 +21,17 @@ from ampray.amp.autocast import Fp32Islands, autocast_supported, default_device
 from ampray.amp.config import MixedPrecisionConfig, dtype_name, parse_dtype
 from ampray.amp.memory import memory_stats
 from ampray.amp.scaler import LossScaler
+from ampray.amp.stepping import NonFiniteLossError, ScaleCollapseError, StepMixin  # noqa: F401
 from ampray.amp.state import TrainerCounters, atomic_save, count_params, estimate_memory_savings
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss was NaN/inf and `nonfinite_loss_policy="raise"`."""
-
-
-class ScaleCollapseError(FloatingPointError):
-    """Overflows continued at `min_scale` and `collapse_policy="raise"`."""
 
 
 class _WindowPoisoned(Exception):
     """An OOM struck mid-backward after gradients had been accumulated: this window cannot be exact."""
 
 
-class MixedPrecisionTrainer:
+class MixedPrecisionTrainer(StepMixin):
     """Mixed-precision training engine: `prepare_model`, then `train_step` per batch."""
 
     def __init__(self, config: MixedPrecisionConfig | None = None, device: torch.device | str | None = None):
@@ -51,9 +43,7 @@ class MixedPrecisionTrainer:
                              f"device={self.device}; use fp16 on CUDA, bf16 on Ampere+/CPU, or fp32")
         self.scaler = LossScaler(self.config, self.device)
         self.counters = TrainerCounters(self.device)
-        self.offenders: Counter[str] = Counter()
-        self.scale_history: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
+        self._init_stepping()
         self._islands = Fp32Islands(self.config.fp32_modules, self.device.type)
         self._prepared: set[int] = set()
         self._last_scale = self.scaler.init_scale
@@ -74,6 +64,7 @@ class MixedPrecisionTrainer:
         if id(model) not in self._prepared:
             self._prepared.add(id(model))
             self._num_params = count_params(model)
+            self._index_params(model)
             if self.config.fp32_modules:
                 self._islands.attach(model)
 
@@ -97,6 +88,7 @@ class MixedPrecisionTrainer:
         """One micro-batch; the optimizer steps on every `gradient_accumulation_steps`-th call."""
         t0 = time.perf_counter()
         self._attach(model)
+        self.counters.mark_start()
         c, k = self.counters, self.config.gradient_accumulation_steps
         c.micro_in_window += 1
         boundary = c.micro_in_window == k
@@ -113,7 +105,8 @@ class MixedPrecisionTrainer:
                                "optimizer_stepped": False, "is_boundary": boundary}
         if boundary:
             out.update(self._optimizer_step(model, optimizer, scheduler))
-        out["step_time_s"] = time.perf_counter() - t0
+        c.mark_end()
+        out["step_time_s"] = time.perf_counter() - t0  # host time: launch time where nothing waited
         c.host_time_s += out["step_time_s"]
         return out
 
@@ -169,103 +162,6 @@ class MixedPrecisionTrainer:
         c.max_chunk = (stop - start + 1) // 2
         return self._span(model, criterion, data, target, start, stop, weight, sync)
 
-    def _optimizer_step(self, model, optimizer, scheduler) -> dict[str, Any]:
-        cfg, c = self.config, self.counters
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        found_inf = self.scaler.unscale_(p.grad for p in params)
-        out: dict[str, Any] = {}
-        grad_norm = None
-        if cfg.max_grad_norm is not None and params:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            out["grad_norm"] = grad_norm
-        check = cfg.nonfinite_loss_policy != "ignore"
-        must_read = self.scaler.enabled or c.window_poisoned or grad_norm is not None or check
-        found = bad_loss = False
-        if must_read:
-            grad_bad = torch.zeros_like(found_inf)
-            if not self.scaler.enabled and check and params:
-                # Unscaled (bf16/fp32): nothing else looked at the gradients; one read of them (the norm
-                # that clipping computed anyway, else a foreach norm) keeps inf/NaN out of the weights.
-                norm = grad_norm if grad_norm is not None else _total_norm([p.grad for p in params])
-                grad_bad = (~torch.isfinite(norm)).float()
-            # The one sync of the step: flags and scale in a single device-to-host copy.
-            flags = torch.stack([found_inf, grad_bad, c.window_bad_loss.float(), self.scaler.scale_tensor]).tolist()
-            found, bad_loss = flags[0] > 0 or flags[1] > 0, flags[2] > 0
-            self._note_scale(flags[3])
-        skip = found or bad_loss or c.window_poisoned
-        if bad_loss and cfg.nonfinite_loss_policy == "raise":
-            self._end_window(optimizer)
-            raise NonFiniteLossError(f"non-finite loss at training step {c.training_steps} (optimizer step "
-                                     f"{c.optimizer_steps}); nonfinite_loss_policy='raise'")
-        if skip:
-            c.skipped_steps += 1
-            if found and not bad_loss:
-                self._on_overflow(model)
-        else:
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-        if not bad_loss and not c.window_poisoned:
-            # A NaN loss is a forward problem that a smaller scale cannot fix: leave the scale alone.
-            self.scaler.update(found_inf)
-        c.optimizer_steps += 1
-        self._end_window(optimizer)
-        self._after_optimizer_step(overflow=found and not bad_loss)
-        out.update(skipped=skip, optimizer_stepped=not skip, scale=self._last_scale)
-        return out
-
-    def _end_window(self, optimizer) -> None:
-        self.scaler._unscaled = False
-        self.counters.end_window()
-        optimizer.zero_grad(set_to_none=self.config.memory_efficient)
-
-    def _after_optimizer_step(self, overflow: bool) -> None:
-        """Hook for subclasses (the adaptive trainer), called after every optimizer step."""
-
-    # -- policies --------------------------------------------------------------------------------
-    def _note_scale(self, scale: float) -> None:
-        """Record a scale change seen at this step's sync (it happened at the previous update)."""
-        if scale != self._last_scale and self.config.log_scaling:
-            reason = "growth" if scale > self._last_scale else "backoff"
-            self.scale_history.append({"optimizer_step": self.counters.optimizer_steps - 1,
-                                       "old": self._last_scale, "new": scale, "reason": reason})
-        self._last_scale = scale
-
-    def _on_overflow(self, model: nn.Module) -> None:
-        c = self.counters
-        names, flags = [], []
-        for name, p in model.named_parameters():
-            if p.grad is not None:
-                names.append(name.removeprefix("module."))
-                flags.append(~torch.isfinite(p.grad).all())
-        bad = [n for n, f in zip(names, torch.stack(flags).tolist()) if f] if flags else []
-        self.offenders.update(bad)
-        at_floor = self._last_scale <= self.scaler.min_scale
-        c.overflows_at_floor = c.overflows_at_floor + 1 if at_floor else 0
-        if c.overflows_at_floor >= self.config.collapse_patience:
-            self._on_collapse(bad)
-
-    def _on_collapse(self, offenders: list[str]) -> None:
-        c = self.counters
-        event = {"optimizer_step": c.optimizer_steps, "scale": self._last_scale,
-                 "offenders": offenders[: self.config.attribution_top_k], "action": self.config.collapse_policy}
-        can_fallback = autocast_supported(self.device.type, torch.bfloat16)
-        if self.config.collapse_policy == "fallback_bf16" and can_fallback:
-            self.amp_dtype = torch.bfloat16
-            self.scaler.disable()
-            self._last_scale = 1.0
-            event["action"] = "fallback_bf16"
-            self.events.append({"kind": "scale_collapse", **event})
-            c.overflows_at_floor = 0
-            return
-        event["action"] = "raise"
-        self.events.append({"kind": "scale_collapse", **event})
-        raise ScaleCollapseError(
-            f"loss scale collapsed: {c.overflows_at_floor} overflowing steps in a row at min_scale="
-            f"{self.scaler.min_scale} (optimizer step {c.optimizer_steps}, scale {self._last_scale}); "
-            f"offending parameters: {offenders[:self.config.attribution_top_k]}"
-            + ("" if can_fallback else f"; bf16 fallback unavailable on {self.device}"))
-
     # -- settings changed while training (adaptation, PBT) ----------------------------------------
     def update_scaler_settings(self, **changes: Any) -> dict[str, tuple[Any, Any]]:
         """Change growth/backoff/interval/hysteresis/floor/ceiling mid-run, keeping the growth tracker."""
@@ -279,6 +175,7 @@ class MixedPrecisionTrainer:
         """Counters, scaler, memory and estimates; reads device counters (one sync)."""
         from ampray.amp.summary import performance_summary
 
+        self._settle()
         return performance_summary(self)
 
     def memory(self) -> dict[str, Any]:
@@ -288,6 +185,7 @@ class MixedPrecisionTrainer:
         return estimate_memory_savings(self.amp_dtype, self._num_params)
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         state = {
             "config": self.config.to_dict(),
             "amp_dtype": dtype_name(self.amp_dtype),
@@ -312,7 +210,7 @@ class MixedPrecisionTrainer:
             self.scaler.dynamic = bool(state["scaler"]["dynamic"])
         self.scaler.enabled = bool(state["scaler_enabled"])
         self.counters.load_state_dict(state["counters"])
-        self.offenders = Counter(state["offenders"])
+        self._load_offenders(state["offenders"])
         self.scale_history = list(state["scale_history"])
         self.events = list(state["events"])
         self._last_scale = float(state["last_scale"])
@@ -353,12 +251,6 @@ def _batch_size(value: Any) -> int:
     if isinstance(value, dict) and value:
         return _batch_size(next(iter(value.values())))
     return 1
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        return torch.nn.utils.get_total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _free_memory(device: torch.device) -> None:
