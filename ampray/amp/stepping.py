@@ -57,8 +57,9 @@ class StepMixin:
         nonfinite = ~torch.isfinite(norms)
         found = nonfinite.any()
         bad_loss = c.window_bad_loss
-        skip = found | bad_loss
-        self._count_offenders(params, nonfinite & ~bad_loss)
+        checked = cfg.nonfinite_loss_policy != "ignore"  # else bad_loss stays False: save the ops
+        skip = found | bad_loss if checked else found
+        self._count_offenders(params, nonfinite & ~bad_loss if checked else nonfinite)
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         grad_scale = self._unscale_and_clip(grads, norms, fused, out)
         flags = torch.cat([torch.stack([skip, found, bad_loss]).float(), scaler.scale_tensor.view(1)])
@@ -69,7 +70,7 @@ class StepMixin:
                 optimizer.step()
             finally:
                 del optimizer.grad_scale, optimizer.found_inf
-            scaler.update(found, valid=~bad_loss)  # a NaN loss is no overflow: the scale stays
+            scaler.update(found, valid=~bad_loss if checked else None)  # a NaN loss is no overflow
             self._defer(flags, scheduler)
             out.update(skipped=skip, optimizer_stepped=~skip, scale=flags[3])
             return self._finish(optimizer, out, None, None, False)

@@ -148,6 +148,9 @@ class MixedPrecisionTrainer(StepMixin):
                 raise
         # Out of the except block: the traceback (and the activations it pins) is released.
         _free_memory(self.device)
+        if policy == "split" and stop - start > 1:
+            # Whatever happens to this window, later chunks are at most half the size that failed.
+            c.max_chunk = (stop - start + 1) // 2
         if phase == "backward" and c.grads_dirty:
             # Earlier chunks' gradients are mixed with partial sums of this one: not recoverable exactly.
             c.oom_skipped_batches += 1
@@ -159,7 +162,6 @@ class MixedPrecisionTrainer(StepMixin):
             c.oom_skipped_batches += 1
             raise _WindowPoisoned()
         c.oom_split_retries += 1
-        c.max_chunk = (stop - start + 1) // 2
         return self._span(model, criterion, data, target, start, stop, weight, sync)
 
     # -- settings changed while training (adaptation, PBT) ----------------------------------------
