@@ -1,11 +1,11 @@
 """MixedPrecisionTrainer: one `train_step` that does autocast, loss scaling, accumulation, clipping and the
 OOM / non-finite / scale-collapse policies, with counters and state that resume exactly.
 
-Host-device synchronisation: at most one per *optimizer* step, and only where a decision needs it (the
-scaler's skip decision, as in `GradScaler.step`; a non-finite loss check; a non-finite clipped norm).
-The flags, the scale and the loss check are read together in that one sync. Accumulation micro-steps and
-unscaled runs with `nonfinite_loss_policy="ignore"` and no clipping never sync. Loss sums stay on the device.
-"""
+Host-device synchronisation (see `stepping.py`): none on accumulation micro-steps; none on optimizer
+steps with an optimizer that takes `found_inf` (fused Adam/AdamW/SGD: the skip happens on the device,
+the bookkeeping one step later); one per optimizer step otherwise, the same one `GradScaler.step` makes,
+and none at all for unscaled runs with `nonfinite_loss_policy="ignore"` and no clipping. Loss sums and
+scaler counters stay on the device until a summary or `state_dict()` reads them."""
 
 from __future__ import annotations
 
