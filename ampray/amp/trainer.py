@@ -20,6 +20,7 @@ from torch import nn
 from ampray.amp.autocast import Fp32Islands, autocast_supported, default_device
 from ampray.amp.config import MixedPrecisionConfig, dtype_name, parse_dtype
 from ampray.amp.memory import memory_stats
+from ampray.amp.records import MemoryStats, ScalerState, StepStats
 from ampray.amp.scaler import LossScaler
 from ampray.amp.stepping import NonFiniteLossError, ScaleCollapseError, StepMixin  # noqa: F401
 from ampray.amp.state import TrainerCounters, atomic_save, count_params, estimate_memory_savings
@@ -179,6 +180,13 @@ class MixedPrecisionTrainer(StepMixin):
 
         self._settle()
         return performance_summary(self)
+
+    def records(self) -> tuple["StepStats", "ScalerState", "MemoryStats"]:
+        """The typed records a report sends: counters, scaler, memory (one sync)."""
+        from ampray.amp.summary import step_stats
+
+        self._settle()
+        return step_stats(self), self.scaler.read(), memory_stats(self.device)
 
     def memory(self) -> dict[str, Any]:
         return memory_stats(self.device).to_dict()

@@ -1,19 +1,107 @@
-"""The `ampray` command line."""
+"""The `ampray` command line: train, data synth, demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
+from pathlib import Path
+from typing import Any
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from rich.console import Console
+
+    from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+
+    console = Console()
+    try:
+        overrides = parse_overrides(extra)
+        if args.address is not None:
+            overrides["run.address"] = args.address
+        if args.name is not None:
+            overrides["run.name"] = args.name
+        job = JobConfig.load(args.config, overrides)
+        from ampray.orchestrator.train import run_training
+
+        with _Progress(job, console):
+            outcome = run_training(job)
+    except ConfigError as err:
+        console.print(f"[red]ampray train: error:[/red] {err}")
+        return 2
+    console.print(final_table(outcome))
+    console.print(f"View it: [bold]tensorboard --logdir {outcome.logdir}[/bold]")
+    return 0
+
+
+class _Progress:
+    """A progress bar fed by rank 0's progress file while `fit()` blocks the main thread."""
+
+    def __init__(self, job, console):
+        self.job, self.console = job, console
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        import json
+
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        path = self.job.run_dir() / "progress" / "rank0.json"
+        total = self.job.run.steps
+        with Progress(TextColumn(f"[bold]{self.job.run.name}[/bold] {self.job.model.kind}"), BarColumn(),
+                      TextColumn("step {task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=self.console, transient=True) as progress:
+            task = progress.add_task("train", total=total)
+            while not self._stop.wait(0.5):
+                try:
+                    progress.update(task, completed=json.loads(path.read_text())["step"])
+                except (OSError, ValueError, KeyError):
+                    pass
+
+
+def final_table(outcome) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"ampray train: {outcome.num_workers} worker(s), "
+                        f"{'GPU' if outcome.use_gpu else 'CPU'}, {outcome.run_dir}")
+    for col in ("rank", "step", "loss", "samples/s", "scale", "skipped", "overflows", "peak memory MiB"):
+        table.add_column(col, justify="right")
+    for rank, rec in sorted(outcome.final.items()):
+        peak = max(rec.get("memory/peak_allocated_bytes", 0), 0) / 2**20
+        table.add_row(str(rank), f"{rec.get('step', 0):.0f}", f"{rec.get('loss', float('nan')):.4f}",
+                      f"{rec.get('perf/samples_per_s', 0):.0f}", f"{rec.get('scaler/scale', 0):g}",
+                      f"{rec.get('perf/skipped_steps', 0):.0f}", f"{rec.get('scaler/overflows', 0):.0f}",
+                      f"{peak:.1f}")
+    return table
+
+
+def _data(args: argparse.Namespace, extra: list[str]) -> int:
+    from ampray.data.parquet import synth_main
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    summary = synth_main(Path(args.out), kinds=kinds, num_samples=args.num_samples, seed=args.seed,
+                         num_shards=args.shards)
+    print(summary)
+    return 0
+
+
+def _demo(args: argparse.Namespace, extra: list[str]) -> int:
     from ampray.orchestrator.local import LocalRunConfig, run_local
 
     try:
         run = LocalRunConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              dtype=args.dtype, adaptive=not args.no_adaptive, seed=args.seed, device=args.device)
     except ValueError as err:
-        print(f"ampray train: {err}", file=sys.stderr)
+        print(f"ampray demo: {err}", file=sys.stderr)
         return 2
     run_local(run)
     return 0
@@ -22,22 +110,41 @@ def _train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ampray", description="Mixed-precision training on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a built-in model on the built-in data")
-    train.add_argument("--model", default="mlp", help="mlp | cnn | gpt")
-    train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--dtype", default="auto", help="auto | fp16 | bf16 | fp32")
-    train.add_argument("--no-adaptive", action="store_true", help="plain trainer, no adaptation")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default=None, help="cpu | cuda (default: best available)")
+    train = sub.add_parser("train", help="train on Ray (embedded local cluster unless --address)",
+                           epilog="Any config field can be overridden: --precision.dtype bf16 "
+                                  "--scaling.num_workers 4 --model.kind gpt --model.options.preset micro")
+    train.add_argument("--config", default=None, help="job TOML file")
+    train.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 (default: embedded)")
+    train.add_argument("--name", default=None, help="run name (the same name resumes)")
     train.set_defaults(func=_train)
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the built-in corpus as Parquet")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--kinds", default="mlp,cnn,gpt")
+    synth.add_argument("--num-samples", type=int, default=4096)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shards", type=int, default=4)
+    synth.set_defaults(func=_data)
+    demo = sub.add_parser("demo", help="a single-process run of the engine, no Ray")
+    demo.add_argument("--model", default="mlp", help="mlp | cnn | gpt")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--dtype", default="auto", help="auto | fp16 | bf16 | fp32")
+    demo.add_argument("--no-adaptive", action="store_true")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default=None)
+    demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args.func(args, extra)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Full training state: save to a checkpoint folder, restore from one.
+
+One file, `state.pt`, read back with `torch.load(weights_only=True)` (plain containers and tensors only),
+plus `job.toml`, the resolved config, for people. The state holds the model (unwrapped from DDP), the
+optimizer, the LR scheduler, the engine (scaler, hysteresis, counters, adaptation), the step, the RNG
+states of every generator a step can draw from, and the data position, so that a restored run takes
+the same next step the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ampray.amp.state import atomic_save
+
+STATE_FILE = "state.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, scheduler, engine, step: int,
+                    data_state: dict[str, Any], job: dict[str, Any], job_toml: str = "") -> Path:
+    """Write the whole training state into `directory` (created); returns the state file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": 1,
+        "step": int(step),
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "engine": engine.state_dict(),
+        "rng": rng_state(),
+        "data": dict(data_state),
+        "job": job,
+    }
+    path = directory / STATE_FILE
+    atomic_save(state, path)
+    if job_toml:
+        (directory / "job.toml").write_text(job_toml)
+    return path
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {directory}: no {STATE_FILE} in it")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, engine) -> int:
+    """Load a checkpoint's state into live objects; returns the step to continue from."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    engine.load_state_dict(state["engine"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

@@ -1,0 +1,162 @@
+"""The Ray Train worker loop: build model, data and engine, wrap in DDP, train, report every rank, checkpoint.
+
+`train_loop_per_worker(config)` takes plain data ({"job": JobConfig.to_dict(), "run_dir": str}) so that
+Tune can replace any value. Every `report_every` optimizer steps each rank reports its own records
+(scaler state, counters, memory, throughput, loss) through `ray.train.report`; the aggregator callback on
+the controller receives all ranks. Every `checkpoint_every` steps and at the end, rank 0 writes the full
+state and every rank its RNG state into one checkpoint (Ray merges the ranks' folders).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ampray.actors.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
+from ampray.amp.adaptive import AdaptiveMixedPrecisionTrainer
+from ampray.amp.config import MixedPrecisionConfig
+from ampray.amp.trainer import MixedPrecisionTrainer
+from ampray.data.synthetic import SyntheticConfig, make_dataset
+from ampray.models import build_config, build_criterion, build_model
+
+
+def build_data(job: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job's dataset as tensors: a Parquet folder, or the built-in corpus shaped for the model."""
+    kind, data = job["model"]["kind"], job["data"]
+    if data["path"]:
+        from ampray.data.parquet import read_dataset
+
+        return read_dataset(Path(data["path"]).expanduser(), kind)
+    cfg = build_config(kind, **job["model"]["options"])
+    shape = {"mlp": lambda: dict(in_features=cfg.in_features, num_classes=cfg.num_classes),
+             "cnn": lambda: dict(in_channels=cfg.in_channels, image_size=cfg.image_size,
+                                 num_classes=cfg.num_classes),
+             "gpt": lambda: dict(vocab_size=cfg.vocab_size, seq_len=cfg.block_size)}[kind]()
+    return make_dataset(kind, SyntheticConfig(num_samples=data["num_samples"], seed=data["seed"], **shape))
+
+
+def build_scheduler(optimizer, opt: dict[str, Any], total_steps: int):
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
+    warmup, floor = opt["warmup_steps"], opt["min_lr_ratio"]
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if opt["schedule"] == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_engine(job: dict[str, Any], device: torch.device) -> MixedPrecisionTrainer:
+    cls = AdaptiveMixedPrecisionTrainer if job["run"]["adaptive"] else MixedPrecisionTrainer
+    return cls(MixedPrecisionConfig.from_dict(job["precision"]), device)
+
+
+def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: int, loss: float,
+                   tokens_per_sample: int) -> dict[str, Any]:
+    """One rank's records as a flat dict: the names become TensorBoard tags and Parquet columns."""
+    stats, scaler, memory = engine.records()
+    out: dict[str, Any] = {"step": step, "rank": rank, "world_size": world, "loss": loss}
+    out.update({f"scaler/{k}": v for k, v in scaler.to_dict().items()})
+    out.update({f"perf/{k}": v for k, v in stats.to_dict().items() if k != "loss"})
+    out.update({f"memory/{k}": v for k, v in memory.to_dict().items()})
+    if tokens_per_sample:
+        out["perf/tokens_per_s"] = stats.samples_per_s * tokens_per_sample
+    return out
+
+
+def _write_progress(run_dir: Path, rank: int, step: int) -> None:
+    """Where a rank is, and its pid: read by people and by the fault tests."""
+    folder = run_dir / "progress"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "step": step}))
+    os.replace(tmp, folder / f"rank{rank}.json")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from ampray.data.parquet import ShardedBatches
+
+    job, run_dir = config["job"], Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    run, kind = job["run"], job["model"]["kind"]
+    torch.manual_seed(run["seed"])  # the same initial weights on every rank
+    engine = build_engine(job, device)
+    model = engine.prepare_model(build_model(kind, **job["model"]["options"]))
+    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
+    opt_cfg = job["optimizer"]
+    optimizer = engine.build_optimizer(model, opt_cfg["name"], lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    scheduler = build_scheduler(optimizer, opt_cfg, run["steps"])
+    criterion = build_criterion(kind)
+    inputs, targets = build_data(job)
+    k = engine.config.gradient_accumulation_steps
+    batches = ShardedBatches(inputs, targets, job["data"]["batch_size"] // k, rank, world, job["data"]["seed"])
+    torch.manual_seed(run["seed"] * 1000 + rank + 1)  # dropout differs across ranks
+    step = _maybe_restore(rank, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
+                          batches=batches)
+    tokens = inputs.shape[1] if kind == "gpt" else 0
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    _write_progress(run_dir, rank, step)
+    while step < run["steps"]:
+        for _ in range(k):
+            x, y = batches.next_batch()
+            out = engine.train_step(model, optimizer, criterion, x, y, scheduler)
+            loss_sum += torch.nan_to_num(out["loss"].float(), nan=0.0)
+            loss_n += 1
+        step += 1
+        final = step == run["steps"]
+        if step % run["report_every"] == 0 or step % run["checkpoint_every"] == 0 or final:
+            metrics = report_metrics(engine, step, rank, world, loss_sum.item() / max(loss_n, 1), tokens)
+            metrics["final"] = final
+            if final and rank == 0:
+                metrics["hparams"] = config.get("hparams", {})
+            loss_sum.zero_()
+            loss_n = 0
+            _report(metrics, step, rank, run, job, config, model=model, optimizer=optimizer,
+                    scheduler=scheduler, engine=engine, batches=batches, final=final)
+            _write_progress(run_dir, rank, step)
+
+
+def _maybe_restore(rank: int, *, model, optimizer, scheduler, engine, batches) -> int:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder)
+        step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
+        batches.load_state_dict(state["data"])
+        own = Path(folder) / f"rng_rank{rank}.pt"
+        if own.is_file():
+            set_rng_state(torch.load(own, weights_only=True))
+    return step
+
+
+def _report(metrics, step, rank, run, job, config, *, model, optimizer, scheduler, engine, batches, final):
+    import ray.train
+
+    if not (step % run["checkpoint_every"] == 0 or final):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        if rank == 0:
+            save_checkpoint(folder, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
+                            step=step, data_state=batches.state_dict(), job=job,
+                            job_toml=config.get("job_toml", ""))
+        torch.save(rng_state(), Path(folder) / f"rng_rank{rank}.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")

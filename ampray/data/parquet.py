@@ -1,0 +1,313 @@
+"""Datasets as Parquet shards (pure pyarrow + torch), and per-rank deterministic batching.
+
+Schema per model kind (schema version 1):
+
+| kind | column     | Arrow type                                  | holds                                  |
+| ---- | ---------- | ------------------------------------------- | -------------------------------------- |
+| mlp  | `features` | `fixed_size_list<float32>[in_features]`     | one input row                          |
+| mlp  | `label`    | `int64`                                     | class index                            |
+| cnn  | `image`    | `fixed_size_list<float32>[C*H*W]`           | one image, flattened row-major (CHW)   |
+| cnn  | `label`    | `int64`                                     | class index                            |
+| gpt  | `tokens`   | `fixed_size_list<int32>[seq_len+1]`         | inputs = tokens[:-1], targets = tokens[1:] |
+
+Parquet schema metadata, on every file:
+
+| key                     | value                                                              |
+| ----------------------- | ------------------------------------------------------------------ |
+| `ampray.kind`           | `mlp`, `cnn` or `gpt`                                              |
+| `ampray.schema_version` | `1`                                                                |
+| `ampray.shape`          | JSON shape of one input row: `[in_features]`, `[C, H, W]`, `[seq_len]` |
+| `ampray.vocab_size`     | gpt only: the vocabulary size                                      |
+
+A dataset folder holds `part-00000.parquet`, `part-00001.parquet`, ... (rows split contiguously, in
+order) and a `_dataset.json` manifest. Tokens are stored as int32 to halve the bytes and read back
+as int64, the dtype `cross_entropy` wants; floats are stored as float32, so a round trip is bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ampray.data.synthetic import SyntheticConfig, make_dataset
+
+SCHEMA_VERSION = 1
+KINDS = ("mlp", "cnn", "gpt")
+MANIFEST = "_dataset.json"
+_INPUT_COLUMN = {"mlp": "features", "cnn": "image", "gpt": "tokens"}
+_VALUE_TYPE = {"mlp": pa.float32(), "cnn": pa.float32(), "gpt": pa.int32()}
+_COLUMNS = {"mlp": ["features", "label"], "cnn": ["image", "label"], "gpt": ["tokens"]}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not allowed; expected one of {list(KINDS)}")
+
+
+# --- Writing ----------------------------------------------------------------------------------------
+
+
+def _encode(kind: str, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rows x width matrix of the list column, labels or None), after checking shapes and dtypes."""
+    want_ndim = {"mlp": 2, "cnn": 4, "gpt": 2}[kind]
+    if inputs.ndim != want_ndim or len(inputs) != len(targets) or len(inputs) == 0:
+        raise ValueError(f"write_dataset: kind {kind!r} wants inputs with {want_ndim} dims and as many "
+                         f"(>= 1) rows as targets; got inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)}")
+    if kind == "gpt":
+        if inputs.is_floating_point() or inputs.shape != targets.shape:
+            raise ValueError(f"write_dataset: gpt wants integer inputs and targets of one shape; got "
+                             f"{inputs.dtype} {tuple(inputs.shape)} and {targets.dtype} {tuple(targets.shape)}")
+        # One `tokens` column stores both only if targets are the inputs shifted by one token.
+        if not torch.equal(inputs[:, 1:], targets[:, :-1]):
+            raise ValueError("write_dataset: gpt targets must be the inputs shifted by one (targets[:, :-1] "
+                             "== inputs[:, 1:]), since one `tokens` column stores both")
+        tokens = torch.cat([inputs, targets[:, -1:]], dim=1)
+        if tokens.min() < 0 or tokens.max() >= 2**31:
+            raise ValueError("write_dataset: gpt tokens must lie in [0, 2**31) to be stored as int32")
+        return tokens.to(torch.int32).numpy(), None
+    if not inputs.is_floating_point() or targets.ndim != 1 or targets.is_floating_point():
+        raise ValueError(f"write_dataset: {kind} wants float inputs and 1-d integer labels; got "
+                         f"{inputs.dtype} inputs and {targets.dtype} targets {tuple(targets.shape)}")
+    # reshape is logical, so a channels_last tensor still flattens in CHW order.
+    return inputs.to(torch.float32).reshape(len(inputs), -1).numpy(), targets.to(torch.int64).numpy()
+
+
+def _shard_table(kind: str, mat: np.ndarray, labels: np.ndarray | None, meta: dict[str, str]) -> pa.Table:
+    flat = pa.array(np.ascontiguousarray(mat).reshape(-1), type=_VALUE_TYPE[kind])
+    columns = {_INPUT_COLUMN[kind]: pa.FixedSizeListArray.from_arrays(flat, mat.shape[1])}
+    if labels is not None:
+        columns["label"] = pa.array(labels, type=pa.int64())
+    return pa.table(columns).replace_schema_metadata(meta)
+
+
+def _atomic_write(path: Path, write) -> None:
+    # A reader (or a crashed writer) never sees a half-written file under the final name: the temp
+    # name is hidden and does not end in .parquet, so read_dataset skips it.
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_dataset(out_dir: str | Path, kind: str, inputs: torch.Tensor, targets: torch.Tensor,
+                  num_shards: int = 4, *, seed: int | None = None, vocab_size: int | None = None,
+                  source: dict | None = None) -> list[Path]:
+    """Write (inputs, targets) as `num_shards` Parquet files plus a manifest; returns the shard paths.
+
+    `seed` and `source` (how the data was made) are recorded in the manifest; `vocab_size` (gpt) is
+    max token + 1 when not given.
+    """
+    _check_kind(kind)
+    mat, labels = _encode(kind, inputs, targets)
+    rows = len(mat)
+    if not 1 <= num_shards <= rows:
+        raise ValueError(f"write_dataset: num_shards={num_shards} is not allowed; expected 1 <= num_shards "
+                         f"<= rows ({rows})")
+    meta = {"ampray.kind": kind, "ampray.schema_version": str(SCHEMA_VERSION),
+            "ampray.shape": json.dumps(list(inputs.shape[1:]))}
+    if kind == "gpt":
+        seen = int(mat.max()) + 1
+        if vocab_size is not None and vocab_size < seen:
+            raise ValueError(f"write_dataset: vocab_size={vocab_size} is smaller than max token + 1 ({seen})")
+        vocab_size = vocab_size or seen
+        meta["ampray.vocab_size"] = str(vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bounds = [i * rows // num_shards for i in range(num_shards + 1)]
+    paths = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        table = _shard_table(kind, mat[a:b], None if labels is None else labels[a:b], meta)
+        path = out / f"part-{i:05d}.parquet"
+        _atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp))
+        paths.append(path)
+    # Shards left by an earlier, larger write would otherwise be read as part of this dataset.
+    for stale in set(out.glob("part-*.parquet")) - set(paths):
+        stale.unlink()
+    manifest = {"kind": kind, "schema_version": SCHEMA_VERSION, "rows": rows,
+                "shards": [{"file": p.name, "rows": b - a} for p, a, b in zip(paths, bounds, bounds[1:])],
+                "input_shape": list(inputs.shape), "target_shape": list(targets.shape),
+                "seed": seed, "vocab_size": vocab_size, "source": source}
+    _atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    return paths
+
+
+def write_synthetic(out_dir: str | Path, kind: str, cfg: SyntheticConfig | None = None,
+                    num_shards: int = 4) -> list[Path]:
+    """Write the built-in synthetic corpus of `kind` (see `make_dataset`) as Parquet shards."""
+    cfg = cfg or SyntheticConfig()
+    inputs, targets = make_dataset(kind, cfg)
+    return write_dataset(out_dir, kind, inputs, targets, num_shards, seed=cfg.seed,
+                         vocab_size=cfg.vocab_size if kind == "gpt" else None,
+                         source={"synthetic": asdict(cfg)})
+
+
+def synth_main(out_dir: str | Path, kinds: tuple[str, ...] = KINDS, num_samples: int = 4096,
+               seed: int = 0, num_shards: int = 4, **overrides) -> dict:
+    """`ampray data synth`: one sub-folder per kind under `out_dir`; returns a summary per kind.
+
+    `overrides` are further SyntheticConfig fields (seq_len=..., image_size=...).
+    """
+    for kind in kinds:
+        _check_kind(kind)
+    cfg = SyntheticConfig(num_samples=num_samples, seed=seed, **overrides)
+    summary = {"out_dir": str(out_dir), "kinds": {}}
+    for kind in kinds:
+        paths = write_synthetic(Path(out_dir) / kind, kind, cfg, num_shards)
+        manifest = json.loads((Path(out_dir) / kind / MANIFEST).read_text())
+        summary["kinds"][kind] = {"path": str(Path(out_dir) / kind), "rows": manifest["rows"],
+                                  "shards": len(paths), "input_shape": manifest["input_shape"],
+                                  "bytes": sum(p.stat().st_size for p in paths)}
+    return summary
+
+
+# --- Reading ----------------------------------------------------------------------------------------
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise FileNotFoundError(f"data.path={path}: does not exist; expected a Parquet file or a folder of them")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"data.path={path}: holds no .parquet files; expected part-00000.parquet, ...")
+    return files
+
+
+def _file_kind(table: pa.Table, requested: str | None, where: str) -> tuple[str, dict[str, str]]:
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    found = meta.get("ampray.kind")
+    version = int(meta.get("ampray.schema_version", SCHEMA_VERSION))
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"{where}: ampray.schema_version is {version}; this reader knows up to {SCHEMA_VERSION}")
+    if requested is not None and found is not None and found != requested:
+        raise ValueError(f"{where}: ampray.kind is {found!r}; expected {requested!r}")
+    kind = requested or found
+    if kind is None:
+        raise ValueError(f"{where}: no ampray.kind in the Parquet metadata; pass kind= (one of {list(KINDS)})")
+    _check_kind(kind)
+    return kind, meta
+
+
+def _column(table: pa.Table, name: str, kind: str, where: str) -> pa.Array:
+    if name not in table.column_names:
+        raise ValueError(f"{where}: column {name!r} missing; expected columns {_COLUMNS[kind]} for kind {kind!r}")
+    col = table.column(name).combine_chunks()
+    want = "int64" if name == "label" else f"fixed_size_list<{_VALUE_TYPE[kind]}>"
+    ok = (col.type == pa.int64() if name == "label" else
+          pa.types.is_fixed_size_list(col.type) and col.type.value_type == _VALUE_TYPE[kind])
+    if not ok:
+        raise ValueError(f"{where}: column {name!r} has type {col.type}; expected {want} for kind {kind!r}")
+    if col.null_count or (name != "label" and col.flatten().null_count):
+        raise ValueError(f"{where}: column {name!r} holds nulls; expected every value present")
+    return col
+
+
+def _decode(table: pa.Table, kind: str, meta: dict[str, str], where: str):
+    """(rows x width matrix, labels or None, shape of one input row) of one shard."""
+    col = _column(table, _INPUT_COLUMN[kind], kind, where)
+    width = col.type.list_size
+    mat = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
+    labels = _column(table, "label", kind, where).to_numpy() if kind != "gpt" else None
+    shape = json.loads(meta["ampray.shape"]) if "ampray.shape" in meta else None
+    if kind == "cnn" and shape is None:
+        raise ValueError(f"{where}: no ampray.shape in the Parquet metadata; expected [C, H, W] for kind 'cnn'")
+    expected_width = int(np.prod(shape)) + (kind == "gpt") if shape is not None else width
+    if expected_width != width:
+        raise ValueError(f"{where}: column {_INPUT_COLUMN[kind]!r} holds lists of {width}; expected "
+                         f"{expected_width} from ampray.shape={shape}")
+    return mat, labels, shape or [width - (kind == "gpt")]
+
+
+def read_dataset(path: str | Path, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) from one Parquet file or every shard of a folder, in file order.
+
+    `kind` None takes the kind from the files' metadata; otherwise the metadata must agree with it.
+    """
+    if kind is not None:
+        _check_kind(kind)
+    mats, labels, first_shape = [], [], None
+    for file in _shard_files(Path(path)):
+        where = f"data.path={file}"
+        table = pq.read_table(file)
+        kind, meta = _file_kind(table, kind, where)  # the first file fixes the kind for the others
+        mat, lab, shape = _decode(table, kind, meta, where)
+        if first_shape is not None and shape != first_shape:
+            raise ValueError(f"{where}: ampray.shape is {shape}; expected {first_shape} like the earlier shards")
+        first_shape = shape
+        mats.append(mat)
+        labels.append(lab)
+    # np.concatenate copies into one writable array, so torch.from_numpy shares it without a warning.
+    x = torch.from_numpy(np.concatenate(mats))
+    if kind == "gpt":
+        tokens = x.long()
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return x.reshape(len(x), *first_shape), torch.from_numpy(np.concatenate(labels))
+
+
+# --- Per-rank batching ------------------------------------------------------------------------------
+
+
+class ShardedBatches:
+    """Deterministic per-rank batches over in-memory tensors, for data-parallel training.
+
+    Epoch e permutes all rows with `torch.Generator().manual_seed(seed + epoch)`; rank r takes
+    positions r::world_size of it, so ranks are disjoint and, since the permutation is cut to a
+    multiple of world_size, equal in size: DDP ranks must run the same number of steps, or an
+    all-reduce waits forever.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, rank: int,
+                 world_size: int, seed: int, drop_last: bool = True):
+        if len(inputs) != len(targets):
+            raise ValueError(f"ShardedBatches: inputs have {len(inputs)} rows but targets {len(targets)}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardedBatches: rank={rank}, world_size={world_size} is not allowed; "
+                             "expected world_size >= 1 and 0 <= rank < world_size")
+        self.rows_per_rank = len(inputs) // world_size
+        if not 1 <= batch_size <= self.rows_per_rank:
+            raise ValueError(f"ShardedBatches: batch_size={batch_size} is not allowed; expected 1 <= batch_size "
+                             f"<= rows per rank ({self.rows_per_rank} = {len(inputs)} rows // world_size {world_size})")
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.drop_last = drop_last
+        self.epoch, self.batch_index = 0, 0
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.rows_per_rank, self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def _rank_indices(self, epoch: int) -> torch.Tensor:
+        # Cached: recomputing a permutation of every row on each batch would cost O(rows) per step.
+        if self._cached is None or self._cached[0] != epoch:
+            perm = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._cached = (epoch, perm[: self.rows_per_rank * self.world_size][self.rank :: self.world_size])
+        return self._cached[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y); after the last batch of an epoch, the next epoch begins."""
+        start = self.batch_index * self.batch_size
+        idx = self._rank_indices(self.epoch)[start : start + self.batch_size]
+        self.batch_index += 1
+        # Roll over here, so that state_dict always names the batch to be yielded next.
+        if self.batch_index == self.batches_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        return self.inputs[idx], self.targets[idx]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["batch_index"])
+        if epoch < 0 or not 0 <= index < self.batches_per_epoch:
+            raise ValueError(f"ShardedBatches.load_state_dict: epoch={epoch}, batch_index={index} is not allowed; "
+                             f"expected epoch >= 0 and 0 <= batch_index < {self.batches_per_epoch}")
+        self.epoch, self.batch_index = epoch, index

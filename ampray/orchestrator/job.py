@@ -1,0 +1,296 @@
+"""JobConfig: what `ampray train` runs. Sections as small dataclasses, validated before any worker starts.
+
+Precedence: command-line overrides > TOML file > defaults. The resolved config is saved beside every run
+(`<storage_path>/<name>/job.toml`) and inside every checkpoint.
+
+    [model]      kind = "gpt", options = {preset = "micro"}
+    [data]       path = "/data/corpus" (Parquet from `ampray data synth`), or none for the built-in corpus
+    [precision]  the engine's MixedPrecisionConfig (dtype, init_scale, hysteresis, ...; [precision.adaptation])
+    [optimizer]  name, lr, weight_decay, warmup_steps, schedule
+    [scaling]    num_workers, use_gpu, cpus_per_worker, gpus_per_worker
+    [run]        name, storage_path, steps, report_every, checkpoint_every, num_to_keep, max_failures, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ampray.amp.config import ConfigError, MixedPrecisionConfig, _check_choice, _check_type, _fail, _known
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _validate(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        _check_type(type(obj).__name__, f, getattr(obj, f.name))
+
+
+@dataclass
+class ModelSection:
+    """Which built-in model to train."""
+
+    kind: str = "mlp"
+    """mlp, cnn or gpt."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments of the model's config (gpt: preset = "nano" | "micro" | "small", ...)."""
+
+    def __post_init__(self) -> None:
+        from ampray.models import MODEL_KINDS, build_config
+
+        if self.kind not in MODEL_KINDS:
+            _fail("model", "kind", self.kind, f"one of {list(MODEL_KINDS)}")
+        try:
+            build_config(self.kind, **self.options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.options={self.options!r} is not allowed: {err}") from None
+
+
+@dataclass
+class DataSection:
+    """Where batches come from."""
+
+    path: str = ""
+    """A Parquet folder written by `ampray data synth` (or in its schema); empty: the built-in corpus."""
+    num_samples: int = 4096
+    """Rows of the built-in corpus (ignored with a path)."""
+    seed: int = 0
+    """Seed of the built-in corpus and of the shuffling."""
+    batch_size: int = 64
+    """Samples per worker per optimizer step (micro-batches are batch_size / accumulation steps)."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                _fail("data", name, getattr(self, name), "an integer >= 1")
+        if self.path and not Path(self.path).expanduser().exists():
+            _fail("data", "path", self.path, "an existing Parquet folder (see `ampray data synth --out DIR`)")
+
+
+@dataclass
+class OptimizerSection:
+    """The optimizer and its learning-rate schedule."""
+
+    name: str = "adamw"
+    """adamw, adam or sgd."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for adamw)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    schedule: str = "cosine"
+    """constant or cosine (decays to min_lr_ratio * lr at the last step)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine)."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        _check_choice("optimizer", "name", self.name, ("adamw", "adam", "sgd"))
+        _check_choice("optimizer", "schedule", self.schedule, ("constant", "cosine"))
+        if not self.lr > 0:
+            _fail("optimizer", "lr", self.lr, "a number > 0")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            bad = next(n for n in ("weight_decay", "warmup_steps", "min_lr_ratio")
+                       if getattr(self, n) < 0 or (n == "min_lr_ratio" and getattr(self, n) > 1))
+            _fail("optimizer", bad, getattr(self, bad), "a number >= 0 (min_lr_ratio: in [0, 1])")
+
+
+@dataclass
+class ScalingSection:
+    """How many Ray Train workers, and what each gets."""
+
+    num_workers: int = -1
+    """Workers (one process each); -1: one per GPU found, or 2 CPU workers without GPUs."""
+    use_gpu: str = "auto"
+    """auto (GPUs when the cluster has them), true or false."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when use_gpu (fractions share a GPU)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.use_gpu, bool):
+            self.use_gpu = "true" if self.use_gpu else "false"
+        _validate(self)
+        _check_choice("scaling", "use_gpu", self.use_gpu, ("auto", "true", "false"))
+        if self.num_workers < 1 and self.num_workers != -1:
+            _fail("scaling", "num_workers", self.num_workers, "an integer >= 1 (or -1: automatic)")
+        if not self.cpus_per_worker > 0 or not self.gpus_per_worker > 0:
+            bad = "cpus_per_worker" if not self.cpus_per_worker > 0 else "gpus_per_worker"
+            _fail("scaling", bad, getattr(self, bad), "a number > 0")
+
+
+@dataclass
+class RunSection:
+    """Length, reporting, checkpoints and where it all goes."""
+
+    name: str = "ampray"
+    """Run name: the same name and storage_path resume from the latest checkpoint."""
+    storage_path: str = "runs"
+    """Folder holding one sub-folder per run (TensorBoard events, checkpoints, job.toml)."""
+    steps: int = 200
+    """Optimizer steps to train."""
+    report_every: int = 20
+    """Optimizer steps between reports of every rank's records."""
+    checkpoint_every: int = 100
+    """Optimizer steps between checkpoints (one is also written at the end)."""
+    num_to_keep: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    max_failures: int = 0
+    """Worker-group restarts from the latest checkpoint after a crash."""
+    seed: int = 0
+    """Seed of model initialisation (the same on every rank)."""
+    adaptive: bool = True
+    """Use AdaptiveMixedPrecisionTrainer."""
+    address: str = ""
+    """Ray cluster address ("auto", "ray://host:10001"); empty: an embedded local cluster."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        for name in ("steps", "report_every", "checkpoint_every", "num_to_keep"):
+            if getattr(self, name) < 1:
+                _fail("run", name, getattr(self, name), "an integer >= 1")
+        if self.max_failures < -1:
+            _fail("run", "max_failures", self.max_failures, "an integer >= 0 (or -1: unlimited)")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            _fail("run", "name", self.name, "a non-empty folder name without '/'")
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "precision": MixedPrecisionConfig,
+             "optimizer": OptimizerSection, "scaling": ScalingSection, "run": RunSection}
+
+
+@dataclass
+class JobConfig:
+    """A training job: every section validated at construction."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        k = self.precision.gradient_accumulation_steps
+        if self.data.batch_size % k:
+            _fail("data", "batch_size", self.data.batch_size,
+                  f"a multiple of precision.gradient_accumulation_steps={k}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
+        data = _known(cls, data)
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            value = data.get(name, {})
+            if isinstance(value, section_cls):
+                sections[name] = value
+            elif section_cls is MixedPrecisionConfig:
+                sections[name] = MixedPrecisionConfig.from_dict(value)
+            else:
+                sections[name] = section_cls(**_known_section(name, section_cls, value))
+        return cls(**sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS if name != "precision"}
+        out["precision"] = self.precision.to_dict()
+        return out
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "JobConfig":
+        """Defaults < TOML file < overrides ({"precision.dtype": "bf16", ...})."""
+        data: dict[str, Any] = {}
+        if path:
+            p = Path(path).expanduser()
+            if not p.is_file():
+                raise ConfigError(f"--config {str(path)!r}: no such file")
+            try:
+                data = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"--config {str(path)!r}: not valid TOML: {err}") from None
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value)
+        return cls.from_dict(data)
+
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys and plain values: TensorBoard HParams, Parquet columns, Tune spaces."""
+        return _flatten(self.to_dict())
+
+
+def _known_section(name: str, cls: type, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table of fields, got {value!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown field(s) {unknown}; allowed fields are {names}")
+    return value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if len(keys) < 2 or keys[0] not in _SECTIONS:
+        raise ConfigError(f"override --{dotted}: expected <section>.<field> with section in {list(_SECTIONS)}")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: {key!r} is not a table")
+    node[keys[-1]] = value
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = ",".join(map(str, value))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--precision.dtype bf16 --scaling.num_workers=4` -> {"precision.dtype": "bf16", ...}; values are read
+    as TOML literals (numbers, booleans, quoted strings, [lists]) and otherwise kept as strings."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        out[key] = _literal(raw)
+    return out
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw

@@ -1,0 +1,133 @@
+"""run_training(job): the TorchTrainer run, on an embedded local Ray or on an existing cluster.
+
+The embedded cluster binds to 127.0.0.1 and starts no dashboard. Before any worker starts, the job is
+checked against what the cluster has (an impossible request fails in seconds instead of waiting for
+resources forever). Rerunning the same run name resumes from the latest checkpoint: Ray Train V2
+restores its checkpoint list from `<storage_path>/<name>` and the workers continue from the newest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ampray.orchestrator.job import ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
+
+
+class ResourceError(ConfigError):
+    """The job asks for more than the cluster can ever give."""
+
+
+@dataclass
+class TrainingOutcome:
+    run_dir: Path
+    logdir: Path
+    num_workers: int
+    use_gpu: bool
+    final: dict[int, dict[str, Any]]
+    """The last report of each rank, as the aggregator saw it."""
+    checkpoint: str | None
+
+
+def init_ray(address: str) -> None:
+    """Connect to `address`, or start an embedded cluster on this machine (localhost, no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+
+
+def resolve_scaling(job: JobConfig, resources: dict[str, float]) -> tuple[int, bool]:
+    """(num_workers, use_gpu) from the job and the cluster's total resources; raises ResourceError."""
+    s = job.scaling
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and gpus > 0)
+    if s.use_gpu == "true" and gpus == 0:
+        raise ResourceError("scaling.use_gpu=true is not possible: the cluster has no GPU")
+    n = s.num_workers if s.num_workers > 0 else (max(1, int(gpus // s.gpus_per_worker)) if use_gpu else 2)
+    if use_gpu and n * s.gpus_per_worker > gpus:
+        raise ResourceError(f"scaling.num_workers={n} x gpus_per_worker={s.gpus_per_worker} needs "
+                            f"{n * s.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
+    if n * s.cpus_per_worker > cpus:
+        raise ResourceError(f"scaling.num_workers={n} x cpus_per_worker={s.cpus_per_worker} needs "
+                            f"{n * s.cpus_per_worker:g} CPUs; the cluster has {cpus:g}")
+    return n, use_gpu
+
+
+def save_resolved(job: JobConfig) -> Path:
+    run_dir = job.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".job.toml.tmp"
+    tmp.write_text(job.to_toml())
+    os.replace(tmp, run_dir / "job.toml")
+    return run_dir
+
+
+def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ampray.actors.aggregator import TensorBoardAggregator
+    from ampray.actors.worker import train_loop_per_worker
+
+    run_dir = job.run_dir()
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = job.scaling.gpus_per_worker
+    loop_config = {"job": job.to_dict(), "run_dir": str(run_dir), "job_toml": job.to_toml(),
+                   "hparams": {k: v for k, v in job.flat().items() if isinstance(v, (int, float, str, bool))}}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=job.run.name,
+            storage_path=str(run_dir.parent),
+            callbacks=[TensorBoardAggregator(str(run_dir / "tensorboard"))],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+        ),
+    )
+
+
+def run_training(job: JobConfig) -> TrainingOutcome:
+    """Validate, start (or join) Ray, train, and return every rank's final records."""
+    import ray
+
+    from ampray.actors.aggregator import read_scalars
+
+    init_ray(job.run.address)
+    num_workers, use_gpu = resolve_scaling(job, ray.cluster_resources())
+    run_dir = save_resolved(job)
+    result = build_trainer(job, num_workers, use_gpu).fit()
+    logdir = run_dir / "tensorboard"
+    final = final_records(read_scalars(str(logdir)), num_workers)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainingOutcome(run_dir, logdir, num_workers, use_gpu, final, checkpoint)
+
+
+def final_records(scalars: dict[str, list[tuple[int, float]]], num_workers: int) -> dict[int, dict[str, Any]]:
+    """Each rank's last value of every tag, from the TensorBoard events the aggregator wrote."""
+    out: dict[int, dict[str, Any]] = {r: {} for r in range(num_workers)}
+    for tag, points in scalars.items():
+        if not tag.startswith("rank") or not points:
+            continue
+        head, _, name = tag.partition("/")
+        rank = int(head[4:])
+        if rank in out:
+            out[rank][name] = points[-1][1]
+            out[rank]["step"] = max(out[rank].get("step", 0), points[-1][0])
+    return out
