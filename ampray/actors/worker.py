@@ -83,6 +83,14 @@ def _write_progress(run_dir: Path, rank: int, step: int) -> None:
     os.replace(tmp, folder / f"rank{rank}.json")
 
 
+def _log_start(run_dir: Path, rank: int, step: int) -> None:
+    """One line per worker start: a restart shows where it resumed from."""
+    folder = run_dir / "progress"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "starts.jsonl", "a") as f:
+        f.write(json.dumps({"rank": rank, "pid": os.getpid(), "start_step": step}) + "\n")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -110,6 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens = inputs.shape[1] if kind == "gpt" else 0
     loss_sum, loss_n = torch.zeros((), device=device), 0
     _write_progress(run_dir, rank, step)
+    _log_start(run_dir, rank, step)
     while step < run["steps"]:
         for _ in range(k):
             x, y = batches.next_batch()

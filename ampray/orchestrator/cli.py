@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         with _Progress(job, console):
             outcome = run_training(job)
     except ConfigError as err:
-        console.print(f"[red]ampray train: error:[/red] {err}")
+        print(f"ampray train: error: {err}", file=sys.stderr)
         return 2
     console.print(final_table(outcome))
     console.print(f"View it: [bold]tensorboard --logdir {outcome.logdir}[/bold]")

@@ -34,18 +34,32 @@ class TrainingOutcome:
     checkpoint: str | None
 
 
+def bind_to_localhost() -> None:
+    """Make an embedded Ray listen on 127.0.0.1 only. Ray maps "127.0.0.1" given as the node address to
+    the machine's reachable IP (for multi-node clusters); with its single-machine switch off it keeps the
+    loopback address for the GCS, raylet and workers. The switch is read when ray is imported, so it is
+    set in the environment (for later imports and child processes) and on the loaded module."""
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: str) -> None:
     """Connect to `address`, or start an embedded cluster on this machine (localhost, no dashboard)."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not address:
+        bind_to_localhost()
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
         ray.init(address=address, log_to_driver=False)
         return
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def resolve_scaling(job: JobConfig, resources: dict[str, float]) -> tuple[int, bool]:

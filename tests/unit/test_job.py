@@ -1,0 +1,55 @@
+"""JobConfig: defaults, TOML < overrides, validation errors, resource checks; no Ray needed."""
+
+import pytest
+
+from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+from ampray.orchestrator.train import ResourceError, resolve_scaling
+
+
+def test_defaults_and_round_trip(tmp_path):
+    job = JobConfig()
+    assert (job.model.kind, job.scaling.num_workers, job.run.steps) == ("mlp", -1, 200)
+    path = tmp_path / "job.toml"
+    path.write_text(job.to_toml())
+    assert JobConfig.load(path) == job
+
+
+def test_cli_beats_file_beats_defaults(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[precision]\ndtype = "bf16"\ninit_scale = 1024.0\n[run]\nsteps = 50\n')
+    overrides = parse_overrides(["--precision.init_scale", "256.0", "--run.name=x",
+                                 "--model.options.hidden", "32", "--scaling.use_gpu", "false"])
+    job = JobConfig.load(path, overrides)
+    assert job.precision.dtype.is_floating_point and str(job.precision.dtype) == "torch.bfloat16"
+    assert (job.precision.init_scale, job.run.steps, job.run.name) == (256.0, 50, "x")
+    assert job.model.options == {"hidden": 32} and job.scaling.use_gpu == "false"
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"model.kind": "resnet"}, "model.kind='resnet'"),
+    ({"model.options.depth_of_field": 3}, "depth_of_field"),
+    ({"scaling.num_workers": 0}, "scaling.num_workers=0"),
+    ({"optimizer.lr": -1.0}, "optimizer.lr=-1.0"),
+    ({"precision.backoff_factor": 2.0}, "backoff_factor=2.0"),
+    ({"run.steps": 0}, "run.steps=0"),
+    ({"data.path": "/no/such/dir"}, "data.path='/no/such/dir'"),
+    ({"data.batch_size": 10, "precision.gradient_accumulation_steps": 4}, "data.batch_size=10"),
+    ({"runn.steps": 3}, "section in"),
+    ({"run.stepz": 3}, "unknown field(s) ['stepz']"),
+])
+def test_bad_configs_name_field_and_value(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        JobConfig.load(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_resource_checks_fail_fast():
+    job = JobConfig.load(None, {"scaling.num_workers": 8})
+    with pytest.raises(ResourceError, match="needs 8 CPUs; the cluster has 4"):
+        resolve_scaling(job, {"CPU": 4.0})
+    with pytest.raises(ResourceError, match="no GPU"):
+        resolve_scaling(JobConfig.load(None, {"scaling.use_gpu": True}), {"CPU": 4.0})
+    with pytest.raises(ResourceError, match="needs 16 GPUs; the cluster has 2"):
+        resolve_scaling(JobConfig.load(None, {"scaling.num_workers": 16}), {"CPU": 64.0, "GPU": 2.0})
+    assert resolve_scaling(JobConfig(), {"CPU": 4.0}) == (2, False)
+    assert resolve_scaling(JobConfig(), {"CPU": 32.0, "GPU": 2.0}) == (2, True)
