@@ -289,7 +289,9 @@ class ShardedBatches:
         # Cached: recomputing a permutation of every row on each batch would cost O(rows) per step.
         if self._cached is None or self._cached[0] != epoch:
             perm = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed + epoch))
-            self._cached = (epoch, perm[: self.rows_per_rank * self.world_size][self.rank :: self.world_size])
+            mine = perm[: self.rows_per_rank * self.world_size][self.rank :: self.world_size]
+            # On the data's device: indexing GPU tensors with a CPU index would copy it every batch.
+            self._cached = (epoch, mine.to(self.inputs.device))
         return self._cached[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
             overrides["run.address"] = args.address
         if args.name is not None:
             overrides["run.name"] = args.name
+        if args.model is not None:
+            overrides["model.kind"] = args.model
         job = JobConfig.load(args.config, overrides)
         from ampray.orchestrator.train import run_training
 
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="job TOML file")
     train.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 (default: embedded)")
     train.add_argument("--name", default=None, help="run name (the same name resumes)")
+    train.add_argument("--model", default=None, help="model kind: mlp | cnn | gpt (= --model.kind)")
     train.set_defaults(func=_train)
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,103 @@
+"""`ampray train` (Ray Train, DDP) against plain torchrun DDP: the same GPT, batch and precision.
+
+    python benchmarks/bench_ray_ddp.py --workers 1,2 --dtypes fp16,bf16 --preset small --out ray_ddp.json
+    python benchmarks/bench_ray_ddp.py --smoke          # CPU, gloo, tiny model: checks the script
+
+Per configuration, one after the other on the same host: torchrun runs benchmarks/plain_ddp.py; then
+`ampray train` runs on an embedded Ray with the same settings, and its steady-state step time is the
+median of rank 0's `perf/interval_step_time_s` over the report intervals after warm-up, read back from
+the run's TensorBoard events. Reports the Ray/plain step-time ratio and the 2-worker scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def plain(n: int, dtype: str, args) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(ROOT / "benchmarks" / "plain_ddp.py"), "--preset", args.preset, "--dtype", dtype,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps - args.warmup),
+           "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    if out.returncode:
+        raise SystemExit(f"torchrun failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def ray(n: int, dtype: str, args, storage: Path) -> dict:
+    from ampray.actors.aggregator import read_scalars
+
+    name = f"bench-{n}w-{dtype}-{int(time.time())}"
+    cmd = [sys.executable, "-m", "ampray.orchestrator.cli", "train", "--name", name,
+           "--run.storage_path", str(storage), "--model.kind", "gpt", "--model.options.preset", args.preset,
+           "--precision.dtype", dtype, "--data.batch_size", str(args.batch_size), "--data.num_samples", "512",
+           "--scaling.num_workers", str(n), "--run.steps", str(args.steps), "--run.report_every",
+           str(args.report_every), "--run.checkpoint_every", str(10**6), "--optimizer.lr", "3e-4",
+           "--optimizer.schedule", "constant", "--run.adaptive", "false"]
+    if args.smoke:
+        cmd += ["--scaling.use_gpu", "false"]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"ampray train failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    scalars = read_scalars(str(storage / name / "tensorboard"))
+    points = [(s, v) for s, v in scalars["rank0/perf/interval_step_time_s"] if s > args.warmup]
+    median = statistics.median(v for _, v in points)
+    return {"runner": "ray", "world_size": n, "dtype": dtype, "median_step_s": median,
+            "samples_per_s": args.batch_size * n / median, "wall_s": time.time() - t0,
+            "final_loss": scalars["all/loss/mean"][-1][1]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--warmup", type=int, default=40, help="steps left out of the medians (a multiple of report_every)")
+    p.add_argument("--report-every", type=int, default=20)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if args.smoke:
+        args.preset, args.batch_size, args.steps, args.warmup, args.report_every = "nano", 4, 40, 20, 10
+        args.dtypes = "bf16"
+    rows = []
+    with tempfile.TemporaryDirectory() as storage:
+        for dtype in args.dtypes.split(","):
+            for n in map(int, args.workers.split(",")):
+                rows.append({"plain": plain(n, dtype, args), "ray": ray(n, dtype, args, Path(storage))})
+                r = rows[-1]
+                print(f"{dtype} x{n}: plain {r['plain']['median_step_s'] * 1e3:.2f} ms, "
+                      f"ray {r['ray']['median_step_s'] * 1e3:.2f} ms", flush=True)
+    print("| dtype | workers | plain ms/step | ray ms/step | ray/plain | plain samples/s | ray samples/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        pl, ry = r["plain"], r["ray"]
+        print(f"| {pl['dtype']} | {pl['world_size']} | {pl['median_step_s'] * 1e3:.2f} | "
+              f"{ry['median_step_s'] * 1e3:.2f} | {ry['median_step_s'] / pl['median_step_s']:.3f} | "
+              f"{pl['samples_per_s']:.1f} | {ry['samples_per_s']:.1f} |")
+    for dtype in args.dtypes.split(","):
+        by_n = {r["ray"]["world_size"]: r for r in rows if r["ray"]["dtype"] == dtype}
+        if 1 in by_n and 2 in by_n:
+            for runner in ("plain", "ray"):
+                scale = by_n[2][runner]["samples_per_s"] / by_n[1][runner]["samples_per_s"]
+                print(f"{dtype} {runner}: 2-worker throughput = {scale:.2f}x one worker")
+    if args.out:
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
