@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last = (step, engine.counters.wall_time_s())
     _write_progress(run_dir, rank, step)
     _log_start(run_dir, rank, step)
+    reporter = Reporter(run_dir, rank)
     while step < run["steps"]:
         for _ in range(k):
             x, y = batches.next_batch()
@@ -142,9 +145,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["hparams"] = config.get("hparams", {})
             loss_sum.zero_()
             loss_n = 0
-            _report(metrics, step, rank, run, job, config, model=model, optimizer=optimizer,
+            _report(reporter, metrics, step, rank, run, job, config, model=model, optimizer=optimizer,
                     scheduler=scheduler, engine=engine, batches=batches, final=final)
-            _write_progress(run_dir, rank, step)
+    reporter.close()
 
 
 def _maybe_restore(rank: int, *, model, optimizer, scheduler, engine, batches) -> int:
@@ -163,17 +166,64 @@ def _maybe_restore(rank: int, *, model, optimizer, scheduler, engine, batches) -
     return step
 
 
-def _report(metrics, step, rank, run, job, config, *, model, optimizer, scheduler, engine, batches, final):
-    import ray.train
+class Reporter:
+    """Calls `ray.train.report` from a background thread, in order, so that training never waits for it.
 
+    Ray Train V2 hands each report to the controller through a queue of size one that the controller
+    polls (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and synchronises a checkpoint name across ranks:
+    done inline, a report every few steps can stall a fast GPU loop for most of a poll interval. Every
+    rank submits the same reports in the same order, so the cross-rank barrier inside stays aligned.
+    """
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.run_dir, self.rank = run_dir, rank
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ampray-reporter", daemon=True)
+        self._thread.start()
+
+    def submit(self, metrics: dict[str, Any], folder: tempfile.TemporaryDirectory | None, name: str) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((metrics, folder, name))
+
+    def _run(self) -> None:
+        import ray.train
+
+        while (item := self._queue.get()) is not None:
+            metrics, folder, name = item
+            try:
+                if folder is None:
+                    ray.train.report(metrics)
+                else:
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder.name),
+                                     checkpoint_dir_name=name)
+                # Progress means "handed to Ray": a checkpoint named here is one a restart can use.
+                _write_progress(self.run_dir, self.rank, metrics["step"])
+            except BaseException as err:  # surfaced by the training thread at its next submit or close
+                self._error = err
+                return
+            finally:
+                if folder is not None:
+                    folder.cleanup()
+
+    def close(self) -> None:
+        """Wait until every report has been handed over (the run must not end before)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _report(reporter, metrics, step, rank, run, job, config, *, model, optimizer, scheduler, engine, batches,
+            final):
     if not (step % run["checkpoint_every"] == 0 or final):
-        ray.train.report(metrics)
+        reporter.submit(metrics, None, "")
         return
-    with tempfile.TemporaryDirectory() as folder:
-        if rank == 0:
-            save_checkpoint(folder, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
-                            step=step, data_state=batches.state_dict(), job=job,
-                            job_toml=config.get("job_toml", ""))
-        torch.save(rng_state(), Path(folder) / f"rng_rank{rank}.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+    # The state is written now (it is this step's); only handing it to Ray happens in the background.
+    folder = tempfile.TemporaryDirectory()
+    if rank == 0:
+        save_checkpoint(folder.name, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
+                        step=step, data_state=batches.state_dict(), job=job, job_toml=config.get("job_toml", ""))
+    torch.save(rng_state(), Path(folder.name) / f"rng_rank{rank}.pt")
+    reporter.submit(metrics, folder, f"checkpoint_{step:06d}")

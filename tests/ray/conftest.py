@@ -7,10 +7,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_address():
-    from ampray.orchestrator.train import bind_to_localhost
+    from ampray.orchestrator.train import RAY_ENV, bind_to_localhost
 
     bind_to_localhost()
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
 
     ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
