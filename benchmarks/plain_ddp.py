@@ -74,13 +74,18 @@ def main() -> None:
             times.append((start, end) if cuda else time.perf_counter() - t0)
     if cuda:
         torch.cuda.synchronize()
+        # Mean step = GPU time from the first timed step's start to the last one's end, gaps included:
+        # the same measure as the Ray side's interval step time.
+        mean = times[0][0].elapsed_time(times[-1][1]) / 1e3 / len(times)
         times = [s.elapsed_time(e) / 1e3 for s, e in times]
+    else:
+        mean = statistics.fmean(times)
     median = statistics.median(times)
     if rank == 0:
         print(json.dumps({"runner": "torchrun", "world_size": world, "dtype": args.dtype, "preset": args.preset,
-                          "batch_per_rank": args.batch_size, "median_step_s": median,
-                          "samples_per_s": args.batch_size * world / median,
-                          "tokens_per_s": args.batch_size * world * cfg.block_size / median,
+                          "batch_per_rank": args.batch_size, "median_step_s": median, "mean_step_s": mean,
+                          "samples_per_s": args.batch_size * world / mean,
+                          "tokens_per_s": args.batch_size * world * cfg.block_size / mean,
                           "final_loss": float(loss)}))
     dist.destroy_process_group()
 
