@@ -269,12 +269,13 @@ class MixedPrecisionConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def _known(cls: type, data: dict[str, Any], label: str | None = None) -> dict[str, Any]:
     """Reject keys the dataclass does not have, naming them and the allowed ones."""
+    label = label or cls.__name__
     if not isinstance(data, dict):
-        raise ConfigError(f"{cls.__name__}: expected a table/dict of fields, got {type(data).__name__}")
+        raise ConfigError(f"{label}: expected a table/dict of fields, got {data!r}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; allowed fields are {names}")
+        raise ConfigError(f"{label}: unknown field(s) {unknown}; allowed fields are {names}")
     return dict(data)

@@ -196,7 +196,7 @@ class JobConfig:
             elif section_cls is MixedPrecisionConfig:
                 sections[name] = MixedPrecisionConfig.from_dict(value)
             else:
-                sections[name] = section_cls(**_known_section(name, section_cls, value))
+                sections[name] = section_cls(**_known(section_cls, value, f"[{name}]"))
         return cls(**sections)
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,16 +231,6 @@ class JobConfig:
     def flat(self) -> dict[str, Any]:
         """Dotted keys and plain values: TensorBoard HParams, Parquet columns, Tune spaces."""
         return _flatten(self.to_dict())
-
-
-def _known_section(name: str, cls: type, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table of fields, got {value!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(value) - set(names))
-    if unknown:
-        raise ConfigError(f"[{name}]: unknown field(s) {unknown}; allowed fields are {names}")
-    return value
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
