@@ -1,0 +1,39 @@
+"""`ampray train` on GPUs: one worker per GPU (NCCL when there are two), bf16 and fp16, every rank's CUDA
+allocator stats in TensorBoard. Needs Ray on the GPU host (the .gpukit bundle)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.ray]
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    from ampray.orchestrator.train import init_ray
+
+    init_ray("")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype):
+    from ampray.actors.aggregator import read_scalars
+    from ampray.orchestrator.job import JobConfig
+    from ampray.orchestrator.train import run_training
+
+    job = JobConfig.load(None, {"model.kind": "gpt", "model.options.preset": "micro", "precision.dtype": dtype,
+                                "run.name": f"gpu-{dtype}", "run.storage_path": str(tmp_path), "run.steps": 60,
+                                "run.report_every": 10, "run.checkpoint_every": 30, "data.batch_size": 16})
+    outcome = run_training(job)
+    gpus = torch.cuda.device_count()
+    assert outcome.use_gpu and outcome.num_workers == gpus
+    scalars = read_scalars(str(outcome.logdir))
+    for rank in range(gpus):
+        assert scalars[f"rank{rank}/memory/peak_allocated_bytes"][-1][1] > 0  # the CUDA allocator's figure
+        scale = scalars[f"rank{rank}/scaler/scale"][-1][1]
+        assert scale == 1.0 if dtype == "bf16" else scale > 1.0  # bf16 is not loss-scaled
+    losses = [v for _, v in scalars["all/loss/mean"]]
+    assert losses[-1] < 0.8 * losses[0]
+    assert scalars["all/scaler/scale_disagreements"][-1][1] == 0
