@@ -86,6 +86,49 @@ def final_table(outcome) -> Any:
     return table
 
 
+def _tune(args: argparse.Namespace, extra: list[str]) -> int:
+    from rich.console import Console
+
+    from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+
+    console = Console()
+    try:
+        overrides = parse_overrides(extra)
+        if args.address is not None:
+            overrides["run.address"] = args.address
+        job = JobConfig.load(args.config, overrides)
+        from ampray.orchestrator.search import SearchConfig, run_search
+
+        search = SearchConfig(space=args.space, samples=args.samples, scheduler=args.scheduler,
+                              max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
+                              workers_per_trial=args.workers_per_trial, name=args.resume or args.name,
+                              skip_penalty=args.skip_penalty, seed=args.seed)
+        outcome = run_search(job, search, resume=args.resume is not None)
+    except ConfigError as err:
+        print(f"ampray tune: error: {err}", file=sys.stderr)
+        return 2
+    console.print(search_table(outcome, args.top))
+    folder = outcome["folder"]
+    console.print(f"Results: {folder / 'results.parquet'}")
+    if outcome["best"] is not None:
+        console.print(f"Best configuration: [bold]ampray train --config {folder / 'best.toml'}[/bold]")
+    console.print(f"View it: [bold]tensorboard --logdir {folder / 'trials'}[/bold]")
+    return 0
+
+
+def search_table(outcome: dict[str, Any], top: int) -> Any:
+    from rich.table import Table
+
+    rows = sorted((r for r in outcome["rows"] if r.get("objective") is not None), key=lambda r: r["objective"])
+    table = Table(title=f"ampray tune: {len(outcome['rows'])} trials, top {min(top, len(rows))}")
+    cols = ["trial", "status", "objective", "loss", "skip_rate", "samples_per_s", *outcome["params"]]
+    for col in cols:
+        table.add_column(col.removeprefix("precision."), justify="right")
+    for r in rows[:top]:
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols])
+    return table
+
+
 def _data(args: argparse.Namespace, extra: list[str]) -> int:
     from ampray.data.parquet import synth_main
 
@@ -120,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default=None, help="run name (the same name resumes)")
     train.add_argument("--model", default=None, help="model kind: mlp | cnn | gpt (= --model.kind)")
     train.set_defaults(func=_train)
+    tune = sub.add_parser("tune", help="search loss-scaler and adaptation settings with Ray Tune",
+                          epilog="Job fields can be overridden as for train: --run.steps 100 ...")
+    tune.add_argument("--config", default=None, help="job TOML file (the base of every trial)")
+    tune.add_argument("--space", default="scaler", help="scaler | adaptive | precision | full | space.toml")
+    tune.add_argument("--samples", type=int, default=4)
+    tune.add_argument("--scheduler", default="asha", help="asha | fifo")
+    tune.add_argument("--max-concurrent", type=int, default=0, help="0: as many as fit")
+    tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="per trial worker; 0: CPU workers")
+    tune.add_argument("--workers-per-trial", type=int, default=1)
+    tune.add_argument("--skip-penalty", type=float, default=1.0, help="objective = loss + penalty * skip rate")
+    tune.add_argument("--name", default="ampray-tune", help="search name")
+    tune.add_argument("--resume", default=None, metavar="NAME", help="continue the interrupted search NAME")
+    tune.add_argument("--address", default=None, help="Ray address (default: embedded)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--top", type=int, default=5, help="trials shown in the table")
+    tune.set_defaults(func=_tune)
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the built-in corpus as Parquet")
@@ -145,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "tune"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args, extra)
 

@@ -53,8 +53,9 @@ def bind_to_localhost() -> None:
 RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
-def init_ray(address: str) -> None:
-    """Connect to `address`, or start an embedded cluster on this machine (localhost, no dashboard)."""
+def init_ray(address: str, dashboard: bool = False) -> None:
+    """Connect to `address`, or start an embedded cluster on this machine, bound to localhost. The
+    dashboard (and with it Ray's state API) starts only when asked for, and then on 127.0.0.1 only."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     if not address:
@@ -66,7 +67,8 @@ def init_ray(address: str) -> None:
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(RAY_ENV)})
         return
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
 
 
 def resolve_scaling(job: JobConfig, resources: dict[str, float]) -> tuple[int, bool]:
@@ -95,7 +97,7 @@ def save_resolved(job: JobConfig) -> Path:
     return run_dir
 
 
-def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool):
+def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,7 +119,7 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool):
         run_config=ray.train.RunConfig(
             name=job.run.name,
             storage_path=str(run_dir.parent),
-            callbacks=[TensorBoardAggregator(str(run_dir / "tensorboard"))],
+            callbacks=[TensorBoardAggregator(str(run_dir / "tensorboard")), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
         ),

@@ -14,6 +14,8 @@ def ray_address():
         os.environ.setdefault(key, value)
     import ray
 
-    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The dashboard (127.0.0.1 only) serves the state API that Train-inside-Tune needs (see search.py).
+    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                   configure_logging=False)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()

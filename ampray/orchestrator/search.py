@@ -1,0 +1,277 @@
+"""run_search(job, search): a Ray Tune search over loss-scaler and adaptation settings.
+
+Each trial is a whole Ray Train run of the job (the Train-inside-Tune pattern of Ray Train V2) with its
+own workers; fractional GPUs let several small trials share one GPU. The result Tune sees is aggregated
+over all ranks by `TuneAggregateCallback` on the Train controller (Ray's own bridge forwards rank 0 only).
+
+The objective (minimised) is explicit:
+
+    objective = loss + skip_penalty * skip_rate
+
+where `loss` is the cross-rank mean training loss over the last report interval (at the end of the step
+budget `run.steps` for trials that finish) and `skip_rate` the fraction of optimizer steps skipped for
+overflow or NaN, summed over ranks. The penalty makes the search see scaling: two settings that reach
+the same loss are told apart by how many steps they threw away. Throughput and peak memory are
+recorded beside it.
+
+Outputs, in `<storage_path>/<search name>/`: `results.parquet` (one row per trial: every sampled
+parameter, objective, loss, skip rate, throughput, peak memory, steps, status), `best.toml` (the base
+job with the best parameters; `ampray train --config best.toml` takes it unchanged) and, per trial,
+`trials/<trial>/tensorboard` with its scalars and HParams (`tensorboard --logdir` on the search folder
+shows one run per trial).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ampray.amp.config import _check_choice, _fail
+from ampray.orchestrator.job import ConfigError, JobConfig, _set_dotted
+
+RESULT_COLUMNS = ("objective", "loss", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step")
+
+
+@dataclass
+class SearchConfig:
+    """How to search."""
+
+    space: str = "scaler"
+    """A preset (scaler, adaptive, precision, full) or a path to a space TOML."""
+    samples: int = 4
+    """Trials to run."""
+    scheduler: str = "asha"
+    """asha (stop poor trials early) or fifo (every trial runs its whole budget)."""
+    max_concurrent: int = 0
+    """Trials at once; 0: as many as the cluster's resources fit."""
+    gpus_per_trial: float = 0.0
+    """GPU per trial worker (0.25: four trials share a GPU); 0: CPU workers."""
+    workers_per_trial: int = 1
+    """Ray Train workers per trial."""
+    name: str = "ampray-tune"
+    """Search name (a folder under the job's storage_path); the same name resumes with --resume."""
+    skip_penalty: float = 1.0
+    """Weight of the skipped-step rate in the objective."""
+    seed: int = 0
+    """Seed of the sampler."""
+
+    def __post_init__(self) -> None:
+        _check_choice("search", "scheduler", self.scheduler, ("asha", "fifo"))
+        if self.samples < 1:
+            _fail("search", "samples", self.samples, "an integer >= 1")
+        if self.workers_per_trial < 1:
+            _fail("search", "workers_per_trial", self.workers_per_trial, "an integer >= 1")
+        if self.max_concurrent < 0 or self.gpus_per_trial < 0 or self.skip_penalty < 0:
+            bad = next(n for n in ("max_concurrent", "gpus_per_trial", "skip_penalty") if getattr(self, n) < 0)
+            _fail("search", bad, getattr(self, bad), "a number >= 0")
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
+    """The base job with dotted parameters set (validated as a whole)."""
+    data = _deepcopy(base)
+    for dotted, value in params.items():
+        _set_dotted(data, dotted, value)
+    return JobConfig.from_dict(data)
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[str, Any]:
+    """What Tune sees from one report of all ranks."""
+    from ampray.actors.aggregator import aggregate
+
+    agg = aggregate(metrics)
+    world = len(metrics)
+    steps = max(int(m.get("perf/optimizer_steps", m["step"])) for m in metrics) or 1
+    skipped = agg.get("perf/skipped_steps/total", 0.0)
+    skip_rate = skipped / (steps * world)
+    loss = agg.get("loss/mean", math.nan)
+    return {
+        "step": max(int(m["step"]) for m in metrics),
+        "objective": loss + skip_penalty * skip_rate,
+        "loss": loss,
+        "skip_rate": skip_rate,
+        "overflow_rate": agg.get("perf/overflow_rate/mean", 0.0),
+        "samples_per_s": agg.get("perf/samples_per_s/total", 0.0),
+        "peak_memory_bytes": agg.get("memory/peak_allocated_bytes/max", 0.0),
+        "world_size": world,
+    }
+
+
+def _tune_callback(skip_penalty: float):
+    import ray.train
+    from ray.train._internal.session import get_session
+
+    class TuneAggregateCallback(ray.train.UserCallback):
+        """On the Train controller: every report of all ranks -> one aggregated result for Tune."""
+
+        def __init__(self) -> None:
+            self._queue = get_session()._get_or_create_inter_actor_queue()
+            self._penalty = skip_penalty
+
+        def after_report(self, run_context, metrics, checkpoint=None) -> None:
+            result = trial_metrics(metrics, self._penalty)
+            if checkpoint is not None:
+                result["checkpoint_path"] = checkpoint.path
+            self._queue.put(result)
+
+    return TuneAggregateCallback()
+
+
+def tune_trial(config: dict[str, Any]) -> None:
+    """One trial: the base job with this trial's parameters, trained by Ray Train."""
+    import ray.tune
+
+    from ampray.orchestrator.train import build_trainer
+
+    params = {k: v for k, v in config.items() if not k.startswith("__")}
+    job = apply_params(config["__base__"], params)
+    trial_dir = Path(config["__search_dir__"]) / "trials"
+    job.run.name = ray.tune.get_context().get_trial_name()
+    job.run.storage_path = str(trial_dir)
+    job.run.address = ""
+    trainer = build_trainer(job, config["__workers__"], config["__use_gpu__"],
+                            callbacks=[_tune_callback(config["__skip_penalty__"])])
+    trainer.fit()
+
+
+def search_dir(job: JobConfig, search: SearchConfig) -> Path:
+    return Path(job.run.storage_path).expanduser().resolve() / search.name
+
+
+def results_table(result_grid, params: list[str], budget: int) -> list[dict[str, Any]]:
+    """One plain row per trial, from Tune's results."""
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        row: dict[str, Any] = {"trial": Path(result.path).name if result.path else ""}
+        row.update({p: config.get(p) for p in params})
+        row.update({c: metrics.get(c) for c in RESULT_COLUMNS})
+        step = metrics.get("step") or 0
+        row["status"] = ("error" if result.error is not None else
+                         "completed" if step >= budget else "stopped_early")
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The lowest objective among trials that used their whole step budget (else among all)."""
+    done = [r for r in rows if r["status"] == "completed" and r.get("objective") is not None]
+    pool = done or [r for r in rows if r.get("objective") is not None]
+    return min(pool, key=lambda r: r["objective"]) if pool else None
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = sorted({k for r in rows for k in r})
+    table = pa.table({c: [_cell(r.get(c)) for r in rows] for c in columns})
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _cell(value: Any) -> Any:
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def _plan(job: JobConfig, search: SearchConfig, resources: dict[str, float]) -> tuple[JobConfig, int]:
+    """The job as each trial runs it (scaling from the search) and how many trials fit at once."""
+    use_gpu = search.gpus_per_trial > 0
+    job = apply_params(job.to_dict(), {"scaling.num_workers": search.workers_per_trial,
+                                       "scaling.use_gpu": "true" if use_gpu else "false",
+                                       "scaling.gpus_per_worker": search.gpus_per_trial or 1.0})
+    need_cpu = search.workers_per_trial * job.scaling.cpus_per_worker
+    need_gpu = search.workers_per_trial * search.gpus_per_trial
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if need_cpu > cpus or need_gpu > gpus:
+        from ampray.orchestrator.train import ResourceError
+
+        raise ResourceError(f"one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
+                            f"(search.workers_per_trial={search.workers_per_trial}, gpus_per_trial="
+                            f"{search.gpus_per_trial}); the cluster has {cpus:g} CPUs and {gpus:g} GPUs")
+    fit = int(cpus // need_cpu)
+    if need_gpu:
+        fit = min(fit, int(gpus // need_gpu + 1e-9))
+    return job, max(1, min(search.max_concurrent or fit, fit))
+
+
+def _scheduler(search: SearchConfig, job: JobConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if search.scheduler == "asha":
+        # Rungs at whole report intervals: a trial is judged on reported losses only.
+        return ASHAScheduler(time_attr="step", max_t=job.run.steps, grace_period=job.run.report_every,
+                             reduction_factor=2)
+    return FIFOScheduler()
+
+
+def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> dict[str, Any]:
+    """Validate the space, run (or resume) the search, write results.parquet and best.toml."""
+    import ray
+    import ray.tune
+
+    from ampray.orchestrator.train import init_ray
+    from ampray.tune_spaces import load_space
+
+    base_dict = job.to_dict()
+    space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
+    # Ray Train V2 releases a stopped trial's workers through a cleaner that asks the state API (served
+    # by the dashboard) whether the trial's controller is gone: without it, ASHA's stops leak resources.
+    init_ray(job.run.address, dashboard=True)
+    trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
+    folder = search_dir(job, search)
+    folder.mkdir(parents=True, exist_ok=True)
+    # The trial function only drives its Train run, whose workers reserve their own CPUs/GPUs; Tune
+    # refuses an empty request, so the driver asks for a sliver of a CPU.
+    trainable = ray.tune.with_resources(tune_trial, {"cpu": 0.01})
+    if resume:
+        if not (folder / "tuner.pkl").exists():
+            raise ConfigError(f"--resume {search.name}: no search to resume in {folder}")
+        tuner = ray.tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+    else:
+        param_space = {**space.to_tune(), "__base__": trial_job.to_dict(), "__search_dir__": str(folder),
+                       "__workers__": search.workers_per_trial, "__use_gpu__": search.gpus_per_trial > 0,
+                       "__skip_penalty__": search.skip_penalty}
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray.tune.TuneConfig(metric="objective", mode="min", num_samples=search.samples,
+                                            scheduler=_scheduler(search, job), max_concurrent_trials=concurrent,
+                                            search_alg=_searcher(search), trial_name_creator=_trial_name,
+                                            trial_dirname_creator=_trial_name),
+            run_config=ray.tune.RunConfig(name=search.name, storage_path=str(folder.parent), verbose=0))
+    grid = tuner.fit()
+    rows = results_table(grid, list(space.params), job.run.steps)
+    write_parquet(rows, folder / "results.parquet")
+    best = best_row(rows)
+    if best is not None:
+        best_job = apply_params(trial_job.to_dict(), {p: best[p] for p in space.params})
+        best_job.run.name = f"{search.name}-best"
+        (folder / "best.toml").write_text(best_job.to_toml())
+    return {"folder": folder, "rows": rows, "best": best, "params": list(space.params)}
+
+
+def _trial_name(trial) -> str:
+    """Short and the same for Tune's trial folder and the trial's Train run."""
+    return f"trial_{trial.trial_id}"
+
+
+def _searcher(search: SearchConfig):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search.seed)
+
+
+__all__ = ["ConfigError", "SearchConfig", "apply_params", "best_row", "results_table", "trial_metrics",
+           "tune_trial", "write_parquet"]
