@@ -279,3 +279,14 @@ def _known(cls: type, data: dict[str, Any], label: str | None = None) -> dict[st
     if unknown:
         raise ConfigError(f"{label}: unknown field(s) {unknown}; allowed fields are {names}")
     return dict(data)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """data["a"]["b"]["c"] = value for dotted="a.b.c", creating tables on the way (plain-data configs)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}={value!r} is not allowed: {key!r} is not a table")
+    node[keys[-1]] = value

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ampray.amp.config import ConfigError, MixedPrecisionConfig, _check_choice, _check_type, _fail, _known
+from ampray.amp.config import (ConfigError, MixedPrecisionConfig, _check_choice, _check_type, _fail, _known,
+                               set_dotted)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -237,12 +238,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     if len(keys) < 2 or keys[0] not in _SECTIONS:
         raise ConfigError(f"override --{dotted}: expected <section>.<field> with section in {list(_SECTIONS)}")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override --{dotted}: {key!r} is not a table")
-    node[keys[-1]] = value
+    set_dotted(data, dotted, value)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

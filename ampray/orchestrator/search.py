@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ampray.amp.config import _check_choice, _fail
-from ampray.orchestrator.job import ConfigError, JobConfig, _set_dotted
+from ampray.orchestrator.job import ConfigError, JobConfig
+from ampray.tune_spaces import apply
 
 RESULT_COLUMNS = ("objective", "loss", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step")
 
@@ -70,18 +71,16 @@ class SearchConfig:
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     """The base job with dotted parameters set (validated as a whole)."""
-    data = _deepcopy(base)
-    for dotted, value in params.items():
-        _set_dotted(data, dotted, value)
-    return JobConfig.from_dict(data)
+    for dotted in params:
+        _check_dotted(dotted)
+    return apply(JobConfig.from_dict(base), params)
 
 
-def _deepcopy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deepcopy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deepcopy(v) for v in data]
-    return data
+def _check_dotted(dotted: str) -> None:
+    section = dotted.partition(".")[0]
+    if section not in JobConfig.__dataclass_fields__ or "." not in dotted:
+        raise ConfigError(f"{dotted!r} is not allowed: expected <section>.<field> with section in "
+                          f"{list(JobConfig.__dataclass_fields__)}")
 
 
 def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ampray.amp.config import ConfigError, MixedPrecisionConfig
+from ampray.amp.config import ConfigError, MixedPrecisionConfig, set_dotted
 
 SECTIONS = ("model", "data", "precision", "optimizer", "scaling", "run")
 """JobConfig's sections (the orchestrator owns JobConfig; this layer may not import it)."""
@@ -255,9 +255,9 @@ def validate_precision(overrides: dict[str, Any]) -> None:
     """The default validator: build MixedPrecisionConfig from the precision.* overrides; others pass."""
     nested: dict[str, Any] = {}
     for path, value in overrides.items():
-        parts = path.split(".")
-        if parts[0] == "precision":
-            _set_path(nested, parts[1:], value)
+        section, _, rest = path.partition(".")
+        if section == "precision":
+            set_dotted(nested, rest, value)
     MixedPrecisionConfig.from_dict(nested)
 
 
@@ -268,14 +268,5 @@ def apply(base: Any, sampled: dict[str, Any]) -> Any:
     has_dict = hasattr(base, "to_dict") and hasattr(type(base), "from_dict")
     data = copy.deepcopy(base.to_dict() if has_dict else dict(base or {}))
     for path, value in sampled.items():
-        _set_path(data, path.split("."), copy.deepcopy(value))
+        set_dotted(data, path, copy.deepcopy(value))
     return type(base).from_dict(data) if has_dict else data
-
-
-def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{'.'.join(keys)}={value!r} is not allowed: {key!r} is not a table")
-    node[keys[-1]] = value
