@@ -170,9 +170,6 @@ class LossScaler:
         torch.minimum(self._min_seen, self._scale, out=self._min_seen)
         torch.maximum(self._max_seen, self._scale, out=self._max_seen)
 
-    def set_scale(self, value: float) -> None:
-        self._scale.fill_(float(value))
-
     def disable(self) -> None:
         """Stop scaling from now on (the bf16 fallback); counters keep their history."""
         self.enabled = False

@@ -9,21 +9,24 @@ from pathlib import Path
 from typing import Any
 
 
+def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
+    """The job from --config and dotted overrides; named flags (run.address=...) win when given."""
+    from ampray.orchestrator.job import JobConfig, parse_overrides
+
+    overrides = parse_overrides(extra)
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    return JobConfig.load(args.config, overrides)
+
+
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from rich.console import Console
 
-    from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+    from ampray.orchestrator.job import ConfigError
 
     console = Console()
     try:
-        overrides = parse_overrides(extra)
-        if args.address is not None:
-            overrides["run.address"] = args.address
-        if args.name is not None:
-            overrides["run.name"] = args.name
-        if args.model is not None:
-            overrides["model.kind"] = args.model
-        job = JobConfig.load(args.config, overrides)
+        job = _load_job(args, extra, **{"run.address": args.address, "run.name": args.name,
+                                        "model.kind": args.model})
         from ampray.orchestrator.train import run_training
 
         with _Progress(job, console):
@@ -89,14 +92,11 @@ def final_table(outcome) -> Any:
 def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     from rich.console import Console
 
-    from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+    from ampray.orchestrator.job import ConfigError
 
     console = Console()
     try:
-        overrides = parse_overrides(extra)
-        if args.address is not None:
-            overrides["run.address"] = args.address
-        job = JobConfig.load(args.config, overrides)
+        job = _load_job(args, extra, **{"run.address": args.address})
         from ampray.orchestrator.search import SearchConfig, run_search
 
         search = SearchConfig(space=args.space, samples=args.samples, scheduler=args.scheduler,
