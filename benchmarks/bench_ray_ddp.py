@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,11 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def plain(n: int, dtype: str, args) -> dict:
+def plain(n: int, dtype: str, args, runner: str = "plain") -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            str(ROOT / "benchmarks" / "plain_ddp.py"), "--preset", args.preset, "--dtype", dtype,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps - args.warmup),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--runner", runner, "--accum", str(args.accum),
+           "--allreduce-dtype", args.allreduce_dtype]
+    if args.profile:
+        cmd += ["--profile", args.profile, "--profile-out", str(args.profile_dir / f"{dtype}-{n}w")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     if out.returncode:
         raise SystemExit(f"torchrun failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -42,22 +47,29 @@ def ray(n: int, dtype: str, args, storage: Path) -> dict:
     name = f"bench-{n}w-{dtype}-{int(time.time())}"
     cmd = [sys.executable, "-m", "ampray.orchestrator.cli", "train", "--name", name,
            "--run.storage_path", str(storage), "--model.kind", "gpt", "--model.options.preset", args.preset,
-           "--precision.dtype", dtype, "--data.batch_size", str(args.batch_size), "--data.num_samples", "512",
+           "--precision.dtype", dtype, "--data.batch_size", str(args.batch_size * args.accum),
+           "--precision.gradient_accumulation_steps", str(args.accum), "--scaling.allreduce_dtype", args.allreduce_dtype, "--data.num_samples", "512",
            "--scaling.num_workers", str(n), "--run.steps", str(args.steps), "--run.report_every",
            str(args.report_every), "--run.checkpoint_every", str(10**6), "--optimizer.lr", "3e-4",
            "--optimizer.schedule", "constant", "--run.adaptive", "false"]
     if args.smoke:
         cmd += ["--scaling.use_gpu", "false"]
     t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    env = dict(os.environ, AMPRAY_PROFILE=args.profile) if args.profile else None
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
     if out.returncode:
         raise SystemExit(f"ampray train failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    if args.profile:
+        for f in (storage / name / "profile").glob("rank*.txt"):
+            dest = args.profile_dir / f"{dtype}-{n}w" / f"ray-{f.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dest)
     scalars = read_scalars(str(storage / name / "tensorboard"))
     points = [(s, v) for s, v in scalars["rank0/perf/interval_step_time_s"] if s > args.warmup]
     mean = statistics.fmean(v for _, v in points)  # equal intervals: the mean over the timed window
     return {"runner": "ray", "world_size": n, "dtype": dtype, "mean_step_s": mean,
             "median_interval_s": statistics.median(v for _, v in points), "intervals": points,
-            "samples_per_s": args.batch_size * n / mean, "wall_s": time.time() - t0,
+            "samples_per_s": args.batch_size * args.accum * n / mean, "wall_s": time.time() - t0,
             "final_loss": scalars["all/loss/mean"][-1][1]}
 
 
@@ -66,39 +78,50 @@ def main() -> None:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--dtypes", default="fp16,bf16")
     p.add_argument("--preset", default="small")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch per rank")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--allreduce-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--runners", default="plain,engine,ray", help="engine: the worker's step under torchrun")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--warmup", type=int, default=50, help="steps left out of the means (a multiple of report_every)")
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--profile", default="", help="START:COUNT: profile those steps in every runner")
+    p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.smoke:
         args.preset, args.batch_size, args.steps, args.warmup, args.report_every = "nano", 4, 40, 20, 10
         args.dtypes = "bf16"
+    runners = args.runners.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as storage:
         for dtype in args.dtypes.split(","):
             for n in map(int, args.workers.split(",")):
-                rows.append({"plain": plain(n, dtype, args), "ray": ray(n, dtype, args, Path(storage))})
-                r = rows[-1]
-                print(f"{dtype} x{n}: plain {r['plain']['mean_step_s'] * 1e3:.2f} ms, "
-                      f"ray {r['ray']['mean_step_s'] * 1e3:.2f} ms", flush=True)
-    print("| dtype | workers | plain ms/step | ray ms/step | ray/plain | plain samples/s | ray samples/s |")
-    print("|---|---|---|---|---|---|---|")
+                r = {"plain": plain(n, dtype, args)}
+                if "engine" in runners:
+                    r["engine"] = plain(n, dtype, args, "engine")
+                r["ray"] = ray(n, dtype, args, Path(storage))
+                rows.append(r)
+                print(f"{dtype} x{n}: " + ", ".join(f"{k} {v['mean_step_s'] * 1e3:.2f} ms" for k, v in r.items()),
+                      flush=True)
+    print("| dtype | workers | plain ms/step | engine (torchrun) ms/step | ray ms/step | engine/plain | ray/plain "
+          "| plain samples/s | ray samples/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pl, ry = r["plain"], r["ray"]
-        print(f"| {pl['dtype']} | {pl['world_size']} | {pl['mean_step_s'] * 1e3:.2f} | "
-              f"{ry['mean_step_s'] * 1e3:.2f} | {ry['mean_step_s'] / pl['mean_step_s']:.3f} | "
-              f"{pl['samples_per_s']:.1f} | {ry['samples_per_s']:.1f} |")
+        en = r.get("engine", {"mean_step_s": float("nan")})
+        print(f"| {pl['dtype']} | {pl['world_size']} | {pl['mean_step_s'] * 1e3:.2f} | {en['mean_step_s'] * 1e3:.2f} | "
+              f"{ry['mean_step_s'] * 1e3:.2f} | {en['mean_step_s'] / pl['mean_step_s']:.3f} | "
+              f"{ry['mean_step_s'] / pl['mean_step_s']:.3f} | {pl['samples_per_s']:.1f} | {ry['samples_per_s']:.1f} |")
     for dtype in args.dtypes.split(","):
         by_n = {r["ray"]["world_size"]: r for r in rows if r["ray"]["dtype"] == dtype}
         if 1 in by_n and 2 in by_n:
-            for runner in ("plain", "ray"):
+            for runner in by_n[1]:
                 scale = by_n[2][runner]["samples_per_s"] / by_n[1][runner]["samples_per_s"]
                 print(f"{dtype} {runner}: 2-worker throughput = {scale:.2f}x one worker")
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,23 @@
 with a hand-written autocast + GradScaler loop and no Ray.
 
     torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --preset small --dtype bf16 --batch-size 8 --steps 60
+    torchrun --nproc_per_node 2 benchmarks/plain_ddp.py --runner engine ...   # the worker's step, no Ray
 
-Prints one JSON line (rank 0): median per-step time over the timed steps (CUDA events), throughput.
+`--accum K` accumulates K micro-batches per optimizer step (DDP's all-reduce only on the last);
+`--allreduce-dtype bf16` compresses the all-reduce as `scaling.allreduce_dtype` does.
+`--runner engine` runs what an `ampray train` worker runs in each step (ShardedBatches,
+`MixedPrecisionTrainer.train_step` with the job's default precision settings, the LR scheduler, the loss
+accumulation) under torchrun: the difference between the three runners splits Ray's overhead into the
+engine's part and Ray's part.
+
+Prints one JSON line (rank 0): mean and median per-step time over the timed steps (CUDA events), throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -21,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ampray.amp.bench import StepProfiler  # noqa: E402
 from ampray.data.synthetic import SyntheticConfig, make_dataset  # noqa: E402
 from ampray.models import build_criterion, build_model  # noqa: E402
 
@@ -29,11 +39,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
     p.add_argument("--dtype", default="bf16", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--batch-size", type=int, default=8, help="per rank")
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch per rank")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (no_sync before the last)")
+    p.add_argument("--allreduce-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--num-samples", type=int, default=512)
+    p.add_argument("--runner", default="plain", choices=["plain", "engine"])
+    p.add_argument("--profile", default="", help="START:COUNT: profile those steps into --profile-out")
+    p.add_argument("--profile-out", default="profile")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -43,32 +58,24 @@ def main() -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
     model = build_model("gpt", preset=args.preset).to(device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, fused=cuda)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     cfg = model.config
     x_all, y_all = make_dataset("gpt", SyntheticConfig(num_samples=args.num_samples, vocab_size=cfg.vocab_size,
                                                        seq_len=cfg.block_size))
     x_all, y_all = x_all.to(device), y_all.to(device)
     criterion = build_criterion("gpt")
+    profiler = StepProfiler(args.profile, Path(args.profile_out) / f"{args.runner}-rank{rank}.txt")
+    step_fn = (engine_step if args.runner == "engine" else plain_step)(args, model, x_all, y_all, criterion, device,
+                                                                         rank, world)
     times = []
     for step in range(args.warmup + args.steps):
-        idx = torch.arange(args.batch_size, device=device) + ((step * world + rank) * args.batch_size) % (
-            args.num_samples - args.batch_size)
         start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
         t0 = time.perf_counter()
         if cuda:
             start.record()
-        with ctx:
-            loss = criterion(ddp(x_all[idx]), y_all[idx])
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        loss = step_fn(step)
         if cuda:
             end.record()
+        profiler.step()
         if step >= args.warmup:
             # Events are read after the loop: a sync per step would stall the CPU's run-ahead.
             times.append((start, end) if cuda else time.perf_counter() - t0)
@@ -81,13 +88,74 @@ def main() -> None:
     else:
         mean = statistics.fmean(times)
     median = statistics.median(times)
+    samples = args.batch_size * args.accum * world
     if rank == 0:
-        print(json.dumps({"runner": "torchrun", "world_size": world, "dtype": args.dtype, "preset": args.preset,
-                          "batch_per_rank": args.batch_size, "median_step_s": median, "mean_step_s": mean,
-                          "samples_per_s": args.batch_size * world / mean,
-                          "tokens_per_s": args.batch_size * world * cfg.block_size / mean,
-                          "final_loss": float(loss)}))
+        print(json.dumps({"runner": "torchrun" if args.runner == "plain" else "torchrun-engine", "world_size": world,
+                          "dtype": args.dtype, "preset": args.preset, "micro_batch_per_rank": args.batch_size,
+                          "accum": args.accum, "allreduce_dtype": args.allreduce_dtype,
+                          "median_step_s": median, "mean_step_s": mean, "samples_per_s": samples / mean,
+                          "tokens_per_s": samples * cfg.block_size / mean, "final_loss": float(loss)}))
     dist.destroy_process_group()
+
+
+def _ddp(model, device, args):
+    from ampray.actors.worker import compress_allreduce
+
+    cuda = device.type == "cuda"
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    compress_allreduce(ddp, args.allreduce_dtype)
+    return ddp
+
+
+def plain_step(args, model, x_all, y_all, criterion, device, rank, world):
+    """nanoGPT's step: autocast, GradScaler for fp16, no_sync on the micro-steps before the last."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ddp = _ddp(model, device, args)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, fused=device.type == "cuda")
+    b, n = args.batch_size, args.num_samples
+
+    def step(i: int):
+        for micro in range(args.accum):
+            start = (((i * args.accum + micro) * world + rank) * b) % (n - b)
+            idx = torch.arange(b, device=device) + start
+            sync = micro == args.accum - 1
+            with ctx, (contextlib.nullcontext() if sync else ddp.no_sync()):
+                loss = criterion(ddp(x_all[idx]), y_all[idx]) / args.accum
+                scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach() * args.accum
+
+    return step
+
+
+def engine_step(args, model, x_all, y_all, criterion, device, rank, world):
+    """The step of `ampray.actors.worker.train_loop_per_worker`, without Ray."""
+    from ampray import MixedPrecisionConfig, MixedPrecisionTrainer
+    from ampray.actors.worker import build_scheduler
+    from ampray.data.parquet import ShardedBatches
+    from ampray.orchestrator.job import OptimizerSection
+
+    engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=args.dtype, gradient_accumulation_steps=args.accum),
+                                   device)
+    ddp = _ddp(engine.prepare_model(model), device, args)
+    opt_cfg = dataclasses.asdict(OptimizerSection(lr=args.lr, schedule="constant"))
+    optimizer = engine.build_optimizer(ddp, opt_cfg["name"], lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    scheduler = build_scheduler(optimizer, opt_cfg, args.warmup + args.steps)
+    batches = ShardedBatches(x_all, y_all, args.batch_size, rank, world, 0)
+    loss_sum = torch.zeros((), device=device)
+
+    def step(i: int):
+        for _ in range(args.accum):
+            x, y = batches.next_batch()
+            out = engine.train_step(ddp, optimizer, criterion, x, y, scheduler)
+            loss_sum.add_(torch.nan_to_num(out["loss"].float(), nan=0.0))
+        return out["loss"]
+
+    return step
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from ampray.actors.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
 from ampray.amp.adaptive import AdaptiveMixedPrecisionTrainer
+from ampray.amp.bench import StepProfiler
 from ampray.amp.config import MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer
 from ampray.data.synthetic import SyntheticConfig, make_dataset
@@ -61,6 +62,17 @@ def build_scheduler(optimizer, opt: dict[str, Any], total_steps: int):
 def build_engine(job: dict[str, Any], device: torch.device) -> MixedPrecisionTrainer:
     cls = AdaptiveMixedPrecisionTrainer if job["run"]["adaptive"] else MixedPrecisionTrainer
     return cls(MixedPrecisionConfig.from_dict(job["precision"]), device)
+
+
+def compress_allreduce(model: torch.nn.Module, dtype: str) -> None:
+    """Register DDP's bf16/fp16 compression hook: gradients travel in half precision, are averaged,
+    and come back in fp32. Nothing to do for fp32 or a model that is not DDP-wrapped (one worker)."""
+    if dtype == "fp32" or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hook = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}[dtype]
+    model.register_comm_hook(None, hook)
 
 
 def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: int, loss: float,
@@ -107,6 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(job, device)
     model = engine.prepare_model(build_model(kind, **job["model"]["options"]))
     model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
+    compress_allreduce(model, job["scaling"]["allreduce_dtype"])
     opt_cfg = job["optimizer"]
     optimizer = engine.build_optimizer(model, opt_cfg["name"], lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
     scheduler = build_scheduler(optimizer, opt_cfg, run["steps"])
@@ -126,6 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _write_progress(run_dir, rank, step)
     _log_start(run_dir, rank, step)
     reporter = Reporter(run_dir, rank)
+    # AMPRAY_PROFILE=START:COUNT profiles those steps of this session into run_dir/profile/rank<r>.txt.
+    profiler = StepProfiler(os.environ.get("AMPRAY_PROFILE", ""), run_dir / "profile" / f"rank{rank}.txt")
     while step < run["steps"]:
         for _ in range(k):
             x, y = batches.next_batch()
@@ -133,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += torch.nan_to_num(out["loss"].float(), nan=0.0)
             loss_n += 1
         step += 1
+        profiler.step()
         final = step == run["steps"]
         if step % run["report_every"] == 0 or step % run["checkpoint_every"] == 0 or final:
             metrics = report_metrics(engine, step, rank, world, loss_sum.item() / max(loss_n, 1), tokens)

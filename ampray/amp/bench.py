@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -191,3 +193,62 @@ def format_bench_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "memory_savings_percent": None if saving is None else round(saving, 1),
                      "best": p == result["best"]})
     return rows
+
+
+class StepProfiler:
+    """Profiles a window of training steps with `torch.profiler` and writes the operator table to a file.
+
+    `spec` is "START:COUNT" (steps counted from 0 by `step()` calls), e.g. from the environment variable
+    AMPRAY_PROFILE, which `ampray train` workers read; empty means off. The file holds the wall time of
+    the window, the summed device time of its kernels (busy share = how much of the window the GPU
+    worked), and the operators sorted by device time and by host time.
+    """
+
+    def __init__(self, spec: str, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._prof = None
+        self._n = 0
+        self.start = self.count = 0
+        if spec:
+            try:
+                start, count = (int(v) for v in spec.split(":"))
+            except ValueError:
+                raise ValueError(f"StepProfiler: spec={spec!r} is not allowed; expected 'START:COUNT', "
+                                 "two integers") from None
+            if start < 0 or count < 1:
+                raise ValueError(f"StepProfiler: spec={spec!r} is not allowed; expected START >= 0, COUNT >= 1")
+            self.start, self.count = start, count
+
+    def step(self) -> None:
+        """Call once after each training step."""
+        if not self.count:
+            return
+        self._n += 1
+        if self._n == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._t0 = time.perf_counter()
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+        elif self._prof is not None and self._n == self.start + self.count:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self._t0
+            self._prof.__exit__(None, None, None)
+            events = self._prof.key_averages()
+            from torch.autograd import DeviceType
+
+            # Kernel rows only: an operator's row repeats the time of the kernels it launched.
+            device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+            lines = [f"steps {self.start}..{self.start + self.count - 1}: wall {wall * 1e3 / self.count:.2f} ms/step, "
+                     f"kernels {device_us / 1e3 / self.count:.2f} ms/step "
+                     f"(busy {device_us / 1e6 / wall:.1%} of the window, overlapping streams counted twice)"]
+            if torch.cuda.is_available():
+                lines.append(events.table(sort_by="self_device_time_total", row_limit=25))
+            lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("\n".join(lines))
+            self._prof = None

@@ -116,12 +116,18 @@ class ScalingSection:
     """CPUs reserved per worker."""
     gpus_per_worker: float = 1.0
     """GPUs per worker when use_gpu (fractions share a GPU)."""
+    allreduce_dtype: str = "fp32"
+    """Type of the gradients in DDP's all-reduce: fp32 (exact), or bf16/fp16 (DDP compression hook: half the
+    bytes on the wire, gradients rounded to 8/11 significant bits before averaging; bf16 needs NCCL, i.e.
+    GPUs). Gradient accumulation (precision.gradient_accumulation_steps) also cuts traffic: micro-steps
+    skip the all-reduce."""
 
     def __post_init__(self) -> None:
         if isinstance(self.use_gpu, bool):
             self.use_gpu = "true" if self.use_gpu else "false"
         _validate(self)
         _check_choice("scaling", "use_gpu", self.use_gpu, ("auto", "true", "false"))
+        _check_choice("scaling", "allreduce_dtype", self.allreduce_dtype, ("fp32", "bf16", "fp16"))
         if self.num_workers < 1 and self.num_workers != -1:
             _fail("scaling", "num_workers", self.num_workers, "an integer >= 1 (or -1: automatic)")
         if not self.cpus_per_worker > 0 or not self.gpus_per_worker > 0:

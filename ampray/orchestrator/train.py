@@ -82,6 +82,9 @@ def resolve_scaling(job: JobConfig, resources: dict[str, float]) -> tuple[int, b
     if use_gpu and n * s.gpus_per_worker > gpus:
         raise ResourceError(f"scaling.num_workers={n} x gpus_per_worker={s.gpus_per_worker} needs "
                             f"{n * s.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
+    if s.allreduce_dtype == "bf16" and not use_gpu and n > 1:
+        raise ResourceError("scaling.allreduce_dtype=bf16 is not possible on CPU workers (gloo has no bf16 "
+                            "all-reduce hook); use fp32 or fp16")
     if n * s.cpus_per_worker > cpus:
         raise ResourceError(f"scaling.num_workers={n} x cpus_per_worker={s.cpus_per_worker} needs "
                             f"{n * s.cpus_per_worker:g} CPUs; the cluster has {cpus:g}")

@@ -34,6 +34,7 @@ def test_cli_beats_file_beats_defaults(tmp_path):
     ({"run.steps": 0}, "run.steps=0"),
     ({"data.path": "/no/such/dir"}, "data.path='/no/such/dir'"),
     ({"data.batch_size": 10, "precision.gradient_accumulation_steps": 4}, "data.batch_size=10"),
+    ({"scaling.allreduce_dtype": "int8"}, "scaling.allreduce_dtype='int8'"),
     ({"runn.steps": 3}, "section in"),
     ({"run.stepz": 3}, "unknown field(s) ['stepz']"),
 ])
@@ -51,5 +52,32 @@ def test_resource_checks_fail_fast():
         resolve_scaling(JobConfig.load(None, {"scaling.use_gpu": True}), {"CPU": 4.0})
     with pytest.raises(ResourceError, match="needs 16 GPUs; the cluster has 2"):
         resolve_scaling(JobConfig.load(None, {"scaling.num_workers": 16}), {"CPU": 64.0, "GPU": 2.0})
+    with pytest.raises(ResourceError, match="allreduce_dtype=bf16 is not possible on CPU"):
+        resolve_scaling(JobConfig.load(None, {"scaling.allreduce_dtype": "bf16"}), {"CPU": 4.0})
     assert resolve_scaling(JobConfig(), {"CPU": 4.0}) == (2, False)
     assert resolve_scaling(JobConfig(), {"CPU": 32.0, "GPU": 2.0}) == (2, True)
+
+
+def test_compressed_allreduce_rounds_gradients_to_fp16(tmp_path):
+    """scaling.allreduce_dtype=fp16: DDP's gradients come back as the fp16-rounded average (one-rank gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    from ampray.actors.worker import compress_allreduce
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(8, 16)
+        grads = {}
+        for dtype in ("fp32", "fp16"):
+            torch.manual_seed(1)
+            model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 4))
+            compress_allreduce(model, dtype)
+            (model(x) * 1e-3).sum().backward()
+            grads[dtype] = model.module.weight.grad.clone()
+        assert not torch.equal(grads["fp32"], grads["fp16"])
+        assert torch.equal(grads["fp16"], grads["fp32"].half().float())
+        compress_allreduce(torch.nn.Linear(2, 2), "fp16")  # not DDP-wrapped (one worker): nothing to do
+    finally:
+        dist.destroy_process_group()
