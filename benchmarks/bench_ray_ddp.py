@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--allreduce-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--runners", default="plain,engine,ray", help="engine: the worker's step under torchrun")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every configuration, interleaved")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--warmup", type=int, default=50, help="steps left out of the means (a multiple of report_every)")
     p.add_argument("--report-every", type=int, default=50)
@@ -94,35 +95,45 @@ def main() -> None:
         args.preset, args.batch_size, args.steps, args.warmup, args.report_every = "nano", 4, 40, 20, 10
         args.dtypes = "bf16"
     runners = args.runners.split(",")
-    rows = []
+    rows = []  # one per (repeat, dtype, workers): {"plain": ..., "engine": ..., "ray": ...}
     with tempfile.TemporaryDirectory() as storage:
-        for dtype in args.dtypes.split(","):
-            for n in map(int, args.workers.split(",")):
-                r = {"plain": plain(n, dtype, args)}
-                if "engine" in runners:
-                    r["engine"] = plain(n, dtype, args, "engine")
-                r["ray"] = ray(n, dtype, args, Path(storage))
-                rows.append(r)
-                print(f"{dtype} x{n}: " + ", ".join(f"{k} {v['mean_step_s'] * 1e3:.2f} ms" for k, v in r.items()),
-                      flush=True)
-    print("| dtype | workers | plain ms/step | engine (torchrun) ms/step | ray ms/step | engine/plain | ray/plain "
-          "| plain samples/s | ray samples/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        pl, ry = r["plain"], r["ray"]
-        en = r.get("engine", {"mean_step_s": float("nan")})
-        print(f"| {pl['dtype']} | {pl['world_size']} | {pl['mean_step_s'] * 1e3:.2f} | {en['mean_step_s'] * 1e3:.2f} | "
-              f"{ry['mean_step_s'] * 1e3:.2f} | {en['mean_step_s'] / pl['mean_step_s']:.3f} | "
-              f"{ry['mean_step_s'] / pl['mean_step_s']:.3f} | {pl['samples_per_s']:.1f} | {ry['samples_per_s']:.1f} |")
-    for dtype in args.dtypes.split(","):
-        by_n = {r["ray"]["world_size"]: r for r in rows if r["ray"]["dtype"] == dtype}
-        if 1 in by_n and 2 in by_n:
-            for runner in by_n[1]:
-                scale = by_n[2][runner]["samples_per_s"] / by_n[1][runner]["samples_per_s"]
-                print(f"{dtype} {runner}: 2-worker throughput = {scale:.2f}x one worker")
-    if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2, default=str))
+        for rep in range(args.repeats):
+            for dtype in args.dtypes.split(","):
+                for n in map(int, args.workers.split(",")):
+                    # Alternate which runner goes first: a host that drifts favours neither side.
+                    order = runners if rep % 2 == 0 else runners[::-1]
+                    r = {}
+                    for runner in order:
+                        r[runner] = ray(n, dtype, args, Path(storage)) if runner == "ray" else plain(n, dtype, args, runner)
+                    rows.append({k: r[k] for k in runners} | {"repeat": rep})
+                    print(f"[{rep}] {dtype} x{n}: " + ", ".join(f"{k} {r[k]['mean_step_s'] * 1e3:.2f} ms"
+                                                                 for k in runners), flush=True)
+                    if args.out:  # after every row: a run cut short keeps what it measured
+                        args.out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+    summarise(rows, runners, args)
 
+
+def summarise(rows: list[dict], runners: list[str], args) -> None:
+    """Median over repeats of each runner's mean step time, with the range, and the ratios to plain."""
+    def med(dtype, n, runner):
+        vals = [r[runner]["mean_step_s"] for r in rows if r["plain"]["dtype"] == dtype and r["plain"]["world_size"] == n]
+        return statistics.median(vals), min(vals), max(vals)
+
+    print(f"| dtype | workers | {' | '.join(f'{k} ms/step (min..max)' for k in runners)} | "
+          f"{' | '.join(f'{k}/plain' for k in runners if k != 'plain')} |")
+    print("|---|---|" + "---|" * (2 * len(runners) - 1))
+    samples = {}
+    for dtype in args.dtypes.split(","):
+        for n in map(int, args.workers.split(",")):
+            stats = {k: med(dtype, n, k) for k in runners}
+            samples[dtype, n] = {k: args.batch_size * args.accum * n / v[0] for k, v in stats.items()}
+            cells = [f"{m * 1e3:.2f} ({lo * 1e3:.2f}..{hi * 1e3:.2f})" for m, lo, hi in stats.values()]
+            ratios = [f"{stats[k][0] / stats['plain'][0]:.3f}" for k in runners if k != "plain"]
+            print(f"| {dtype} | {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    for dtype in args.dtypes.split(","):
+        if (dtype, 1) in samples and (dtype, 2) in samples:
+            for k in runners:
+                print(f"{dtype} {k}: 2-worker throughput = {samples[dtype, 2][k] / samples[dtype, 1][k]:.2f}x one worker")
 
 if __name__ == "__main__":
     main()
