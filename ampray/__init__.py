@@ -19,6 +19,18 @@ from ampray.amp.records import BenchResult, MemoryStats, ScalerState, StepStats
 from ampray.amp.scaler import LossScaler
 from ampray.amp.trainer import MixedPrecisionTrainer, NonFiniteLossError, ScaleCollapseError
 
+_INTERFACE = ("benchmark_mixed_precision_interface", "train_model_with_mixed_precision_interface")
+
+
+def __getattr__(name: str):
+    """The interactive face's functions live in the orchestrator layer: imported on first use, so that
+    `import ampray` stays the engine alone (no orchestrator, no Ray)."""
+    if name in _INTERFACE:
+        from ampray.orchestrator import interface
+
+        return getattr(interface, name)
+    raise AttributeError(f"module 'ampray' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,11 +47,13 @@ __all__ = [
     "ScalerState",
     "StepStats",
     "benchmark_mixed_precision",
+    "benchmark_mixed_precision_interface",
     "create_mixed_precision_config",
     "detect_hardware",
     "get_mixed_precision_recommendations",
     "mixed_precision_context",
     "optimize_mixed_precision_settings",
     "should_use_mixed_precision",
+    "train_model_with_mixed_precision_interface",
     "train_with_mixed_precision",
 ]

@@ -131,8 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     k = engine.config.gradient_accumulation_steps
     batches = ShardedBatches(inputs, targets, job["data"]["batch_size"] // k, rank, world, job["data"]["seed"])
     torch.manual_seed(run["seed"] * 1000 + rank + 1)  # dropout differs across ranks
-    step = _maybe_restore(rank, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
-                          batches=batches)
+    step = _maybe_restore(rank, job, config.get("init_checkpoint", ""), model=model, optimizer=optimizer,
+                          scheduler=scheduler, engine=engine, batches=batches)
     tokens = inputs.shape[1] if kind == "gpt" else 0
     loss_sum, loss_n = torch.zeros((), device=device), 0
     last = (step, engine.counters.wall_time_s())
@@ -141,6 +141,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter = Reporter(run_dir, rank)
     # AMPRAY_PROFILE=START:COUNT profiles those steps of this session into run_dir/profile/rank<r>.txt.
     profiler = StepProfiler(os.environ.get("AMPRAY_PROFILE", ""), run_dir / "profile" / f"rank{rank}.txt")
+    if step >= run["steps"]:
+        # Restored from the final checkpoint (a rerun whose caller never saw the end, such as a resumed
+        # search): nothing to train, but the final records are reported again for the caller to see.
+        metrics = report_metrics(engine, step, rank, world, engine.records()[0].loss, tokens)
+        metrics.update({"perf/interval_step_time_s": 0.0, "final": True})
+        if rank == 0:
+            metrics["hparams"] = config.get("hparams", {})
+        reporter.submit(metrics, None, "")
     while step < run["steps"]:
         for _ in range(k):
             x, y = batches.next_batch()
@@ -166,20 +174,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter.close()
 
 
-def _maybe_restore(rank: int, *, model, optimizer, scheduler, engine, batches) -> int:
+def _maybe_restore(rank: int, job: dict[str, Any], init_checkpoint: str, *, model, optimizer, scheduler, engine,
+                   batches) -> int:
+    """Continue from this run's latest checkpoint, else from `init_checkpoint` (a folder: PBT's clone of
+    another trial), else start at step 0. Returns the step to continue from."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as folder:
-        state = load_checkpoint(folder)
-        step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
-        batches.load_state_dict(state["data"])
-        own = Path(folder) / f"rng_rank{rank}.pt"
-        if own.is_file():
-            set_rng_state(torch.load(own, weights_only=True))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            return _restore_from(Path(folder), rank, job, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 engine=engine, batches=batches)
+    if init_checkpoint:
+        return _restore_from(Path(init_checkpoint), rank, job, model=model, optimizer=optimizer,
+                             scheduler=scheduler, engine=engine, batches=batches)
+    return 0
+
+
+def _restore_from(folder: Path, rank: int, job: dict[str, Any], *, model, optimizer, scheduler, engine,
+                  batches) -> int:
+    state = load_checkpoint(folder)
+    step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
+    batches.load_state_dict(state["data"])
+    own = folder / f"rng_rank{rank}.pt"
+    if own.is_file():
+        set_rng_state(torch.load(own, weights_only=True))
+    # Settings the job changed since the checkpoint was written (a PBT mutation, an edited job file)
+    # take effect through the engine's setters; unchanged ones keep what the run adapted them to.
+    engine.retune(live_setting_changes(state["job"]["precision"], job["precision"]),
+                  reason="the job's settings differ from the checkpoint's")
     return step
+
+
+def live_setting_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The live-changeable precision settings that differ between two precision sections."""
+    from ampray.amp.scaler import SETTINGS
+
+    changes: dict[str, Any] = {k: after[k] for k in SETTINGS if after.get(k) != before.get(k)}
+    adaptation = {k: v for k, v in after.get("adaptation", {}).items()
+                  if before.get("adaptation", {}).get(k) != v}
+    if adaptation:
+        changes["adaptation"] = adaptation
+    return changes
 
 
 class Reporter:

@@ -22,7 +22,7 @@ import torch
 from ampray.amp.config import ConfigError, MixedPrecisionConfig
 from ampray.amp.records import ScalerState
 
-_SETTINGS = ("growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale")
+SETTINGS = ("growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale")
 
 
 class LossScaler:
@@ -57,13 +57,13 @@ class LossScaler:
 
     # -- settings: validated, and applied from the next update on ---------------------------------
     def settings(self) -> dict[str, float | int]:
-        return {name: getattr(self, name) for name in _SETTINGS}
+        return {name: getattr(self, name) for name in SETTINGS}
 
     def set(self, **changes: Any) -> dict[str, tuple[Any, Any]]:
         """Change scaler settings mid-run; returns {name: (before, after)}. The growth tracker is kept."""
-        unknown = sorted(set(changes) - set(_SETTINGS))
+        unknown = sorted(set(changes) - set(SETTINGS))
         if unknown:
-            raise ConfigError(f"LossScaler.set: unknown setting(s) {unknown}; allowed are {list(_SETTINGS)}")
+            raise ConfigError(f"LossScaler.set: unknown setting(s) {unknown}; allowed are {list(SETTINGS)}")
         merged = {**self.settings(), **changes}
         # Validate the combination through the config's own rules, so there is one source of truth.
         MixedPrecisionConfig(
@@ -191,7 +191,7 @@ class LossScaler:
         return {"enabled": self.enabled, "dynamic": self.dynamic, **self.read().to_dict(), **self.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.set(**{k: state[k] for k in _SETTINGS if k in state})
+        self.set(**{k: state[k] for k in SETTINGS if k in state})
         self._reset_tensors(float(state["scale"]))
         self._growth_tracker.fill_(int(state["growth_tracker"]))
         self._hysteresis_left.fill_(int(state["hysteresis_left"]))

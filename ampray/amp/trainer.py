@@ -10,6 +10,8 @@ scaler counters stay on the device until a summary or `state_dict()` reads them.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
 from typing import Any, Callable
@@ -36,7 +38,8 @@ class MixedPrecisionTrainer(StepMixin):
     """Mixed-precision training engine: `prepare_model`, then `train_step` per batch."""
 
     def __init__(self, config: MixedPrecisionConfig | None = None, device: torch.device | str | None = None):
-        self.config = config if config is not None else MixedPrecisionConfig()
+        # A copy: adaptation and retune change the engine's settings, never the caller's config object.
+        self.config = copy.deepcopy(config) if config is not None else MixedPrecisionConfig()
         self.device = torch.device(device) if device is not None else default_device()
         self.amp_dtype = self.config.dtype if self.config.autocast_enabled else torch.float32
         if not autocast_supported(self.device.type, self.amp_dtype):
@@ -171,6 +174,35 @@ class MixedPrecisionTrainer(StepMixin):
         diff = self.scaler.set(**changes)
         for name, (_, after) in diff.items():
             setattr(self.config, name, after)
+        return diff
+
+    def retune(self, changes: dict[str, Any], reason: str = "manual") -> dict[str, tuple[Any, Any]]:
+        """Apply new values of the settings a live run can change, and record it as an event.
+
+        `changes` holds scaler settings (growth_factor, backoff_factor, growth_interval, hysteresis,
+        min_scale, max_scale; applied through the scaler's setter, so the current scale and growth
+        tracker are kept) and/or {"adaptation": {threshold: value}}. Anything else (dtype, init_scale,
+        ...) cannot change in a live run and is a ConfigError. Returns {name: (before, after)} of what
+        changed. Used by PBT (a trial restarted from another trial's checkpoint with mutated settings) and
+        by a resumed run whose job file was edited.
+        """
+        from ampray.amp.config import AdaptationConfig, ConfigError
+        from ampray.amp.scaler import SETTINGS
+
+        other = sorted(set(changes) - set(SETTINGS) - {"adaptation"})
+        if other:
+            raise ConfigError(f"retune: {other} cannot change in a live run; allowed are {list(SETTINGS)} "
+                              "and adaptation.<threshold>")
+        diff = dict(self.update_scaler_settings(**{k: v for k, v in changes.items() if k in SETTINGS}))
+        if changes.get("adaptation"):
+            old = self.config.adaptation
+            new = AdaptationConfig(**{**dataclasses.asdict(old), **changes["adaptation"]})  # validated
+            diff.update({f"adaptation.{k}": (getattr(old, k), getattr(new, k))
+                         for k in changes["adaptation"] if getattr(old, k) != getattr(new, k)})
+            self.config.adaptation = new
+        if diff:
+            self.events.append({"kind": "retune", "optimizer_step": self.counters.optimizer_steps,
+                                "reason": reason, "changes": {k: [b, a] for k, (b, a) in diff.items()}})
         return diff
 
     # -- summaries and state ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The `ampray` command line: train, data synth, demo."""
+"""The `ampray` command line: train, tune, bench, recommend, ui, data synth, demo."""
 
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
         search = SearchConfig(space=args.space, samples=args.samples, scheduler=args.scheduler,
                               max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                               workers_per_trial=args.workers_per_trial, name=args.resume or args.name,
-                              skip_penalty=args.skip_penalty, seed=args.seed)
+                              skip_penalty=args.skip_penalty, seed=args.seed,
+                              perturbation_interval=args.perturbation_interval, pbt_synch=args.pbt_synch)
         outcome = run_search(job, search, resume=args.resume is not None)
     except ConfigError as err:
         print(f"ampray tune: error: {err}", file=sys.stderr)
@@ -152,6 +153,86 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from rich.console import Console
+
+    from ampray.amp.config import ConfigError
+    from ampray.orchestrator.interface import benchmark_mixed_precision_interface
+
+    try:
+        precisions = args.precisions.split(",") if args.precisions else None
+        result = benchmark_mixed_precision_interface(args.model, args.batch_size, num_iterations=args.iterations,
+                                                     warmup=args.warmup, size=args.size, device=args.device,
+                                                     precisions=precisions)
+    except (ConfigError, ValueError) as err:
+        print(f"ampray bench: error: {err}", file=sys.stderr)
+        return 2
+    Console().print(bench_table(result))
+    if args.out:
+        write_bench_parquet(result["rows"], Path(args.out), result["device"])
+        print(f"Wrote {args.out}")
+    return 0
+
+
+def bench_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"ampray bench: {result['model']} ({result['size']}), batch {result['batch_size']}, "
+                        f"{result['device']}")
+    for col in ("precision", "median ms", "samples/s", "speedup %", "peak MiB", "memory saving %"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(r["precision"] + (" *" if r["best"] else ""), f"{r['median_ms']:.3f}", f"{r['samples_per_s']:.1f}",
+                      f"{r['speedup_percent']:+.1f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}",
+                      "-" if r["memory_savings_percent"] is None else f"{r['memory_savings_percent']:+.1f}")
+    return table
+
+
+def write_bench_parquet(rows: list[dict[str, Any]], path: Path, device: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{**r, "device": device} for r in rows]
+    table = pa.Table.from_pylist(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _recommend(args: argparse.Namespace, extra: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ampray.orchestrator.interface import recommendation_view
+
+    view = recommendation_view(device=args.device)
+    console = Console()
+    table = Table(title="Detected hardware")
+    table.add_column("property")
+    table.add_column("value")
+    for row in view["hardware"]:
+        table.add_row(row["property"], row["value"])
+    console.print(table)
+    console.print(f"[bold]{view['headline']}[/bold]")
+    for reason in view["reasons"]:
+        console.print(f"- {reason}")
+    return 0
+
+
+def _ui(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        from ampray.orchestrator.webui import launch
+    except ImportError as err:
+        print(f"ampray ui: error: {err}; install the web UI with: pip install 'ampray[ui]'", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ampray ui: warning: serving on {args.host}: anyone who can reach it can start training runs",
+              file=sys.stderr)
+    launch(host=args.host, port=args.port, storage_path=args.storage_path, address=args.address or "")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ampray", description="Mixed-precision training on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--config", default=None, help="job TOML file (the base of every trial)")
     tune.add_argument("--space", default="scaler", help="scaler | adaptive | precision | full | space.toml")
     tune.add_argument("--samples", type=int, default=4)
-    tune.add_argument("--scheduler", default="asha", help="asha | fifo")
+    tune.add_argument("--scheduler", default="asha", help="asha | pbt | fifo")
+    tune.add_argument("--perturbation-interval", type=int, default=0,
+                      help="pbt: steps between exploit/explore (0: a quarter of run.steps)")
+    tune.add_argument("--pbt-synch", action="store_true", help="pbt: decide when every trial reached the interval")
     tune.add_argument("--max-concurrent", type=int, default=0, help="0: as many as fit")
     tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="per trial worker; 0: CPU workers")
     tune.add_argument("--workers-per-trial", type=int, default=1)
@@ -188,6 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shards", type=int, default=4)
     synth.set_defaults(func=_data)
+    bench = sub.add_parser("bench", help="fp32 against each mixed precision on one model (no Ray)")
+    bench.add_argument("--model", default="mlp", help="mlp | cnn | gpt")
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--iterations", type=int, default=20, help="timed steps per precision (median)")
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--size", default="auto", help="small | large | auto (large on a GPU)")
+    bench.add_argument("--precisions", default="", help="comma list (default: all this device runs)")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--out", default=None, help="write the table as Parquet")
+    bench.set_defaults(func=_bench)
+
+    recommend = sub.add_parser("recommend", help="detected hardware and what precision to use")
+    recommend.add_argument("--device", default=None)
+    recommend.set_defaults(func=_recommend)
+
+    ui = sub.add_parser("ui", help="the web UI (needs ampray[ui])")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--storage-path", default="runs", help="where training runs started from the UI go")
+    ui.add_argument("--address", default=None, help="Ray address (default: embedded)")
+    ui.set_defaults(func=_ui)
+
     demo = sub.add_parser("demo", help="a single-process run of the engine, no Ray")
     demo.add_argument("--model", default="mlp", help="mlp | cnn | gpt")
     demo.add_argument("--steps", type=int, default=300)

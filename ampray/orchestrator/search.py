@@ -42,9 +42,17 @@ class SearchConfig:
     space: str = "scaler"
     """A preset (scaler, adaptive, precision, full) or a path to a space TOML."""
     samples: int = 4
-    """Trials to run."""
+    """Trials to run (PBT: the population size)."""
     scheduler: str = "asha"
-    """asha (stop poor trials early) or fifo (every trial runs its whole budget)."""
+    """asha (stop poor trials early), pbt (population based training: every perturbation_interval
+    steps, trials in the bottom quarter continue from a top trial's checkpoint with mutated scaler
+    settings) or fifo (every trial runs its whole budget)."""
+    perturbation_interval: int = 0
+    """PBT: optimizer steps between exploit/explore decisions; 0: a quarter of run.steps, at least
+    one report interval. Every report of a PBT trial carries a checkpoint."""
+    pbt_synch: bool = False
+    """PBT: decide only when every trial has reached the interval (reproducible; slow trials hold up
+    fast ones) instead of as each trial arrives."""
     max_concurrent: int = 0
     """Trials at once; 0: as many as the cluster's resources fit."""
     gpus_per_trial: float = 0.0
@@ -59,7 +67,9 @@ class SearchConfig:
     """Seed of the sampler."""
 
     def __post_init__(self) -> None:
-        _check_choice("search", "scheduler", self.scheduler, ("asha", "fifo"))
+        _check_choice("search", "scheduler", self.scheduler, ("asha", "pbt", "fifo"))
+        if self.perturbation_interval < 0:
+            _fail("search", "perturbation_interval", self.perturbation_interval, "an integer >= 0")
         if self.samples < 1:
             _fail("search", "samples", self.samples, "an integer >= 1")
         if self.workers_per_trial < 1:
@@ -105,16 +115,15 @@ def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[st
     }
 
 
-def _tune_callback(skip_penalty: float):
+def _tune_callback(skip_penalty: float, results):
     import ray.train
-    from ray.train._internal.session import get_session
 
     class TuneAggregateCallback(ray.train.UserCallback):
-        """On the Train controller: every report of all ranks -> one aggregated result for Tune."""
+        """On the Train controller: every report of all ranks -> one aggregated result, put on the
+        trial's queue (the trial function hands it to Tune)."""
 
         def __init__(self) -> None:
-            self._queue = get_session()._get_or_create_inter_actor_queue()
-            self._penalty = skip_penalty
+            self._queue, self._penalty = results, skip_penalty
 
         def after_report(self, run_context, metrics, checkpoint=None) -> None:
             result = trial_metrics(metrics, self._penalty)
@@ -126,20 +135,65 @@ def _tune_callback(skip_penalty: float):
 
 
 def tune_trial(config: dict[str, Any]) -> None:
-    """One trial: the base job with this trial's parameters, trained by Ray Train."""
+    """One trial: the base job with this trial's parameters, trained by Ray Train.
+
+    The Train run goes on in a thread; its aggregated results come back through a queue and are reported
+    to Tune from here. Under PBT each result with a checkpoint carries it as the trial's Tune checkpoint,
+    and a trial that Tune starts from a checkpoint (PBT's exploit: another trial's state, with mutated
+    settings; or a resumed search) runs a new Train run, `<trial>-g<n>`, initialised from it: the
+    worker loads the state and applies the changed settings through the engine's setters.
+    """
+    import threading
+
     import ray.tune
+    from ray.util.queue import Empty, Queue
 
     from ampray.orchestrator.train import build_trainer
 
     params = {k: v for k, v in config.items() if not k.startswith("__")}
     job = apply_params(config["__base__"], params)
     trial_dir = Path(config["__search_dir__"]) / "trials"
-    job.run.name = ray.tune.get_context().get_trial_name()
+    trial = ray.tune.get_context().get_trial_name()
     job.run.storage_path = str(trial_dir)
     job.run.address = ""
+    start = ray.tune.get_checkpoint()
+    job.run.name = trial if start is None else _next_generation(trial_dir, trial)
+    results = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(job, config["__workers__"], config["__use_gpu__"],
-                            callbacks=[_tune_callback(config["__skip_penalty__"])])
-    trainer.fit()
+                            callbacks=[_tune_callback(config["__skip_penalty__"], results)],
+                            init_checkpoint=start.path if start is not None else "")
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the trial function, so Tune records the error
+            failure.append(err)
+
+    thread = threading.Thread(target=fit, name="ampray-train-run", daemon=True)
+    thread.start()
+    while True:
+        try:
+            result = results.get(timeout=0.5)
+        except Empty:
+            if thread.is_alive() or not results.empty():
+                continue
+            break
+        path = result.pop("checkpoint_path", None)
+        checkpoint = ray.tune.Checkpoint.from_directory(path) if path and config.get("__pbt__") else None
+        ray.tune.report(result, checkpoint=checkpoint)
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _next_generation(trial_dir: Path, trial: str) -> str:
+    """A fresh Train run name for a trial restarted from a Tune checkpoint (its own runs keep their
+    checkpoints, which Train would otherwise resume from instead)."""
+    n = 1
+    while (trial_dir / f"{trial}-g{n}").exists():
+        n += 1
+    return f"{trial}-g{n}"
 
 
 def search_dir(job: JobConfig, search: SearchConfig) -> Path:
@@ -205,14 +259,40 @@ def _plan(job: JobConfig, search: SearchConfig, resources: dict[str, float]) -> 
     return job, max(1, min(search.max_concurrent or fit, fit))
 
 
-def _scheduler(search: SearchConfig, job: JobConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(search: SearchConfig, job: JobConfig, space=None):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if search.scheduler == "asha":
         # Rungs at whole report intervals: a trial is judged on reported losses only.
         return ASHAScheduler(time_attr="step", max_t=job.run.steps, grace_period=job.run.report_every,
                              reduction_factor=2)
+    if search.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=pbt_interval(search, job),
+                                       hyperparam_mutations=live_mutations(space),
+                                       custom_explore_fn=space.clip, quantile_fraction=0.25,
+                                       synch=search.pbt_synch)
     return FIFOScheduler()
+
+
+def pbt_interval(search: SearchConfig, job: JobConfig) -> int:
+    every = job.run.report_every
+    interval = search.perturbation_interval or max(every, job.run.steps // 4)
+    return max(every, interval // every * every)  # decisions fall on reports, which carry checkpoints
+
+
+def live_mutations(space) -> dict[str, Any]:
+    """PBT's hyperparam_mutations: the space's parameters that a live run can change (scaler settings,
+    adaptation thresholds). Others (dtype, init_scale) are drawn once and travel with the cloned state."""
+    from ampray.amp.scaler import SETTINGS
+
+    live = {f"precision.{k}" for k in SETTINGS}
+    mutations = {p: m for p, m in space.mutations().items()
+                 if p in live or p.startswith("precision.adaptation.")}
+    if not mutations:
+        raise ConfigError(f"search.scheduler=pbt needs parameters a live run can change (precision.{{"
+                          f"{', '.join(SETTINGS)}}} or precision.adaptation.*); the space {space.source!r} "
+                          f"has only {sorted(space.params)}")
+    return mutations
 
 
 def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> dict[str, Any]:
@@ -223,33 +303,45 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     from ampray.orchestrator.train import init_ray
     from ampray.tune_spaces import load_space
 
+    folder = search_dir(job, search)
+    if resume:
+        # The search goes on as it began (job, space, scheduler), whatever else this command line says.
+        job, search, space = load_plan(folder, search.name, job.run.address)
     base_dict = job.to_dict()
-    space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
+    if not resume:
+        space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
     # Ray Train V2 releases a stopped trial's workers through a cleaner that asks the state API (served
     # by the dashboard) whether the trial's controller is gone: without it, ASHA's stops leak resources.
     init_ray(job.run.address, dashboard=True)
+    if search.scheduler == "pbt":
+        live_mutations(space)  # fails fast when nothing in the space can mutate
+        # PBT clones state at reports: every report carries a checkpoint.
+        base_dict = apply_params(base_dict, {"run.checkpoint_every": job.run.report_every,
+                                             "run.num_to_keep": max(2, job.run.num_to_keep)}).to_dict()
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
-    folder = search_dir(job, search)
     folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_plan(folder, job, search, space)
     # The trial function only drives its Train run, whose workers reserve their own CPUs/GPUs; Tune
     # refuses an empty request, so the driver asks for a sliver of a CPU.
     trainable = ray.tune.with_resources(tune_trial, {"cpu": 0.01})
     if resume:
-        if not (folder / "tuner.pkl").exists():
-            raise ConfigError(f"--resume {search.name}: no search to resume in {folder}")
         tuner = ray.tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
     else:
         param_space = {**space.to_tune(), "__base__": trial_job.to_dict(), "__search_dir__": str(folder),
                        "__workers__": search.workers_per_trial, "__use_gpu__": search.gpus_per_trial > 0,
-                       "__skip_penalty__": search.skip_penalty}
+                       "__skip_penalty__": search.skip_penalty, "__pbt__": search.scheduler == "pbt"}
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(metric="objective", mode="min", num_samples=search.samples,
-                                            scheduler=_scheduler(search, job), max_concurrent_trials=concurrent,
-                                            search_alg=_searcher(search), trial_name_creator=_trial_name,
+                                            scheduler=_scheduler(search, job, space),
+                                            search_alg=_searcher(search, concurrent), trial_name_creator=_trial_name,
                                             trial_dirname_creator=_trial_name),
-            run_config=ray.tune.RunConfig(name=search.name, storage_path=str(folder.parent), verbose=0))
+            # Stopping at the budget keeps a trial's last report out of the scheduler: PBT would otherwise
+            # "exploit" a finished trial and restart it only to report its end again.
+            run_config=ray.tune.RunConfig(name=search.name, storage_path=str(folder.parent), verbose=0,
+                                          stop={"step": job.run.steps}))
     grid = tuner.fit()
     rows = results_table(grid, list(space.params), job.run.steps)
     write_parquet(rows, folder / "results.parquet")
@@ -261,15 +353,46 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     return {"folder": folder, "rows": rows, "best": best, "params": list(space.params)}
 
 
+PLAN_FILE = "search.json"
+
+
+def save_plan(folder: Path, job: JobConfig, search: SearchConfig, space) -> None:
+    """What `--resume` needs to go on exactly as the search began."""
+    import dataclasses
+    import json
+
+    plan = {"job": job.to_dict(), "search": dataclasses.asdict(search), "space": space.to_dict(),
+            "space_source": space.source}
+    tmp = folder / (PLAN_FILE + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=2))
+    tmp.replace(folder / PLAN_FILE)
+
+
+def load_plan(folder: Path, name: str, address: str):
+    import json
+
+    from ampray.tune_spaces import Space
+
+    path = folder / PLAN_FILE
+    if not path.is_file() or not (folder / "tuner.pkl").is_file():
+        raise ConfigError(f"--resume {name}: no search to resume in {folder}")
+    plan = json.loads(path.read_text())
+    job = JobConfig.from_dict(plan["job"])
+    job.run.address = address
+    space = Space(params=plan["space"]["params"], fixed=plan["space"]["fixed"], source=plan["space_source"])
+    return job, SearchConfig(**plan["search"]), space
+
+
 def _trial_name(trial) -> str:
     """Short and the same for Tune's trial folder and the trial's Train run."""
     return f"trial_{trial.trial_id}"
 
 
-def _searcher(search: SearchConfig):
+def _searcher(search: SearchConfig, concurrent: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=search.seed)
+    # The limit goes to the generator itself: Tune ignores max_concurrent_trials for a generator.
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent)
 
 
 __all__ = ["ConfigError", "SearchConfig", "apply_params", "best_row", "results_table", "trial_metrics",

@@ -100,7 +100,10 @@ def save_resolved(job: JobConfig) -> Path:
     return run_dir
 
 
-def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: list | None = None):
+def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: list | None = None,
+                  init_checkpoint: str = ""):
+    """The TorchTrainer of a job; `init_checkpoint` (a checkpoint folder) starts a new run from that state
+    when the run has no checkpoint of its own (Train V2 passes such state through the loop config)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -112,7 +115,8 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
     if use_gpu:
         resources["GPU"] = job.scaling.gpus_per_worker
     loop_config = {"job": job.to_dict(), "run_dir": str(run_dir), "job_toml": job.to_toml(),
-                   "hparams": {k: v for k, v in job.flat().items() if isinstance(v, (int, float, str, bool))}}
+                   "hparams": {k: v for k, v in job.flat().items() if isinstance(v, (int, float, str, bool))},
+                   "init_checkpoint": init_checkpoint}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
