@@ -131,8 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     k = engine.config.gradient_accumulation_steps
     batches = ShardedBatches(inputs, targets, job["data"]["batch_size"] // k, rank, world, job["data"]["seed"])
     torch.manual_seed(run["seed"] * 1000 + rank + 1)  # dropout differs across ranks
-    step = _maybe_restore(rank, job, config.get("init_checkpoint", ""), model=model, optimizer=optimizer,
-                          scheduler=scheduler, engine=engine, batches=batches)
+    step, saved = _maybe_restore(rank, job, config.get("init_checkpoint"), model=model, optimizer=optimizer,
+                                 scheduler=scheduler, engine=engine, batches=batches)
     tokens = inputs.shape[1] if kind == "gpt" else 0
     loss_sum, loss_n = torch.zeros((), device=device), 0
     last = (step, engine.counters.wall_time_s())
@@ -144,8 +144,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if step >= run["steps"]:
         # Restored from the final checkpoint (a rerun whose caller never saw the end, such as a resumed
         # search): nothing to train, but the final records are reported again for the caller to see.
-        metrics = report_metrics(engine, step, rank, world, engine.records()[0].loss, tokens)
-        metrics.update({"perf/interval_step_time_s": 0.0, "final": True})
+        # Each rank's own final report was saved with the checkpoint: the caller sees the same figures.
+        metrics = saved or report_metrics(engine, step, rank, world, engine.records()[0].loss, tokens)
+        metrics.update({"final": True})
         if rank == 0:
             metrics["hparams"] = config.get("hparams", {})
         reporter.submit(metrics, None, "")
@@ -174,21 +175,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reporter.close()
 
 
-def _maybe_restore(rank: int, job: dict[str, Any], init_checkpoint: str, *, model, optimizer, scheduler, engine,
-                   batches) -> int:
-    """Continue from this run's latest checkpoint, else from `init_checkpoint` (a folder: PBT's clone of
-    another trial), else start at step 0. Returns the step to continue from."""
+def _maybe_restore(rank: int, job: dict[str, Any], init_checkpoint, *, model, optimizer, scheduler, engine,
+                   batches) -> tuple[int, dict[str, Any] | None]:
+    """Continue from this run's latest checkpoint, else from `init_checkpoint` (a ray Checkpoint: PBT's
+    clone of another trial), else start at step 0. Returns the step to continue from and this rank's
+    report saved with the checkpoint (None when there is none)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            return _restore_from(Path(folder), rank, job, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 engine=engine, batches=batches)
-    if init_checkpoint:
-        return _restore_from(Path(init_checkpoint), rank, job, model=model, optimizer=optimizer,
-                             scheduler=scheduler, engine=engine, batches=batches)
-    return 0
+    if checkpoint is None:
+        checkpoint = init_checkpoint
+    if checkpoint is None:
+        return 0, None
+    with checkpoint.as_directory() as folder:
+        step = _restore_from(Path(folder), rank, job, model=model, optimizer=optimizer, scheduler=scheduler,
+                             engine=engine, batches=batches)
+        own = Path(folder) / f"report_rank{rank}.json"
+        return step, json.loads(own.read_text()) if own.is_file() else None
 
 
 def _restore_from(folder: Path, rank: int, job: dict[str, Any], *, model, optimizer, scheduler, engine,
@@ -278,4 +281,7 @@ def _report(reporter, metrics, step, rank, run, job, config, *, model, optimizer
         save_checkpoint(folder.name, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
                         step=step, data_state=batches.state_dict(), job=job, job_toml=config.get("job_toml", ""))
     torch.save(rng_state(), Path(folder.name) / f"rng_rank{rank}.pt")
+    # This rank's report, kept with the state: a rerun that finds the run complete reports it again.
+    (Path(folder.name) / f"report_rank{rank}.json").write_text(
+        json.dumps({k: v for k, v in metrics.items() if k != "hparams"}))
     reporter.submit(metrics, folder, f"checkpoint_{step:06d}")

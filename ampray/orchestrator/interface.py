@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,7 +77,7 @@ def training_job(model_type: str, num_epochs: int, batch_size: int, learning_rat
     steps = epochs * per_epoch
     if dtype == "auto":
         dtype = "fp16"  # loss-scaled, so the scale plot has something to show; bf16 needs no scaling
-    name = name or f"ui-{model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = name or f"ui-{model_type}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     overrides = {
         "model.kind": model_type, "model.options": dict(MODEL_SIZES["small"][model_type]),
         "data.num_samples": num_samples, "data.batch_size": batch,
@@ -94,7 +95,9 @@ def stream_training(model_type: str = "mlp", num_epochs: int = 1, batch_size: in
                     storage_path: str = "runs", address: str = "", num_workers: int = -1,
                     num_samples: int = 2048, poll_s: float = 1.0, name: str | None = None) -> Iterator[dict[str, Any]]:
     """Start a training run and yield its progress every `poll_s` seconds; the last item has done=True
-    and the summary. Bad arguments raise ConfigError before Ray starts any worker."""
+    and the summary. Bad arguments raise ConfigError before Ray starts any worker. A caller that stops
+    iterating early leaves the run going to its end (its TensorBoard events and checkpoints are written
+    as usual)."""
     import ray
 
     from ampray.orchestrator.train import init_ray, resolve_scaling, run_training
@@ -103,7 +106,7 @@ def stream_training(model_type: str = "mlp", num_epochs: int = 1, batch_size: in
     init_ray(address)
     resources = ray.cluster_resources()
     probe = training_job(model_type, 1, 1, 1e-3, True, False, num_workers=max(num_workers, 1), num_samples=num_samples)
-    probe.scaling.num_workers = num_workers
+    probe.scaling.num_workers, probe.scaling.use_gpu = num_workers, "auto"  # one worker per GPU, if any
     workers, use_gpu = resolve_scaling(probe, resources)
     job = training_job(model_type, num_epochs, batch_size, learning_rate, use_mixed_precision, adaptive,
                        num_workers=workers, num_samples=num_samples, storage_path=storage_path, name=name,

@@ -191,6 +191,10 @@ class JobConfig:
         if self.data.batch_size % k:
             _fail("data", "batch_size", self.data.batch_size,
                   f"a multiple of precision.gradient_accumulation_steps={k}")
+        if self.scaling.allreduce_dtype == "fp16" and not self.precision.scaling_enabled:
+            # Unscaled gradients are small: in fp16 many would round to zero on the way.
+            _fail("scaling", "allreduce_dtype", "fp16", "bf16 or fp32 unless the gradients are loss-scaled "
+                  "(precision.dtype=fp16 with grad scaling on)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":

@@ -115,23 +115,30 @@ def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[st
     }
 
 
-def _tune_callback(skip_penalty: float, results):
+def _tune_callback(skip_penalty: float, results, acks=None):
     import ray.train
 
     class TuneAggregateCallback(ray.train.UserCallback):
         """On the Train controller: every report of all ranks -> one aggregated result, put on the
-        trial's queue (the trial function hands it to Tune)."""
+        trial's queue (the trial function hands it to Tune). With `acks` (PBT), it waits until Tune has
+        taken the result and copied its checkpoint: Train's own checkpoint rotation must not delete a
+        checkpoint before Tune has its copy."""
 
         def __init__(self) -> None:
-            self._queue, self._penalty = results, skip_penalty
+            self._queue, self._acks, self._penalty = results, acks, skip_penalty
 
         def after_report(self, run_context, metrics, checkpoint=None) -> None:
             result = trial_metrics(metrics, self._penalty)
             if checkpoint is not None:
                 result["checkpoint_path"] = checkpoint.path
             self._queue.put(result)
+            if self._acks is not None and checkpoint is not None:
+                self._acks.get(timeout=_ACK_TIMEOUT_S)
 
     return TuneAggregateCallback()
+
+
+_ACK_TIMEOUT_S = 600.0
 
 
 def tune_trial(config: dict[str, Any]) -> None:
@@ -141,7 +148,8 @@ def tune_trial(config: dict[str, Any]) -> None:
     to Tune from here. Under PBT each result with a checkpoint carries it as the trial's Tune checkpoint,
     and a trial that Tune starts from a checkpoint (PBT's exploit: another trial's state, with mutated
     settings; or a resumed search) runs a new Train run, `<trial>-g<n>`, initialised from it: the
-    worker loads the state and applies the changed settings through the engine's setters.
+    worker loads the state and applies the changed settings through the engine's setters. When Tune
+    stops or pauses the trial, its actor exits and the Train run it owns goes with it.
     """
     import threading
 
@@ -158,10 +166,12 @@ def tune_trial(config: dict[str, Any]) -> None:
     job.run.address = ""
     start = ray.tune.get_checkpoint()
     job.run.name = trial if start is None else _next_generation(trial_dir, trial)
+    pbt = bool(config.get("__pbt__"))
     results = Queue(actor_options={"num_cpus": 0})
+    acks = Queue(maxsize=1, actor_options={"num_cpus": 0}) if pbt else None
     trainer = build_trainer(job, config["__workers__"], config["__use_gpu__"],
-                            callbacks=[_tune_callback(config["__skip_penalty__"], results)],
-                            init_checkpoint=start.path if start is not None else "")
+                            callbacks=[_tune_callback(config["__skip_penalty__"], results, acks)],
+                            init_checkpoint=start)
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -172,17 +182,24 @@ def tune_trial(config: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=fit, name="ampray-train-run", daemon=True)
     thread.start()
-    while True:
-        try:
-            result = results.get(timeout=0.5)
-        except Empty:
-            if thread.is_alive() or not results.empty():
-                continue
-            break
-        path = result.pop("checkpoint_path", None)
-        checkpoint = ray.tune.Checkpoint.from_directory(path) if path and config.get("__pbt__") else None
-        ray.tune.report(result, checkpoint=checkpoint)
-    thread.join()
+    try:
+        while True:
+            try:
+                result = results.get(timeout=0.5)
+            except Empty:
+                if thread.is_alive() or not results.empty():
+                    continue
+                break
+            path = result.pop("checkpoint_path", None)
+            checkpoint = ray.tune.Checkpoint.from_directory(path) if path and pbt else None
+            ray.tune.report(result, checkpoint=checkpoint)  # persists (copies) the checkpoint first
+            if path and acks is not None:
+                acks.put(True)
+        thread.join()
+    finally:
+        for q in (results, acks):
+            if q is not None:
+                q.shutdown(force=True)
     if failure:
         raise failure[0]
 
@@ -319,6 +336,11 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
         base_dict = apply_params(base_dict, {"run.checkpoint_every": job.run.report_every,
                                              "run.num_to_keep": max(2, job.run.num_to_keep)}).to_dict()
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
+    if search.scheduler == "pbt" and search.samples > concurrent:
+        # PBT exploits among trials that run side by side; later waves could only clone each other.
+        raise ConfigError(f"search.samples={search.samples} is not allowed with scheduler=pbt here: the whole "
+                          f"population runs at once and only {concurrent} trial(s) fit the cluster "
+                          f"(max_concurrent / resources); expected samples <= {concurrent}")
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_plan(folder, job, search, space)
@@ -341,7 +363,9 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
             # Stopping at the budget keeps a trial's last report out of the scheduler: PBT would otherwise
             # "exploit" a finished trial and restart it only to report its end again.
             run_config=ray.tune.RunConfig(name=search.name, storage_path=str(folder.parent), verbose=0,
-                                          stop={"step": job.run.steps}))
+                                          stop={"step": job.run.steps},
+                                          # PBT's copies of Train checkpoints (Tune warns that keeping 2 or fewer can break exploits).
+                                          checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=4)))
     grid = tuner.fit()
     rows = results_table(grid, list(space.params), job.run.steps)
     write_parquet(rows, folder / "results.parquet")

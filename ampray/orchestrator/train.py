@@ -101,8 +101,8 @@ def save_resolved(job: JobConfig) -> Path:
 
 
 def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: list | None = None,
-                  init_checkpoint: str = ""):
-    """The TorchTrainer of a job; `init_checkpoint` (a checkpoint folder) starts a new run from that state
+                  init_checkpoint=None):
+    """The TorchTrainer of a job; `init_checkpoint` (a ray Checkpoint) starts a new run from that state
     when the run has no checkpoint of its own (Train V2 passes such state through the loop config)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer

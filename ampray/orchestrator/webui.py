@@ -8,6 +8,7 @@ page; the app keeps running. The server binds to 127.0.0.1 unless told otherwise
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator
 
@@ -47,7 +48,7 @@ def _error(err: Exception) -> str:
 def train_handler(model_type, num_epochs, batch_size, learning_rate, use_mixed_precision, adaptive, *,
                   storage_path: str, address: str, poll_s: float = 1.0) -> Iterator[tuple]:
     """Yields (status, loss plot, scale plot, summary table, TensorBoard line) as the run goes."""
-    empty_loss, empty_scale = _series([], "loss"), _series([], "scale")
+    empty_loss, empty_scale = _series([], "loss"), _series([], "log2_scale")
     try:
         stream = stream_training(model_type, _int("num_epochs", num_epochs), _int("batch_size", batch_size),
                                  learning_rate, bool(use_mixed_precision), bool(adaptive),
@@ -59,10 +60,15 @@ def train_handler(model_type, num_epochs, batch_size, learning_rate, use_mixed_p
                       f"{snap['elapsed_s']:.0f} s" + (f", final loss {snap['final_loss']:.4f}" if done and
                                                        snap.get("final_loss") is not None else ""))
             summary = _frame(snap.get("summary", []), SUMMARY_COLUMNS)
-            yield (status, _series(snap["loss"], "loss"), _series(snap["scale"], "scale"), summary,
+            # Scales are powers of two: log2 keeps the axis labels short and a backoff one step down.
+            log2_scale = [[s, math.log2(v)] for s, v in snap["scale"] if v > 0]
+            yield (status, _series(snap["loss"], "loss"), _series(log2_scale, "log2_scale"), summary,
                    f"View it: `{snap['tensorboard']}`")
     except (ConfigError, ValueError) as err:
         yield _error(err), empty_loss, empty_scale, _frame([], SUMMARY_COLUMNS), ""
+    except Exception as err:  # a run that failed: say so in the page and keep serving
+        yield (_error(f"the training run failed: {type(err).__name__}: {err}"), empty_loss, empty_scale,
+               _frame([], SUMMARY_COLUMNS), "")
 
 
 def bench_handler(model_type, batch_size, num_iterations) -> tuple:
@@ -104,8 +110,9 @@ def build_app(storage_path: str = "runs", address: str = "", poll_s: float = 1.0
             with gr.Row():
                 loss_plot = gr.LinePlot(_series([], "loss"), x="step", y="loss", title="Loss (mean over ranks)",
                                         height=320, elem_id="loss-plot")
-                scale_plot = gr.LinePlot(_series([], "scale"), x="step", y="scale", title="Loss scale (mean over ranks)",
-                                         height=320, y_axis_format="~s", elem_id="scale-plot")
+                scale_plot = gr.LinePlot(_series([], "log2_scale"), x="step", y="log2_scale",
+                                         title="Loss scale, log2 (mean over ranks)", height=320, y_axis_format="d",
+                                         elem_id="scale-plot")
             summary = gr.Dataframe(_frame([], SUMMARY_COLUMNS), label="Per-rank summary", elem_id="train-summary")
             tb = gr.Markdown("", elem_id="train-tensorboard")
 

@@ -113,7 +113,7 @@ def test_train_tab_streams_a_real_run_into_the_plots(page, ui_url):
         time.sleep(0.2)
     assert seen[-1].startswith("Finished"), seen[-3:]
     assert any(t.startswith("Training") for t in seen), seen  # progress came while the run went on
-    match = re.search(r"`?(ui-mlp-[\d-]+)`? ?: step (\d+) / (\d+), (\d) CPU worker\(s\), fp16", seen[-1])
+    match = re.search(r"`?(ui-mlp-[\w-]+)`? ?: step (\d+) / (\d+), (\d) (CPU|GPU) worker\(s\), fp16", seen[-1])
     assert match, seen[-1]
     name, step, total = match.group(1), int(match.group(2)), int(match.group(3))
     assert step == total == 2 * (2048 // (64 * int(match.group(4))))

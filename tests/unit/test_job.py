@@ -35,6 +35,7 @@ def test_cli_beats_file_beats_defaults(tmp_path):
     ({"data.path": "/no/such/dir"}, "data.path='/no/such/dir'"),
     ({"data.batch_size": 10, "precision.gradient_accumulation_steps": 4}, "data.batch_size=10"),
     ({"scaling.allreduce_dtype": "int8"}, "scaling.allreduce_dtype='int8'"),
+    ({"scaling.allreduce_dtype": "fp16", "precision.dtype": "bf16"}, "scaling.allreduce_dtype='fp16'"),
     ({"runn.steps": 3}, "section in"),
     ({"run.stepz": 3}, "unknown field(s) ['stepz']"),
 ])
