@@ -28,13 +28,19 @@ def starts(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _wait_until_no_train_run_is_alive(timeout_s: float = 60) -> None:
-    """The killed driver's trial actors, and the Train controllers they own, go down with its job."""
-    from ray.util.state import list_actors
+def _wait_until_the_job_is_gone(driver_pid: int, timeout_s: float = 60) -> None:
+    """The killed driver's actors (trial actors and the Train runs they own) go down with its job."""
+    from ray.util.state import list_actors, list_jobs
 
+    def pid_of(job) -> str:
+        info = job.driver_info
+        return str(info.get("pid") if isinstance(info, dict) else getattr(info, "pid", ""))
+
+    job_ids = [j.job_id for j in list_jobs() if j.job_id and pid_of(j) == str(driver_pid)]
+    assert job_ids, f"no Ray job for the driver pid {driver_pid}"
     deadline = time.time() + timeout_s
-    while list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]):
-        assert time.time() < deadline, "Train runs of the killed search are still alive"
+    while list_actors(filters=[("job_id", "=", job_ids[0]), ("state", "=", "ALIVE")]):
+        assert time.time() < deadline, "actors of the killed search are still alive"
         time.sleep(0.5)
 
 
@@ -111,7 +117,7 @@ def test_killed_search_resumes_and_finishes_every_trial_once(ray_address, tmp_pa
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert not (tmp_path / name / "results.parquet").exists()
-    _wait_until_no_train_run_is_alive()
+    _wait_until_the_job_is_gone(driver.pid)
     latest = {r.name: registered_step(r) for r in trials.glob("trial_*")}
 
     assert main(["tune", "--resume", name, "--address", ray_address, "--run.storage_path", str(tmp_path)]) == 0
