@@ -169,7 +169,10 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     Console().print(bench_table(result))
     if args.out:
-        write_bench_parquet(result["rows"], Path(args.out), result["device"])
+        from ampray.orchestrator.search import write_parquet
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_parquet([{**r, "device": result["device"]} for r in result["rows"]], Path(args.out))
         print(f"Wrote {args.out}")
     return 0
 
@@ -186,18 +189,6 @@ def bench_table(result: dict[str, Any]) -> Any:
                       f"{r['speedup_percent']:+.1f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}",
                       "-" if r["memory_savings_percent"] is None else f"{r['memory_savings_percent']:+.1f}")
     return table
-
-
-def write_bench_parquet(rows: list[dict[str, Any]], path: Path, device: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = [{**r, "device": device} for r in rows]
-    table = pa.Table.from_pylist(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 def _recommend(args: argparse.Namespace, extra: list[str]) -> int:

@@ -105,9 +105,10 @@ def stream_training(model_type: str = "mlp", num_epochs: int = 1, batch_size: in
     _check_model(model_type)
     init_ray(address)
     resources = ray.cluster_resources()
-    probe = training_job(model_type, 1, 1, 1e-3, True, False, num_workers=max(num_workers, 1), num_samples=num_samples)
-    probe.scaling.num_workers, probe.scaling.use_gpu = num_workers, "auto"  # one worker per GPU, if any
-    workers, use_gpu = resolve_scaling(probe, resources)
+    from ampray.orchestrator.job import JobConfig
+
+    # Epochs become steps through the number of workers: resolve it first (-1: one per GPU, if any).
+    workers, use_gpu = resolve_scaling(JobConfig.load(None, {"scaling.num_workers": num_workers}), resources)
     job = training_job(model_type, num_epochs, batch_size, learning_rate, use_mixed_precision, adaptive,
                        num_workers=workers, num_samples=num_samples, storage_path=storage_path, name=name,
                        address=address, use_gpu=use_gpu)

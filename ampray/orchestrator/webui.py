@@ -89,6 +89,13 @@ def recommend_handler() -> tuple:
     return text, _frame(view["hardware"], ["property", "value"])
 
 
+def _model_and_batch(gr, tab: str):
+    """The model-type and batch-size inputs both tabs start with (typed-in model names get a clear error)."""
+    model = gr.Dropdown(list(MODEL_TYPES), value="mlp", label="Model type", allow_custom_value=True,
+                        elem_id=f"{tab}-model")
+    return model, gr.Number(value=64, label="Batch size", elem_id=f"{tab}-batch")
+
+
 def build_app(storage_path: str = "runs", address: str = "", poll_s: float = 1.0):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -97,10 +104,8 @@ def build_app(storage_path: str = "runs", address: str = "", poll_s: float = 1.0
         gr.Markdown("# ampray: mixed-precision training on Ray")
         with gr.Tab("Train", id="train"):
             with gr.Row():
-                model = gr.Dropdown(list(MODEL_TYPES), value="mlp", label="Model type", allow_custom_value=True,
-                                    elem_id="train-model")
+                model, batch = _model_and_batch(gr, "train")
                 epochs = gr.Number(value=2, label="Epochs", elem_id="train-epochs")
-                batch = gr.Number(value=64, label="Batch size", elem_id="train-batch")
                 lr = gr.Number(value=3e-3, label="Learning rate", elem_id="train-lr")
             with gr.Row():
                 mixed = gr.Checkbox(value=True, label="Mixed precision", elem_id="train-mixed")
@@ -123,9 +128,7 @@ def build_app(storage_path: str = "runs", address: str = "", poll_s: float = 1.0
             start.click(train, [model, epochs, batch, lr, mixed, adaptive], [status, loss_plot, scale_plot, summary, tb])
         with gr.Tab("Benchmark", id="bench"):
             with gr.Row():
-                b_model = gr.Dropdown(list(MODEL_TYPES), value="mlp", label="Model type", allow_custom_value=True,
-                                      elem_id="bench-model")
-                b_batch = gr.Number(value=64, label="Batch size", elem_id="bench-batch")
+                b_model, b_batch = _model_and_batch(gr, "bench")
                 b_iters = gr.Number(value=20, label="Timed iterations", elem_id="bench-iters")
                 b_go = gr.Button("Run benchmark", variant="primary", elem_id="bench-button")
             b_status = gr.Markdown("fp32 against every precision this hardware runs.", elem_id="bench-status")
