@@ -184,3 +184,31 @@ def test_benchmark_reports_every_precision_with_memory():
         assert row["median_step_time_s"] > 0 and row["peak_memory_bytes"] > 0
         expected = (res["results"]["fp32"]["median_step_time_s"] / row["median_step_time_s"] - 1) * 100
         assert row["speed_improvement_percent"] == pytest.approx(expected)
+
+
+def test_scale_update_as_a_cuda_graph_equals_the_eager_update():
+    """The captured update follows the eager one exactly: hysteresis, floor, ceiling, a NaN-loss mask,
+    settings changed mid-run (recapture) and a state reload (new tensors, recapture)."""
+    from ampray.amp.scaler import LossScaler
+
+    def run(graphs: bool):
+        s = LossScaler(MixedPrecisionConfig(init_scale=1024.0, hysteresis=2, growth_interval=3, min_scale=4.0,
+                                            max_scale=4096.0), CUDA)
+        s.use_graphs = graphs
+        states = []
+        for i, ch in enumerate("..x.xx......xxxxxxxxxxxxn.n....x.xx..........."):
+            if i == 12:
+                s.set(growth_factor=4.0, hysteresis=1)
+            if i == 30:
+                s.load_state_dict(s.state_dict())
+            found = torch.tensor(1.0 if ch in "xn" else 0.0, device=CUDA)
+            valid = torch.tensor(ch != "n", device=CUDA) if i % 2 else None
+            s.update(found, valid=valid)
+            states.append(s.state_dict())
+        return states, s
+
+    eager, _ = run(False)
+    graphed, s = run(True)
+    assert graphed == eager
+    assert s.use_graphs and s._graphs  # the graph path was taken, not silently dropped
+    assert {st["scale"] for st in eager} >= {4.0, 4096.0}  # the floor and the ceiling were both reached
