@@ -196,7 +196,7 @@ def test_scale_update_as_a_cuda_graph_equals_the_eager_update():
                                             max_scale=4096.0), CUDA)
         s.use_graphs = graphs
         states = []
-        for i, ch in enumerate("..x.xx......xxxxxxxxxxxxn.n....x.xx..........."):
+        for i, ch in enumerate("..x.xx......xxxxxxxxxxxxn.n....x.xx....................."):
             if i == 12:
                 s.set(growth_factor=4.0, hysteresis=1)
             if i == 30:
