@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The H200 runs behind BENCHMARKS.md, in parts that each fit one 10-minute device call.
+#   bash benchmarks/h200.sh engine OUT   # engine GPU tests; engine vs plain loop (GPT-2, ResNet-50; fp16, bf16)
+#   bash benchmarks/h200.sh face OUT     # `ampray bench` for mlp, cnn, gpt (large); the UI's train function on GPUs
+#   bash benchmarks/h200.sh tune OUT     # 8 trials at 0.25 GPU against the same 8 one at a time (GPU 0 only)
+#   bash benchmarks/h200.sh ddp OUT      # `ampray train` vs torchrun, 1 and 2 GPUs (2-GPU host); Ray GPU tests
+# Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
+set -uo pipefail
+part=$1 out=$2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+case $part in
+engine)
+  python -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py 2>&1 | tail -15
+  python benchmarks/bench_engine.py --models gpt2,resnet50 --precisions fp16,bf16 --fused --cnn-batch 128 \
+    --rounds 20 --iters 5 --out "$out/engine_fused.json" ;;
+face)
+  for spec in "mlp 4096" "cnn 128" "gpt 8"; do
+    set -- $spec
+    timeout 240 python -m ampray.orchestrator.cli bench --model "$1" --size large --batch-size "$2" \
+      --out "$out/bench_$1.parquet"
+  done
+  timeout 240 python - <<'PY'
+import json
+from ampray import train_model_with_mixed_precision_interface as train
+r = train("gpt", 1, 16, 1e-3, True, True, storage_path="/tmp/ampray-ui")
+print(json.dumps({k: r[k] for k in ("device", "workers", "precision", "final_loss", "summary", "tensorboard")}))
+print("loss first/last", r["loss"][0], r["loss"][-1], "scale points", len(r["scale"]))
+PY
+  ;;
+tune)
+  CUDA_VISIBLE_DEVICES=0 timeout 560 python benchmarks/bench_tune_packing.py --trials 8 --gpus-per-trial 0.25 \
+    --steps 100 --out "$out/tune_packing.json" ;;
+ddp)
+  timeout 420 python benchmarks/bench_ray_ddp.py --workers 1,2 --dtypes bf16 --accum 4 --allreduce-dtype bf16 \
+    --runners plain,ray --repeats 2 --steps 60 --warmup 20 --report-every 20 --out "$out/ray_ddp.json"
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
+*) echo "unknown part $part" >&2; exit 2 ;;
+esac
