@@ -41,7 +41,7 @@ class LossScaler:
     def __init__(self, config: MixedPrecisionConfig, device: torch.device | str = "cpu"):
         self.enabled = config.scaling_enabled
         self.dynamic = config.use_dynamic_loss_scaling
-        self.device = torch.device(device)
+        self.device = _concrete(torch.device(device))
         self.init_scale = float(config.init_scale) if self.enabled else 1.0
         self._growth_factor = float(config.growth_factor)
         self._backoff_factor = float(config.backoff_factor)
@@ -101,7 +101,7 @@ class LossScaler:
 
     # -- the three verbs of a step ---------------------------------------------------------------
     def to(self, device: torch.device | str) -> "LossScaler":
-        device = torch.device(device)
+        device = _concrete(torch.device(device))
         if device != self.device:
             self.device = device
             for name, value in list(vars(self).items()):
@@ -272,6 +272,13 @@ class LossScaler:
         self._growths.fill_(int(state["growths"]))
         self._min_seen.fill_(float(state["min_scale_seen"]))
         self._max_seen.fill_(float(state["max_scale_seen"]))
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """"cuda" -> "cuda:<current>": tensors report their device with its index, and the two must compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _commit(state: torch.Tensor, new: torch.Tensor, valid: torch.Tensor | None) -> None:
