@@ -36,6 +36,7 @@ from ampray.amp.trainer import MixedPrecisionTrainer  # noqa: E402
 from ampray.models import build_criterion, build_model, example_batch  # noqa: E402
 
 LOOPS = ("plain", "engine", "engine_default")
+EXTRA = ("engine_eager",)  # --eager-scaler: the engine loop with the scale update not captured as a CUDA graph
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--fused", action="store_true", help="fused AdamW in ALL loops (default: fused=False in all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager-scaler", action="store_true",
+                   help="also time the engine loop with the eager scale update (AMPRAY_SCALER_GRAPHS=0)")
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 steps: checks the script end to end")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -103,8 +106,10 @@ def make_plain(case: dict[str, Any], dtype: torch.dtype, args, device: torch.dev
     return {"step": step, "model": model, "opt": opt}
 
 
-def make_engine(case: dict[str, Any], config: MixedPrecisionConfig, args, device: torch.device) -> dict[str, Any]:
+def make_engine(case: dict[str, Any], config: MixedPrecisionConfig, args, device: torch.device,
+                graphs: bool = True) -> dict[str, Any]:
     trainer = MixedPrecisionTrainer(config, device=device)
+    trainer.scaler.use_graphs = trainer.scaler.use_graphs and graphs
     model = trainer.prepare_model(copy.deepcopy(case["model"]))
     # Built directly rather than by trainer.build_optimizer, which would pick fused=True on CUDA: the
     # optimizer must be identical in all loops so that only the step logic differs.
@@ -147,15 +152,18 @@ def bench_precision(case: dict[str, Any], precision: str, args, device: torch.de
     with tf32_mode(precision == "tf32"):
         loops = {"plain": make_plain(case, dtype, args, device)}
         loops.update({k: make_engine(case, c, args, device) for k, c in engine_configs(dtype).items()})
+        names = LOOPS + (EXTRA if args.eager_scaler else ())
+        if args.eager_scaler:
+            loops["engine_eager"] = make_engine(case, engine_configs(dtype)["engine"], args, device, graphs=False)
         for loop in loops.values():
             for _ in range(args.warmup):
                 loop["step"]()
-        times: dict[str, list[float]] = {k: [] for k in LOOPS}
+        times: dict[str, list[float]] = {k: [] for k in names}
         for r in range(args.rounds):
             # Reversing the order every other round puts each loop first and last equally often.
-            for k in (LOOPS if r % 2 == 0 else LOOPS[::-1]):
+            for k in (names if r % 2 == 0 else names[::-1]):
                 times[k] += run_block(loops[k], args.iters, device)
-        out = {k: _loop_record(loops[k], times[k], case, device) for k in LOOPS}
+        out = {k: _loop_record(loops[k], times[k], case, device) for k in names}
     del loops
     gc.collect()  # three models and their optimizer states go before the next precision is built
     if device.type == "cuda":
@@ -243,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if precision == "fp32":
                 fp32_plain = loops["plain"]["median_step_s"]
             rows.append(summarise(name, precision, loops, fp32_plain))
-            print(f"done {name} {precision}: plain {loops['plain']['median_step_s'] * 1e3:.2f} ms, "
-                  f"engine {loops['engine']['median_step_s'] * 1e3:.2f} ms", flush=True)
+            print(f"done {name} {precision}: " + ", ".join(f"{k} {v['median_step_s'] * 1e3:.2f} ms"
+                                                          for k, v in loops.items()), flush=True)
         del case
     result = {"meta": environment(args, device), "skipped_precisions": sorted(set(wanted) - set(precisions)),
               "results": rows}
