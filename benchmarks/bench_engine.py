@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager-scaler", action="store_true",
                    help="also time the engine loop with the eager scale update (AMPRAY_SCALER_GRAPHS=0)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the smoke test's tiny models at full rounds: a step bound by kernel launches, not the GPU")
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 steps: checks the script end to end")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -65,10 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The model factory (seeded: every loop starts from the same weights), batch, criterion and units."""
     if name == "gpt2":
-        kwargs = dict(preset="nano") if args.smoke else dict(preset="small")
+        kwargs = dict(preset="nano") if args.smoke or args.tiny else dict(preset="small")
         kind, batch = "gpt", args.gpt_batch
     elif name == "resnet50":
-        kwargs = dict(arch="resnet50", num_classes=10, width=8, image_size=32) if args.smoke else \
+        kwargs = dict(arch="resnet50", num_classes=10, width=8, image_size=32) if args.smoke or args.tiny else \
             dict(arch="resnet50", num_classes=1000, image_size=224)
         kind, batch = "cnn", args.cnn_batch
     else:
