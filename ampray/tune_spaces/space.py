@@ -19,7 +19,9 @@ optimizer, scaling and run sections belong to the orchestrator. So checking come
   and the other paths only for shape.
 Float kinds are checked with float bounds, so uniform/loguniform over an integer field (growth_interval,
 hysteresis, window) fails: integer fields take randint, lograndint or choice. Each bound is checked against
-the defaults plus `fixed`, not against other searched values.
+the defaults plus `fixed`; fields that must stay ordered (min_scale <= init_scale <= max_scale, the
+adaptation's min/max growth factor and interval) are also checked against each other's ranges, so that
+no draw and no PBT mutation can break the order.
 
 Ray is imported inside to_tune() and mutations() only: the rest runs (and is tested) without Ray.
 """
@@ -43,6 +45,11 @@ _ARGS = {"loguniform": "[low, high]", "uniform": "[low, high]", "qloguniform": "
          "randint": "[low, high)", "lograndint": "[low, high)"}
 _INT_KINDS = ("randint", "lograndint")
 _LOG_KINDS = ("loguniform", "qloguniform", "lograndint")
+
+ORDERED = (("precision.min_scale", "precision.init_scale", "precision.max_scale"),
+           ("precision.adaptation.min_growth_factor", "precision.adaptation.max_growth_factor"),
+           ("precision.adaptation.min_growth_interval", "precision.adaptation.max_growth_interval"))
+"""Chains of fields the engine requires in non-decreasing order (see MixedPrecisionConfig's checks)."""
 
 Validator = Callable[[dict[str, Any]], None]
 """Takes {dotted path: value} overrides; raises ConfigError if a job built from them is not allowed."""
@@ -99,7 +106,36 @@ class Space:
                         hint = f"; {kind} draws floats: use randint, lograndint or choice for an integer field"
                     raise _error(self.source, path, spec, f"value {value!r} is not allowed: {err}{hint}") \
                         from None
+        self._check_order()
         return self
+
+    def _check_order(self) -> None:
+        """Fields that must stay ordered (min_scale <= init_scale <= max_scale, ...): when one of them is
+        searched, every value of its range must keep the order with every value of the others' ranges.
+        Then any draw is valid, and so is any PBT mutation, which `clip` keeps inside each range."""
+        for chain in ORDERED:
+            if not any(path in self.params for path in chain):
+                continue
+            spans = [self._span(path) for path in chain]
+            for (a, (_, a_hi)), (b, (b_lo, _)) in zip(zip(chain, spans), zip(chain[1:], spans[1:])):
+                if a_hi > b_lo:
+                    raise ConfigError(
+                        f"search space {self.source!r}: {a} (up to {a_hi}) and {b} (from {b_lo}) are not allowed "
+                        f"together: every draw must keep {' <= '.join(chain)}; make {a}'s range end at or "
+                        f"below the start of {b}'s")
+
+    def _span(self, path: str) -> tuple[float, float]:
+        """The smallest and largest value a path can take: its range, its fixed value or its default."""
+        if path in self.params:
+            kind, args = _parse(self.source, path, self.params[path])
+            values = args if kind == "choice" else args[:2]
+            return float(min(values)), float(max(values))
+        if path in self.fixed:
+            return float(self.fixed[path]), float(self.fixed[path])
+        obj: Any = MixedPrecisionConfig()
+        for part in path.split(".")[1:]:
+            obj = getattr(obj, part)
+        return float(obj), float(obj)
 
     def sample(self, rng: random.Random) -> dict[str, Any]:
         """One plain configuration ({dotted path: value}, fixed values included), drawn without Ray."""

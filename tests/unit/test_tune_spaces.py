@@ -198,3 +198,25 @@ def test_importing_tune_spaces_does_not_import_ray_or_orchestrator():
     code = ("import sys, ampray.tune_spaces; "
             "assert 'ray' not in sys.modules and 'ampray.orchestrator' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ordered_fields_must_keep_their_order_across_ranges():
+    """min_scale <= init_scale <= max_scale for every draw (and every PBT mutation, which clip keeps in
+    range): overlapping ranges are refused before any trial starts, naming both fields."""
+    overlapping = Space({"precision.min_scale": {"loguniform": [1.0, 1024.0]},
+                         "precision.init_scale": {"loguniform": [256.0, 2.0**24]}}, source="mine.toml")
+    with pytest.raises(ConfigError, match=r"precision.min_scale \(up to 1024.0\) and precision.init_scale "
+                                          r"\(from 256.0\)"):
+        overlapping.check()
+    against_fixed = Space({"precision.adaptation.min_growth_interval": {"lograndint": [10, 5000]}},
+                          fixed={"precision.adaptation.max_growth_interval": 2000})
+    with pytest.raises(ConfigError, match="min_growth_interval"):
+        against_fixed.check()
+    ordered = Space({"precision.min_scale": {"loguniform": [1.0, 128.0]},
+                     "precision.init_scale": {"loguniform": [256.0, 2.0**20]},
+                     "precision.max_scale": {"choice": [2.0**20, 2.0**24]}}).check()
+    rng = random.Random(0)
+    for _ in range(50):  # PBT's explore: numbers scaled by a factor (choices step to a listed neighbour)
+        d = ordered.clip({k: v if k == "precision.max_scale" else v * rng.choice([0.8, 1.2, 100.0])
+                          for k, v in ordered.sample(rng).items()})
+        assert d["precision.min_scale"] <= d["precision.init_scale"] <= d["precision.max_scale"]
