@@ -3,10 +3,19 @@
 #   bash benchmarks/h200.sh engine OUT   # engine GPU tests; engine vs plain loop (GPT-2, ResNet-50; fp16, bf16)
 #   bash benchmarks/h200.sh face OUT     # `ampray bench` for mlp, cnn, gpt (large); the UI's train function on GPUs
 #   bash benchmarks/h200.sh tune OUT     # 8 trials at 0.25 GPU against the same 8 one at a time (GPU 0 only)
-#   bash benchmarks/h200.sh ddp OUT      # `ampray train` vs torchrun, 1 and 2 GPUs (2-GPU host); Ray GPU tests
+#   WORKERS=2 bash benchmarks/h200.sh ddp OUT   # plain torchrun, the engine under torchrun, `ampray train` (2-GPU host)
+#   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
 set -uo pipefail
 part=$1 out=$2
+cleanup() {
+  # A benchmark stopped by its timeout can leave Ray or torchrun processes on the GPUs, which would slow
+  # whatever runs next on the host: stop them.
+  ray stop --force >/dev/null 2>&1
+  pkill -f torch.distributed.run >/dev/null 2>&1
+  pkill -f ampray.orchestrator.cli >/dev/null 2>&1
+  true
+}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 case $part in
@@ -30,10 +39,15 @@ PY
   ;;
 tune)
   CUDA_VISIBLE_DEVICES=0 timeout 560 python benchmarks/bench_tune_packing.py --trials 8 --gpus-per-trial 0.25 \
-    --steps 100 --out "$out/tune_packing.json" ;;
+    --steps 100 --out "$out/tune_packing.json"
+  cleanup ;;
 ddp)
-  timeout 420 python benchmarks/bench_ray_ddp.py --workers 1,2 --dtypes bf16 --accum 4 --allreduce-dtype bf16 \
-    --runners plain,ray --repeats 2 --steps 60 --warmup 20 --report-every 20 --out "$out/ray_ddp.json"
+  # About 130 s per row of three runners, mostly start-up: 3 repeats of one worker count fill one call.
+  timeout 540 python benchmarks/bench_ray_ddp.py --workers "${WORKERS:-2}" --dtypes bf16 --accum 4 \
+    --allreduce-dtype bf16 --runners plain,engine,ray --repeats 3 --steps 60 --warmup 20 --report-every 20 \
+    --out "$out/ray_ddp.json"
+  cleanup ;;
+gputests)
   timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac
