@@ -71,6 +71,9 @@ def train_handler(model_type, num_epochs, batch_size, learning_rate, use_mixed_p
                _frame([], SUMMARY_COLUMNS), "")
 
 
+PRECISION_ORDER = ("fp32", "tf32", "fp16", "bf16")
+
+
 def bench_handler(model_type, batch_size, num_iterations) -> tuple:
     """(status, table, chart) of one benchmark."""
     try:
@@ -133,8 +136,10 @@ def build_app(storage_path: str = "runs", address: str = "", poll_s: float = 1.0
                 b_go = gr.Button("Run benchmark", variant="primary", elem_id="bench-button")
             b_status = gr.Markdown("fp32 against every precision this hardware runs.", elem_id="bench-status")
             b_table = gr.Dataframe(_frame([], BENCH_COLUMNS), label="Results", elem_id="bench-table")
+            # Bars from zero (a bar's length is its value) and in the table's order, fp32 first.
             b_chart = gr.BarPlot(_frame([], ["precision", "median_ms"], ("median_ms",)), x="precision", y="median_ms",
-                                 title="Median step time (ms)", elem_id="bench-chart")
+                                 title="Median step time (ms)", elem_id="bench-chart", y_lim=[0, None],
+                                 sort=list(PRECISION_ORDER))
             b_go.click(bench_handler, [b_model, b_batch, b_iters], [b_status, b_table, b_chart])
         with gr.Tab("Recommendations", id="recommend"):
             r_text = gr.Markdown(elem_id="recommend-text")
