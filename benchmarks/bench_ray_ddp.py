@@ -35,10 +35,22 @@ def plain(n: int, dtype: str, args, runner: str = "plain") -> dict:
            "--allreduce-dtype", args.allreduce_dtype]
     if args.profile:
         cmd += ["--profile", args.profile, "--profile-out", str(args.profile_dir / f"{dtype}-{n}w")]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200,
+                         env=_nccl_env(args, f"{runner}-{dtype}-{n}w"))
     if out.returncode:
         raise SystemExit(f"torchrun failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def _nccl_env(args, tag: str) -> dict | None:
+    """With --nccl-debug DIR: NCCL's INFO log of every rank into DIR/<tag>-<host>-<pid>.log (transport,
+    channels, algorithm and protocol choices), the same for torchrun and for Ray's workers, which inherit
+    the environment of the driver that starts the embedded cluster."""
+    if not args.nccl_debug:
+        return None
+    args.nccl_debug.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,GRAPH,TUNING,ENV",
+                NCCL_DEBUG_FILE=str(args.nccl_debug.resolve() / f"{tag}-%h-%p.log"))
 
 
 def ray(n: int, dtype: str, args, storage: Path) -> dict:
@@ -55,7 +67,9 @@ def ray(n: int, dtype: str, args, storage: Path) -> dict:
     if args.smoke:
         cmd += ["--scaling.use_gpu", "false"]
     t0 = time.time()
-    env = dict(os.environ, AMPRAY_PROFILE=args.profile) if args.profile else None
+    env = _nccl_env(args, f"ray-{dtype}-{n}w") or dict(os.environ)
+    if args.profile:
+        env["AMPRAY_PROFILE"] = args.profile
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
     if out.returncode:
         raise SystemExit(f"ampray train failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -89,6 +103,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--profile", default="", help="START:COUNT: profile those steps in every runner")
     p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
+    p.add_argument("--nccl-debug", type=Path, default=None, help="write NCCL's INFO logs of every rank here")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.smoke:

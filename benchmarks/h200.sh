@@ -4,6 +4,7 @@
 #   bash benchmarks/h200.sh face OUT     # `ampray bench` for mlp, cnn, gpt (large); the UI's train function on GPUs
 #   bash benchmarks/h200.sh tune OUT     # 8 trials at 0.25 GPU against the same 8 one at a time (GPU 0 only)
 #   WORKERS=2 bash benchmarks/h200.sh ddp OUT   # plain torchrun, the engine under torchrun, `ampray train` (2-GPU host)
+#   bash benchmarks/h200.sh ddpdiag OUT  # NCCL logs and step profiles of the engine under torchrun and of Ray (2 GPUs)
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
 set -uo pipefail
@@ -47,6 +48,15 @@ ddp)
     --allreduce-dtype bf16 --runners plain,engine,ray --repeats 3 --steps 60 --warmup 20 --report-every 20 \
     --out "$out/ray_ddp.json"
   cleanup ;;
+ddpdiag)
+  # Where Ray's ~3% at 2 GPUs goes: NCCL's choices (transport, channels, protocol) and a profile of
+  # steps 30-34 on every rank, for the engine under torchrun and for Ray's workers; tarred for the trip back.
+  timeout 400 python benchmarks/bench_ray_ddp.py --workers 2 --dtypes bf16 --accum 4 --allreduce-dtype bf16 \
+    --runners engine,ray --steps 60 --warmup 20 --report-every 20 --profile 30:5 \
+    --profile-dir "$out/profiles" --nccl-debug "$out/nccl" --out "$out/ddpdiag.json"
+  cleanup
+  grep -h "via P2P\|via SHM\|NCCL_\|Channel 00\|algo\|proto" "$out"/nccl/*.log | sort | uniq -c | sort -rn | head -40
+  tar -C "$out" -czf "$out/ddpdiag.tgz" profiles nccl && rm -rf "$out/profiles" "$out/nccl" ;;
 gputests)
   timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
