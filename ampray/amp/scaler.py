@@ -92,6 +92,16 @@ class LossScaler:
         self._graphs = {}  # the captured updates hold the old settings as constants
         return {n: (before[n], v) for n, v in self.settings().items() if before[n] != v}
 
+    @property
+    def dynamic(self) -> bool:
+        """False: a static scale (only overflows are counted)."""
+        return self._dynamic
+
+    @dynamic.setter
+    def dynamic(self, value: bool) -> None:
+        self._dynamic = bool(value)
+        self._graphs = {}  # the captured update holds it as a constant
+
     growth_factor = property(lambda self: self._growth_factor)
     backoff_factor = property(lambda self: self._backoff_factor)
     growth_interval = property(lambda self: self._growth_interval)
@@ -232,7 +242,7 @@ class LossScaler:
                     self._advance(self._in_found, valid)
                 finally:
                     graph.capture_end()
-        except RuntimeError as err:  # an unusual setup (a debugger, an old driver): the eager path works
+        except Exception as err:  # an unusual setup (a debugger, an old driver): the eager path works
             warnings.warn(f"LossScaler: capturing the scale update as a CUDA graph failed ({err}); "
                           "using the eager update", RuntimeWarning, stacklevel=3)
             self.use_graphs = False

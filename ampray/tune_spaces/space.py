@@ -19,9 +19,9 @@ optimizer, scaling and run sections belong to the orchestrator. So checking come
   and the other paths only for shape.
 Float kinds are checked with float bounds, so uniform/loguniform over an integer field (growth_interval,
 hysteresis, window) fails: integer fields take randint, lograndint or choice. Each bound is checked against
-the defaults plus `fixed`; fields that must stay ordered (min_scale <= init_scale <= max_scale, the
-adaptation's min/max growth factor and interval) are also checked against each other's ranges, so that
-no draw and no PBT mutation can break the order.
+the defaults plus `fixed`; neighbours in a chain of fields that must stay ordered (min_scale <= init_scale
+<= max_scale, the adaptation's min/max growth factor and interval) that are both searched are also checked
+against each other's ranges, so that no draw and no PBT mutation can break the order.
 
 Ray is imported inside to_tune() and mutations() only: the rest runs (and is tested) without Ray.
 """
@@ -110,14 +110,15 @@ class Space:
         return self
 
     def _check_order(self) -> None:
-        """Fields that must stay ordered (min_scale <= init_scale <= max_scale, ...): when one of them is
-        searched, every value of its range must keep the order with every value of the others' ranges.
-        Then any draw is valid, and so is any PBT mutation, which `clip` keeps inside each range."""
+        """Fields that must stay ordered (min_scale <= init_scale <= max_scale, ...): when two neighbours
+        of a chain are both searched, every value of the one's range must stay at or below every value of
+        the other's. Then any draw keeps the order, and so does any PBT mutation, which `clip` keeps inside
+        each range. A neighbour that is fixed or comes from the job was checked against each bound above."""
         for chain in ORDERED:
-            if not any(path in self.params for path in chain):
-                continue
-            spans = [self._span(path) for path in chain]
-            for (a, (_, a_hi)), (b, (b_lo, _)) in zip(zip(chain, spans), zip(chain[1:], spans[1:])):
+            for a, b in zip(chain, chain[1:]):
+                if a not in self.params or b not in self.params:
+                    continue
+                a_hi, b_lo = self._span(a)[1], self._span(b)[0]
                 if a_hi > b_lo:
                     raise ConfigError(
                         f"search space {self.source!r}: {a} (up to {a_hi}) and {b} (from {b_lo}) are not allowed "
@@ -125,17 +126,10 @@ class Space:
                         f"below the start of {b}'s")
 
     def _span(self, path: str) -> tuple[float, float]:
-        """The smallest and largest value a path can take: its range, its fixed value or its default."""
-        if path in self.params:
-            kind, args = _parse(self.source, path, self.params[path])
-            values = args if kind == "choice" else args[:2]
-            return float(min(values)), float(max(values))
-        if path in self.fixed:
-            return float(self.fixed[path]), float(self.fixed[path])
-        obj: Any = MixedPrecisionConfig()
-        for part in path.split(".")[1:]:
-            obj = getattr(obj, part)
-        return float(obj), float(obj)
+        """The smallest and largest value a searched path can draw."""
+        kind, args = _parse(self.source, path, self.params[path])
+        low, high = (min(args), max(args)) if kind == "choice" else _range(kind, args)
+        return float(low), float(high)
 
     def sample(self, rng: random.Random) -> dict[str, Any]:
         """One plain configuration ({dotted path: value}, fixed values included), drawn without Ray."""

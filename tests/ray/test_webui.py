@@ -147,15 +147,17 @@ def test_benchmark_tab_fills_table_and_chart(page):
         assert precision in table
     bars = "#bench-chart path[aria-roledescription='bar'], #bench-chart path[role='graphics-symbol']"
     page.wait_for_function(f"document.querySelectorAll({bars!r}).length >= 3", timeout=30000)
-    # Bars start at zero and follow the table's order: left to right fp32, fp16, bf16, each as tall as
-    # its median step time (to the pixel's rounding).
+    # Bars start at zero and follow the table's order: left to right fp32 (tf32), fp16, bf16, each as
+    # tall as its median step time (to the pixel's rounding).
     boxes = sorted((b for b in (e.bounding_box() for e in page.locator(bars).all()) if b and b["height"] > 0),
                    key=lambda b: b["x"])
+    from ampray.orchestrator.webui import PRECISION_ORDER
+
     cells = table.split("memory_savings_percent", 1)[1].split()  # row after row: precision, then its values
-    order = [c for c in cells if c in ("fp32", "fp16", "bf16")]
-    assert order == ["fp32", "fp16", "bf16"], table
+    order = [c for c in cells if c in PRECISION_ORDER]  # tf32 too on a GPU that has it
+    assert order == [p for p in PRECISION_ORDER if p in order] and {"fp32", "fp16", "bf16"} <= set(order), table
     medians = [float(cells[cells.index(name) + 1]) for name in order]
-    assert len(boxes) == 3
+    assert len(boxes) == len(order)
     for box, ms in zip(boxes, medians):
         assert box["height"] / boxes[0]["height"] == pytest.approx(ms / medians[0], rel=0.03, abs=0.02)
     page.wait_for_timeout(500)  # the page's "pending" shading fades after the event ends

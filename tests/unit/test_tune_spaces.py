@@ -208,10 +208,18 @@ def test_ordered_fields_must_keep_their_order_across_ranges():
     with pytest.raises(ConfigError, match=r"precision.min_scale \(up to 1024.0\) and precision.init_scale "
                                           r"\(from 256.0\)"):
         overlapping.check()
-    against_fixed = Space({"precision.adaptation.min_growth_interval": {"lograndint": [10, 5000]}},
-                          fixed={"precision.adaptation.max_growth_interval": 2000})
+    crossing = Space({"precision.adaptation.min_growth_interval": {"lograndint": [10, 5000]},
+                      "precision.adaptation.max_growth_interval": {"lograndint": [2000, 40000]}})
     with pytest.raises(ConfigError, match="min_growth_interval"):
-        against_fixed.check()
+        crossing.check()
+    # Ranges as they are drawn: lograndint excludes its high end, qloguniform draws multiples of q.
+    Space({"precision.adaptation.min_growth_interval": {"lograndint": [10, 51]},
+           "precision.adaptation.max_growth_interval": {"lograndint": [50, 5000]}}).check()
+    Space({"precision.min_scale": {"qloguniform": [1.0, 300.0, 256.0]},
+           "precision.init_scale": {"loguniform": [256.0, 2.0**20]}}).check()
+    # A neighbour that is not searched is the job's (checked per bound), not the engine default's.
+    Space({"precision.init_scale": {"loguniform": [256.0, 2.0**28]}}).check(
+        lambda o: job_validator({"precision.max_scale": 2.0**30, **o}))
     ordered = Space({"precision.min_scale": {"loguniform": [1.0, 128.0]},
                      "precision.init_scale": {"loguniform": [256.0, 2.0**20]},
                      "precision.max_scale": {"choice": [2.0**20, 2.0**24]}}).check()
