@@ -55,7 +55,11 @@ ddpdiag)
     --runners engine,ray --steps 60 --warmup 20 --report-every 20 --profile 30:5 \
     --profile-dir "$out/profiles" --nccl-debug "$out/nccl" --out "$out/ddpdiag.json"
   cleanup
-  grep -h "via P2P\|via SHM\|NCCL_\|Channel 00\|algo\|proto" "$out"/nccl/*.log | sort | uniq -c | sort -rn | head -40
+  for runner in engine ray; do  # each runner's NCCL choices, the rank/pid prefix cut off so ranks merge
+    echo "== $runner"
+    cat "$out"/nccl/"$runner"-*.log 2>/dev/null | sed 's/^.*NCCL INFO //' \
+      | grep -E "via P2P|via SHM|via NET|NCCL_|Channel 00|algo|proto|nranks" | sort | uniq -c | sort -rn | head -25
+  done
   tar -C "$out" -czf "$out/ddpdiag.tgz" profiles nccl && rm -rf "$out/profiles" "$out/nccl" ;;
 gputests)
   timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
