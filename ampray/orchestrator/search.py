@@ -217,8 +217,14 @@ def search_dir(job: JobConfig, search: SearchConfig) -> Path:
     return Path(job.run.storage_path).expanduser().resolve() / search.name
 
 
-def results_table(result_grid, params: list[str], budget: int) -> list[dict[str, Any]]:
-    """One plain row per trial, from Tune's results."""
+def results_table(result_grid, params: list[str], budget: int, trials_dir: Path | None = None,
+                  skip_penalty: float = 0.0) -> list[dict[str, Any]]:
+    """One plain row per trial, from Tune's results.
+
+    A trial whose last Train run reached the budget counts as completed with that run's final figures,
+    aggregated from the per-rank reports saved with its final checkpoint, even when the last result Tune
+    recorded is older: with synchronous PBT, Tune was seen to pause a restarted trial one report before
+    its end and terminate it with that earlier result, while its Train run finished."""
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
@@ -227,10 +233,35 @@ def results_table(result_grid, params: list[str], budget: int) -> list[dict[str,
         row.update({p: config.get(p) for p in params})
         row.update({c: metrics.get(c) for c in RESULT_COLUMNS})
         step = metrics.get("step") or 0
+        if result.error is None and step < budget and trials_dir is not None:
+            final = final_from_checkpoint(trials_dir, row["trial"], budget, skip_penalty)
+            if final is not None:
+                row.update({c: final.get(c) for c in RESULT_COLUMNS})
+                step = final["step"]
         row["status"] = ("error" if result.error is not None else
                          "completed" if step >= budget else "stopped_early")
         rows.append(row)
     return rows
+
+
+def final_from_checkpoint(trials_dir: Path, trial: str, budget: int, skip_penalty: float) -> dict[str, Any] | None:
+    """The aggregated final result of a trial's latest Train run (`<trial>` or `<trial>-g<n>`, the one
+    with the trial's current settings), from the reports each rank saved with its checkpoint at the
+    budget; None when that run did not reach the budget."""
+    import json
+
+    def generation(run: Path) -> int:
+        return 0 if run.name == trial else int(run.name.rsplit("-g", 1)[1])
+
+    runs = [r for r in trials_dir.glob(f"{trial}*") if r.name == trial or
+            (r.name.startswith(f"{trial}-g") and r.name.rsplit("-g", 1)[1].isdigit())]
+    if not trial or not runs:
+        return None
+    latest = max(runs, key=generation)
+    reports = sorted((latest / f"checkpoint_{budget:06d}").glob("report_rank*.json"))
+    if not reports:
+        return None
+    return trial_metrics([json.loads(r.read_text()) for r in reports], skip_penalty)
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -367,7 +398,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
                                           # PBT's copies of Train checkpoints (Tune warns that keeping 2 or fewer can break exploits).
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=4)))
     grid = tuner.fit()
-    rows = results_table(grid, list(space.params), job.run.steps)
+    rows = results_table(grid, list(space.params), job.run.steps, folder / "trials", search.skip_penalty)
     write_parquet(rows, folder / "results.parquet")
     best = best_row(rows)
     if best is not None:

@@ -1,0 +1,39 @@
+"""The search's results table: a trial's row comes from Tune's last result, unless the trial's latest
+Train run reached the budget after that result (its per-rank final reports are saved with the checkpoint)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from ampray.actors.worker import report_metrics
+from ampray.amp.config import MixedPrecisionConfig
+from ampray.amp.trainer import MixedPrecisionTrainer
+from ampray.orchestrator.search import results_table
+
+
+def test_a_finished_train_run_outranks_an_older_tune_result(tmp_path):
+    engine = MixedPrecisionTrainer(MixedPrecisionConfig(), "cpu")
+    trials = tmp_path / "trials"
+
+    def save(run: str, step: int, losses: list[float]) -> None:
+        folder = trials / run / f"checkpoint_{step:06d}"
+        folder.mkdir(parents=True)
+        for rank, loss in enumerate(losses):
+            report = report_metrics(engine, step, rank, len(losses), loss, 0)
+            (folder / f"report_rank{rank}.json").write_text(json.dumps(report))
+
+    save("t_a", 40, [9.0])        # the first run reached the budget under its old settings,
+    save("t_a-g1", 30, [3.0])     # but the restarted run (the trial's current settings) stopped at 30
+    save("t_b", 20, [5.0, 5.0])
+    save("t_b-g1", 40, [2.0, 4.0])  # the restarted run finished; Tune's last result was its step 30
+    save("t_c", 40, [1.0])
+    grid = [SimpleNamespace(metrics={"step": 30, "objective": 3.0, "loss": 3.0}, config={"x": 1},
+                            path=str(tmp_path / name), error=error)
+            for name, error in (("t_a", None), ("t_b", None), ("t_c", RuntimeError("boom")))]
+    rows = {r["trial"]: r for r in results_table(grid, ["x"], 40, trials, skip_penalty=10.0)}
+    assert (rows["t_a"]["status"], rows["t_a"]["step"], rows["t_a"]["loss"]) == ("stopped_early", 30, 3.0)
+    assert (rows["t_b"]["status"], rows["t_b"]["step"]) == ("completed", 40)
+    assert rows["t_b"]["loss"] == pytest.approx(3.0)  # the mean over both ranks' final reports
+    assert rows["t_c"]["status"] == "error"  # an errored trial is never overridden
+    assert all(r["x"] == 1 for r in rows.values())
