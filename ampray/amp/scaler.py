@@ -65,7 +65,11 @@ class LossScaler:
         self._max_seen = torch.tensor(scale, **f32)
         self._found_inf = torch.zeros((), **f32)
         self._unscaled = False
-        self._graphs: dict[bool, Any] = {}  # captured updates, keyed by "has a valid mask"
+        # The graph's inputs (copied in before each replay) and the captured updates, keyed by "has a
+        # valid mask"; new state tensors mean new captures.
+        self._in_found = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._in_valid = torch.ones((), dtype=torch.bool, device=self.device)
+        self._graphs: dict[bool, Any] = {}
 
     # -- settings: validated, and applied from the next update on ---------------------------------
     def settings(self) -> dict[str, float | int]:
@@ -217,9 +221,6 @@ class LossScaler:
         graph = self._graphs.get(with_valid)
         if graph is not None:
             return graph
-        if not hasattr(self, "_in_found") or self._in_found.device != self.device:
-            self._in_found = torch.zeros((), dtype=torch.bool, device=self.device)
-            self._in_valid = torch.ones((), dtype=torch.bool, device=self.device)
         valid = self._in_valid if with_valid else None
         # Warm-up on scratch copies of the state (kernels are loaded lazily; loading must not happen
         # during capture), then capture on a side stream; capturing runs nothing, so state is untouched.

@@ -204,13 +204,21 @@ def tune_trial(config: dict[str, Any]) -> None:
         raise failure[0]
 
 
+def _generations(trial_dir: Path, trial: str) -> dict[int, Path]:
+    """A trial's Train runs by generation: `<trial>` is 0, `<trial>-g<n>` (restarted from a Tune
+    checkpoint) is n."""
+    runs = {0: trial_dir / trial} if (trial_dir / trial).exists() else {}
+    for run in trial_dir.glob(f"{trial}-g*"):
+        n = run.name[len(trial) + 2:]
+        if n.isdigit():
+            runs[int(n)] = run
+    return runs
+
+
 def _next_generation(trial_dir: Path, trial: str) -> str:
     """A fresh Train run name for a trial restarted from a Tune checkpoint (its own runs keep their
     checkpoints, which Train would otherwise resume from instead)."""
-    n = 1
-    while (trial_dir / f"{trial}-g{n}").exists():
-        n += 1
-    return f"{trial}-g{n}"
+    return f"{trial}-g{max(_generations(trial_dir, trial), default=0) + 1}"
 
 
 def search_dir(job: JobConfig, search: SearchConfig) -> Path:
@@ -250,14 +258,10 @@ def final_from_checkpoint(trials_dir: Path, trial: str, budget: int, skip_penalt
     budget; None when that run did not reach the budget."""
     import json
 
-    def generation(run: Path) -> int:
-        return 0 if run.name == trial else int(run.name.rsplit("-g", 1)[1])
-
-    runs = [r for r in trials_dir.glob(f"{trial}*") if r.name == trial or
-            (r.name.startswith(f"{trial}-g") and r.name.rsplit("-g", 1)[1].isdigit())]
-    if not trial or not runs:
+    runs = _generations(trials_dir, trial) if trial else {}
+    if not runs:
         return None
-    latest = max(runs, key=generation)
+    latest = runs[max(runs)]
     reports = sorted((latest / f"checkpoint_{budget:06d}").glob("report_rank*.json"))
     if not reports:
         return None
