@@ -229,10 +229,12 @@ def results_table(result_grid, params: list[str], budget: int, trials_dir: Path 
                   skip_penalty: float = 0.0) -> list[dict[str, Any]]:
     """One plain row per trial, from Tune's results.
 
-    A trial whose last Train run reached the budget counts as completed with that run's final figures,
-    aggregated from the per-rank reports saved with its final checkpoint, even when the last result Tune
-    recorded is older: with synchronous PBT, Tune was seen to pause a restarted trial one report before
-    its end and terminate it with that earlier result, while its Train run finished."""
+    With `trials_dir` (PBT searches, whose scheduler never stops a trial early), a trial short of the
+    budget whose latest Train run reached it counts as completed with that run's final figures,
+    aggregated from the per-rank reports saved with its final checkpoint: with synchronous PBT, Tune was
+    seen to pause a restarted trial one report before its end and terminate it with that earlier result,
+    while its Train run finished. Not for ASHA: a trial it stopped may have run on to the end before
+    its actor went, and stays stopped_early."""
     rows = []
     for result in result_grid:
         metrics = result.metrics or {}
@@ -402,7 +404,8 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
                                           # PBT's copies of Train checkpoints (Tune warns that keeping 2 or fewer can break exploits).
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=4)))
     grid = tuner.fit()
-    rows = results_table(grid, list(space.params), job.run.steps, folder / "trials", search.skip_penalty)
+    rows = results_table(grid, list(space.params), job.run.steps,
+                         folder / "trials" if search.scheduler == "pbt" else None, search.skip_penalty)
     write_parquet(rows, folder / "results.parquet")
     best = best_row(rows)
     if best is not None:
