@@ -33,6 +33,8 @@ def plain(n: int, dtype: str, args, runner: str = "plain") -> dict:
            "--batch-size", str(args.batch_size), "--steps", str(args.steps - args.warmup),
            "--warmup", str(args.warmup), "--runner", runner, "--accum", str(args.accum),
            "--allreduce-dtype", args.allreduce_dtype]
+    if runner == "engine":  # the worker's report cadence too: only handing reports to Ray is left out
+        cmd += ["--report-every", str(args.report_every)]
     if args.profile:
         cmd += ["--profile", args.profile, "--profile-out", str(args.profile_dir / f"{dtype}-{n}w")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200,
@@ -53,7 +55,7 @@ def _nccl_env(args, tag: str) -> dict | None:
                 NCCL_DEBUG_FILE=str(args.nccl_debug.resolve() / f"{tag}-%h-%p.log"))
 
 
-def ray(n: int, dtype: str, args, storage: Path) -> dict:
+def ray(n: int, dtype: str, args, storage: Path, runner: str = "ray") -> dict:
     from ampray.actors.aggregator import read_scalars
 
     name = f"bench-{n}w-{dtype}-{int(time.time())}"
@@ -67,7 +69,9 @@ def ray(n: int, dtype: str, args, storage: Path) -> dict:
     if args.smoke:
         cmd += ["--scaling.use_gpu", "false"]
     t0 = time.time()
-    env = _nccl_env(args, f"ray-{dtype}-{n}w") or dict(os.environ)
+    env = _nccl_env(args, f"{runner}-{dtype}-{n}w") or dict(os.environ)
+    if runner == "rayvar":  # `ampray train` again, with --variant-env's variables set for the whole cluster
+        env.update(kv.split("=", 1) for kv in args.variant_env.split(",") if kv)
     if args.profile:
         env["AMPRAY_PROFILE"] = args.profile
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
@@ -75,13 +79,13 @@ def ray(n: int, dtype: str, args, storage: Path) -> dict:
         raise SystemExit(f"ampray train failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     if args.profile:
         for f in (storage / name / "profile").glob("rank*.txt"):
-            dest = args.profile_dir / f"{dtype}-{n}w" / f"ray-{f.name}"
+            dest = args.profile_dir / f"{dtype}-{n}w" / f"{runner}-{f.name}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, dest)
     scalars = read_scalars(str(storage / name / "tensorboard"))
     points = [(s, v) for s, v in scalars["rank0/perf/interval_step_time_s"] if s > args.warmup]
     mean = statistics.fmean(v for _, v in points)  # equal intervals: the mean over the timed window
-    return {"runner": "ray", "world_size": n, "dtype": dtype, "mean_step_s": mean,
+    return {"runner": runner, "world_size": n, "dtype": dtype, "mean_step_s": mean,
             "median_interval_s": statistics.median(v for _, v in points), "intervals": points,
             "samples_per_s": args.batch_size * args.accum * n / mean, "wall_s": time.time() - t0,
             "final_loss": scalars["all/loss/mean"][-1][1]}
@@ -95,7 +99,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch per rank")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--allreduce-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--runners", default="plain,engine,ray", help="engine: the worker's step under torchrun")
+    p.add_argument("--runners", default="plain,engine,ray",
+                   help="engine: the worker's step and reports under torchrun; rayvar: ray with --variant-env")
+    p.add_argument("--variant-env", default="", help="KEY=VAL,...: the environment of runner 'rayvar' "
+                   "(`ampray train` with these set), e.g. RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2")
     p.add_argument("--repeats", type=int, default=1, help="runs of every configuration, interleaved")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--warmup", type=int, default=50, help="steps left out of the means (a multiple of report_every)")
@@ -119,7 +126,8 @@ def main() -> None:
                     order = runners if rep % 2 == 0 else runners[::-1]
                     r = {}
                     for runner in order:
-                        r[runner] = ray(n, dtype, args, Path(storage)) if runner == "ray" else plain(n, dtype, args, runner)
+                        r[runner] = (ray(n, dtype, args, Path(storage), runner) if runner.startswith("ray")
+                                     else plain(n, dtype, args, runner))
                     rows.append({k: r[k] for k in runners} | {"repeat": rep})
                     print(f"[{rep}] {dtype} x{n}: " + ", ".join(f"{k} {r[k]['mean_step_s'] * 1e3:.2f} ms"
                                                                  for k in runners), flush=True)
@@ -129,13 +137,16 @@ def main() -> None:
 
 
 def summarise(rows: list[dict], runners: list[str], args) -> None:
-    """Median over repeats of each runner's mean step time, with the range, and the ratios to plain."""
+    """Median over repeats of each runner's mean step time, with the range, and the ratios to the first
+    runner named (plain when it ran)."""
+    base = "plain" if "plain" in runners else runners[0]
+
     def med(dtype, n, runner):
-        vals = [r[runner]["mean_step_s"] for r in rows if r["plain"]["dtype"] == dtype and r["plain"]["world_size"] == n]
+        vals = [r[runner]["mean_step_s"] for r in rows if r[base]["dtype"] == dtype and r[base]["world_size"] == n]
         return statistics.median(vals), min(vals), max(vals)
 
     print(f"| dtype | workers | {' | '.join(f'{k} ms/step (min..max)' for k in runners)} | "
-          f"{' | '.join(f'{k}/plain' for k in runners if k != 'plain')} |")
+          f"{' | '.join(f'{k}/{base}' for k in runners if k != base)} |")
     print("|---|---|" + "---|" * (2 * len(runners) - 1))
     samples = {}
     for dtype in args.dtypes.split(","):
@@ -143,7 +154,7 @@ def summarise(rows: list[dict], runners: list[str], args) -> None:
             stats = {k: med(dtype, n, k) for k in runners}
             samples[dtype, n] = {k: args.batch_size * args.accum * n / v[0] for k, v in stats.items()}
             cells = [f"{m * 1e3:.2f} ({lo * 1e3:.2f}..{hi * 1e3:.2f})" for m, lo, hi in stats.values()]
-            ratios = [f"{stats[k][0] / stats['plain'][0]:.3f}" for k in runners if k != "plain"]
+            ratios = [f"{stats[k][0] / stats[base][0]:.3f}" for k in runners if k != base]
             print(f"| {dtype} | {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     for dtype in args.dtypes.split(","):
         if (dtype, 1) in samples and (dtype, 2) in samples:

@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--runner", default="plain", choices=["plain", "engine"])
+    p.add_argument("--report-every", type=int, default=0,
+                   help="engine runner: build a worker's report (loss read back, engine records) every N steps")
     p.add_argument("--profile", default="", help="START:COUNT: profile those steps into --profile-out")
     p.add_argument("--profile-out", default="profile")
     args = p.parse_args()
@@ -135,7 +137,7 @@ def plain_step(args, model, x_all, y_all, criterion, device, rank, world):
 def engine_step(args, model, x_all, y_all, criterion, device, rank, world):
     """The step of `ampray.actors.worker.train_loop_per_worker`, without Ray."""
     from ampray import MixedPrecisionConfig, MixedPrecisionTrainer
-    from ampray.actors.worker import build_scheduler
+    from ampray.actors.worker import build_scheduler, report_metrics
     from ampray.data.parquet import ShardedBatches
     from ampray.orchestrator.job import OptimizerSection
 
@@ -153,6 +155,11 @@ def engine_step(args, model, x_all, y_all, criterion, device, rank, world):
             x, y = batches.next_batch()
             out = engine.train_step(ddp, optimizer, criterion, x, y, scheduler)
             loss_sum.add_(torch.nan_to_num(out["loss"].float(), nan=0.0))
+        if args.report_every and (i + 1) % args.report_every == 0:
+            # What a worker does at a report, less handing it to Ray: the loss read back (a sync) and
+            # the engine's records turned into the report's dict.
+            report_metrics(engine, i + 1, rank, world, loss_sum.item() / (args.report_every * args.accum), 0)
+            loss_sum.zero_()
         return out["loss"]
 
     return step

@@ -13,6 +13,7 @@ import copy
 import gc
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -195,6 +196,21 @@ def format_bench_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def process_environment() -> str:
+    """What differs between launchers around the same step (torchrun against a Ray worker): visible
+    devices, thread settings, CPU affinity, the process's thread count and the NCCL/torch variables."""
+    keys = sorted(k for k in os.environ if k.startswith(("NCCL_", "TORCH_NCCL", "CUDA_", "OMP_", "MKL_",
+                                                          "PYTORCH_", "LD_PRELOAD", "MALLOC")))
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = -1
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1
+    return (f"env: pid {os.getpid()}, threads {threads}, cpu affinity {affinity} cpus, "
+            f"torch threads {torch.get_num_threads()}, switch interval {sys.getswitchinterval() * 1e3:.1f} ms; "
+            + ", ".join(f"{k}={os.environ[k]}" for k in keys))
+
+
 class StepProfiler:
     """Profiles a window of training steps with `torch.profiler` and writes the operator table to a file.
 
@@ -246,6 +262,7 @@ class StepProfiler:
             lines = [f"steps {self.start}..{self.start + self.count - 1}: wall {wall * 1e3 / self.count:.2f} ms/step, "
                      f"kernels {device_us / 1e3 / self.count:.2f} ms/step "
                      f"(busy {device_us / 1e6 / wall:.1%} of the window, overlapping streams counted twice)"]
+            lines.append(process_environment())
             if torch.cuda.is_available():
                 lines.append(events.table(sort_by="self_device_time_total", row_limit=25))
             lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
