@@ -36,7 +36,7 @@ def plain(n: int, dtype: str, args, runner: str = "plain") -> dict:
     if runner == "engine":  # the worker's report cadence too: only handing reports to Ray is left out
         cmd += ["--report-every", str(args.report_every)]
     if args.profile:
-        cmd += ["--profile", args.profile, "--profile-out", str(args.profile_dir / f"{dtype}-{n}w")]
+        cmd += ["--profile", args.profile, "--profile-out", str(args.profile_dir / f"{dtype}-{n}w-r{args.rep}")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200,
                          env=_nccl_env(args, f"{runner}-{dtype}-{n}w"))
     if out.returncode:
@@ -79,7 +79,7 @@ def ray(n: int, dtype: str, args, storage: Path, runner: str = "ray") -> dict:
         raise SystemExit(f"ampray train failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     if args.profile:
         for f in (storage / name / "profile").glob("rank*.txt"):
-            dest = args.profile_dir / f"{dtype}-{n}w" / f"{runner}-{f.name}"
+            dest = args.profile_dir / f"{dtype}-{n}w-r{args.rep}" / f"{runner}-{f.name}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, dest)
     scalars = read_scalars(str(storage / name / "tensorboard"))
@@ -120,6 +120,7 @@ def main() -> None:
     rows = []  # one per (repeat, dtype, workers): {"plain": ..., "engine": ..., "ray": ...}
     with tempfile.TemporaryDirectory() as storage:
         for rep in range(args.repeats):
+            args.rep = rep  # names the profile folders
             for dtype in args.dtypes.split(","):
                 for n in map(int, args.workers.split(",")):
                     # Alternate which runner goes first: a host that drifts favours neither side.

@@ -211,13 +211,84 @@ def process_environment() -> str:
             + ", ".join(f"{k}={os.environ[k]}" for k in keys))
 
 
+def _cpu_ticks(stat_path: str) -> tuple[str, int]:
+    """(name, user + system clock ticks) of a task from its /proc .../stat line."""
+    with open(stat_path) as f:
+        line = f.read()
+    name = line[line.index("(") + 1:line.rindex(")")]
+    fields = line[line.rindex(")") + 2:].split()
+    return name, int(fields[11]) + int(fields[12])
+
+
+def cpu_snapshot() -> dict[str, Any]:
+    """CPU time so far of this process's threads, of every process on the host, and the host's busy and
+    total jiffies (Linux /proc; empty elsewhere). Two snapshots give who used the CPU in between."""
+    snap: dict[str, Any] = {"threads": {}, "procs": {}, "host": (0, 0)}
+    if not os.path.isdir("/proc/self/task"):
+        return snap
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError, ValueError):
+            snap["threads"][tid] = _cpu_ticks(f"/proc/self/task/{tid}/stat")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError):
+            snap["procs"][pid] = _cpu_ticks(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/stat") as f:
+            jiffies = [int(v) for v in f.readline().split()[1:]]
+        snap["host"] = (sum(jiffies) - jiffies[3] - jiffies[4], sum(jiffies))  # busy = all but idle, iowait
+    return snap
+
+
+def cpu_usage(before: dict[str, Any], after: dict[str, Any], wall_s: float, top: int = 8) -> str:
+    """Who used the CPU between two snapshots, in cores (1.0 = one core busy the whole window)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def busiest(kind: str) -> str:
+        used = [(after[kind][k][1] - before[kind].get(k, (None, 0))[1], k, after[kind][k][0]) for k in after[kind]]
+        used = sorted((u for u in used if u[0] > 0), reverse=True)[:top]
+        return ", ".join(f"{name}[{k}] {t / tick / wall_s:.2f}" for t, k, name in used) or "-"
+
+    busy = after["host"][0] - before["host"][0]
+    total = max(after["host"][1] - before["host"][1], 1)
+    cores = os.cpu_count() or 1
+    return (f"cpu: host busy {busy / total:.1%} of {cores} cores; this process's busiest threads (cores): "
+            f"{busiest('threads')}; busiest processes (cores): {busiest('procs')}")
+
+
+class GcTimer:
+    """Collections of Python's garbage collector and the time they took, per generation, while active."""
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self._t0 = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.count[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._t0
+
+    def __enter__(self) -> "GcTimer":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> str:
+        return "gc: " + ", ".join(f"gen{g} {self.count[g]}x {self.seconds[g] * 1e3:.1f} ms" for g in range(3)) + (
+            f" (automatic collection {'on' if gc.isenabled() else 'off'}, {gc.get_freeze_count()} frozen objects)")
+
+
 class StepProfiler:
     """Profiles a window of training steps with `torch.profiler` and writes the operator table to a file.
 
     `spec` is "START:COUNT" (steps counted from 0 by `step()` calls), e.g. from the environment variable
     AMPRAY_PROFILE, which `ampray train` workers read; empty means off. The file holds the wall time of
     the window, the summed device time of its kernels (busy share = how much of the window the GPU
-    worked), and the operators sorted by device time and by host time.
+    worked), the process's environment, who used the host's CPUs during the window, and the operators
+    sorted by device time and by host time. "START:COUNT:cpu" counts CPU use only, without the profiler's
+    own overhead.
     """
 
     def __init__(self, spec: str, path: str | os.PathLike) -> None:
@@ -225,12 +296,13 @@ class StepProfiler:
         self._prof = None
         self._n = 0
         self.start = self.count = 0
+        self.cpu_only = spec.endswith(":cpu")
         if spec:
             try:
-                start, count = (int(v) for v in spec.split(":"))
+                start, count = (int(v) for v in spec.removesuffix(":cpu").split(":"))
             except ValueError:
-                raise ValueError(f"StepProfiler: spec={spec!r} is not allowed; expected 'START:COUNT', "
-                                 "two integers") from None
+                raise ValueError(f"StepProfiler: spec={spec!r} is not allowed; expected 'START:COUNT' or "
+                                 "'START:COUNT:cpu', START and COUNT integers") from None
             if start < 0 or count < 1:
                 raise ValueError(f"StepProfiler: spec={spec!r} is not allowed; expected START >= 0, COUNT >= 1")
             self.start, self.count = start, count
@@ -246,14 +318,25 @@ class StepProfiler:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            self._cpu = cpu_snapshot()
+            self._gc = GcTimer().__enter__()
             self._t0 = time.perf_counter()
-            self._prof = profile(activities=acts)
+            self._prof = contextlib.nullcontext() if self.cpu_only else profile(activities=acts)
             self._prof.__enter__()
         elif self._prof is not None and self._n == self.start + self.count:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self._t0
+            self._gc.__exit__()
+            cpu = cpu_usage(self._cpu, cpu_snapshot(), wall) + "\n" + self._gc.summary()
             self._prof.__exit__(None, None, None)
+            if self.cpu_only:  # no operator tables: the steps ran at full speed, only CPU use was counted
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text(f"steps {self.start}..{self.start + self.count - 1}: wall "
+                                     f"{wall * 1e3 / self.count:.2f} ms/step (not profiled)\n"
+                                     f"{process_environment()}\n{cpu}\n")
+                self._prof = None
+                return
             events = self._prof.key_averages()
             from torch.autograd import DeviceType
 
@@ -262,7 +345,7 @@ class StepProfiler:
             lines = [f"steps {self.start}..{self.start + self.count - 1}: wall {wall * 1e3 / self.count:.2f} ms/step, "
                      f"kernels {device_us / 1e3 / self.count:.2f} ms/step "
                      f"(busy {device_us / 1e6 / wall:.1%} of the window, overlapping streams counted twice)"]
-            lines.append(process_environment())
+            lines += [process_environment(), cpu]
             if torch.cuda.is_available():
                 lines.append(events.table(sort_by="self_device_time_total", row_limit=25))
             lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))

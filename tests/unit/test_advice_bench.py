@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import statistics
+import threading
+import time
 
 import pytest
 import torch
@@ -232,3 +236,32 @@ def test_tf32_mode_restores_the_flags():
     with tf32_mode(False):
         assert not torch.backends.cudnn.allow_tf32
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
+
+
+def test_step_profiler_cpu_mode_counts_the_busy_thread_without_the_profiler(tmp_path):
+    from ampray.amp.bench import StepProfiler
+
+    out = tmp_path / "p.txt"
+    prof = StepProfiler("2:3:cpu", out)
+    x = torch.randn(64, 64)
+    for _ in range(6):
+        deadline = time.perf_counter() + 0.05
+        while time.perf_counter() < deadline:  # 50 ms of CPU per step on this thread
+            x = (x @ x).tanh()
+        prof.step()
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("steps 2..4: wall ") and "not profiled" in lines[0]
+    assert lines[1].startswith(f"env: pid {os.getpid()}")
+    # The looping thread (this one) kept about one core busy through the window.
+    tid = threading.get_native_id()
+    used = float(re.search(rf"\[{tid}\] ([0-9.]+)", lines[2]).group(1))
+    assert 0.5 <= used <= 1.2, lines[2]
+    assert "Self CPU" not in out.read_text()  # no operator tables: the profiler never ran
+
+
+@pytest.mark.parametrize("spec", ["3", "a:b", "1:0", "-1:2", "1:2:gpu"])
+def test_step_profiler_rejects_a_bad_spec_naming_it(spec):
+    from ampray.amp.bench import StepProfiler
+
+    with pytest.raises(ValueError, match=re.escape(repr(spec))):
+        StepProfiler(spec, "unused.txt")
