@@ -61,7 +61,7 @@ ddpdiag)
     cat "$out"/nccl/"$runner"-*.log 2>/dev/null | sed 's/^.*NCCL INFO //' \
       | grep -E "via P2P|via SHM|via NET|algo|proto" | sort | uniq -c | sort -rn | head -6
   done
-  for f in "$out"/profiles/*/*.txt; do echo "== $f"; cat "$f" | cut -c1-900; done
+  for f in "$out"/profiles/*/*rank0.txt; do echo "== $f"; cut -c1-700 "$f"; done
   tar -C "$out" -czf "$out/ddpdiag.tgz" profiles nccl && rm -rf "$out/profiles" "$out/nccl" ;;
 gputests)
   timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
