@@ -52,7 +52,7 @@ ddpdiag)
   # Where Ray's ~3% at 2 GPUs goes. Twice, interleaved: the engine under torchrun (with the worker's reports)
   # and Ray's workers, each counting who used the host's CPUs over steps 30-49 (no profiler: full speed),
   # with NCCL's choices (transport, channels, protocol) logged.
-  timeout 480 python benchmarks/bench_ray_ddp.py --workers 2 --dtypes bf16 --accum 4 --allreduce-dtype bf16 \
+  timeout ${LIMIT:-480} python benchmarks/bench_ray_ddp.py --workers ${WORKERS:-2} --dtypes bf16 --accum 4 --allreduce-dtype bf16 \
     --runners engine,ray,rayvar --variant-env AMPRAY_GC_EVERY=20 --repeats ${REPEATS:-2} --steps 60 --warmup 20 --report-every 20 --profile 30:20:cpu \
     --profile-dir "$out/profiles" --nccl-debug "$out/nccl" --out "$out/ddpdiag.json"
   cleanup
