@@ -111,6 +111,9 @@ def main() -> None:
     p.add_argument("--profile", default="", help="START:COUNT: profile those steps in every runner")
     p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
     p.add_argument("--nccl-debug", type=Path, default=None, help="write NCCL's INFO logs of every rank here")
+    p.add_argument("--smi", type=Path, default=None,
+                   help="an nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw "
+                        "--format=csv,noheader -lms 200 log taken during the run: each run's GPU conditions")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.smoke:
@@ -127,14 +130,48 @@ def main() -> None:
                     order = runners if rep % 2 == 0 else runners[::-1]
                     r = {}
                     for runner in order:
+                        t0 = time.time()
                         r[runner] = (ray(n, dtype, args, Path(storage), runner) if runner.startswith("ray")
                                      else plain(n, dtype, args, runner))
+                        r[runner]["window"] = (t0, time.time())
                     rows.append({k: r[k] for k in runners} | {"repeat": rep})
                     print(f"[{rep}] {dtype} x{n}: " + ", ".join(f"{k} {r[k]['mean_step_s'] * 1e3:.2f} ms"
                                                                  for k in runners), flush=True)
                     if args.out:  # after every row: a run cut short keeps what it measured
                         args.out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+    if args.smi:
+        gpu_conditions(rows, runners, args)
     summarise(rows, runners, args)
+
+
+def gpu_conditions(rows: list[dict], runners: list[str], args) -> None:
+    """Each run's GPU conditions from an `nvidia-smi ... -lms` log taken alongside (--smi): mean SM clock,
+    utilisation and power of the GPUs it used over the samples in its busiest stretch (util >= 50%),
+    so a run that drew a slower GPU state shows itself."""
+    from datetime import datetime
+
+    samples = []  # (unix time, gpu index, util %, sm MHz, W)
+    for line in args.smi.read_text().splitlines():
+        try:
+            ts, idx, util, sm, power = [v.strip() for v in line.split(",")][:5]
+            t = datetime.strptime(ts, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((t, int(idx), float(util.split()[0]), float(sm.split()[0]), float(power.split()[0])))
+        except ValueError:
+            continue
+    for row in rows:
+        for k in runners:
+            run = row[k]
+            lo, hi = run["window"]
+            busy = [s for s in samples if lo <= s[0] <= hi and s[1] < run["world_size"] and s[2] >= 50]
+            if busy:
+                run["gpu"] = {"samples": len(busy), "util_pct": statistics.fmean(s[2] for s in busy),
+                              "sm_mhz": statistics.fmean(s[3] for s in busy),
+                              "power_w": statistics.fmean(s[4] for s in busy)}
+                print(f"[{row['repeat']}] {run['dtype']} x{run['world_size']} {k}: {run['mean_step_s'] * 1e3:.2f} ms; "
+                      f"GPU util {run['gpu']['util_pct']:.0f}%, SM {run['gpu']['sm_mhz']:.0f} MHz, "
+                      f"{run['gpu']['power_w']:.0f} W over {len(busy)} samples", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
 
 
 def summarise(rows: list[dict], runners: list[str], args) -> None:

@@ -3,7 +3,8 @@
 #   bash benchmarks/h200.sh engine OUT   # engine GPU tests; engine vs plain loop (GPT-2, ResNet-50; fp16, bf16)
 #   bash benchmarks/h200.sh face OUT     # `ampray bench` for mlp, cnn, gpt (large); the UI's train function on GPUs
 #   bash benchmarks/h200.sh tune OUT     # 8 trials at 0.25 GPU against the same 8 one at a time (GPU 0 only)
-#   WORKERS=2 bash benchmarks/h200.sh ddp OUT   # plain torchrun, the engine under torchrun, `ampray train` (2-GPU host)
+#   WORKERS=2 bash benchmarks/h200.sh ddp OUT   # plain torchrun, the engine under torchrun, `ampray train` (2-GPU host;
+#                                               # also BATCH (micro-batch), RUNNERS, REPEATS, LIMIT)
 #   bash benchmarks/h200.sh ddpdiag OUT  # NCCL logs and step profiles of the engine under torchrun and of Ray (2 GPUs)
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
@@ -43,20 +44,24 @@ tune)
     --steps 100 --out "$out/tune_packing.json"
   cleanup ;;
 ddp)
-  # About 130 s per row of three runners, mostly start-up: 3 repeats of one worker count fill one call.
-  timeout 540 python benchmarks/bench_ray_ddp.py --workers "${WORKERS:-2}" --dtypes bf16 --accum 4 \
-    --allreduce-dtype bf16 --runners plain,engine,ray --repeats 3 --steps 60 --warmup 20 --report-every 20 \
-    --out "$out/ray_ddp.json"
+  # About 130 s per row of three runners, mostly start-up. nvidia-smi logs every GPU's clock, utilisation
+  # and power alongside, so each run's GPU conditions can be set next to its step time.
+  nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw --format=csv,noheader \
+    -lms 200 > "$out/smi.csv" 2>/dev/null & smi=$!
+  timeout ${LIMIT:-540} python benchmarks/bench_ray_ddp.py --workers "${WORKERS:-2}" --dtypes bf16 \
+    --batch-size "${BATCH:-8}" --accum 4 --allreduce-dtype bf16 --runners "${RUNNERS:-plain,engine,ray}" \
+    --repeats "${REPEATS:-3}" --steps 60 --warmup 20 --report-every 20 --smi "$out/smi.csv" --out "$out/ray_ddp.json"
+  kill $smi 2>/dev/null
   cleanup ;;
 ddpdiag)
   # Where Ray's ~3% at 2 GPUs goes. Twice, interleaved: the engine under torchrun (with the worker's reports)
   # and Ray's workers, each counting who used the host's CPUs over steps 30-49 (no profiler: full speed),
   # with NCCL's choices (transport, channels, protocol) logged.
   timeout ${LIMIT:-480} python benchmarks/bench_ray_ddp.py --workers ${WORKERS:-2} --dtypes bf16 --accum 4 --allreduce-dtype bf16 \
-    --runners engine,ray,rayvar --variant-env AMPRAY_GC_EVERY=20 --repeats ${REPEATS:-2} --steps 60 --warmup 20 --report-every 20 --profile 30:20:cpu \
+    --runners engine,ray --repeats ${REPEATS:-2} --steps 60 --warmup 20 --report-every 20 --profile 30:20:cpu \
     --profile-dir "$out/profiles" --nccl-debug "$out/nccl" --out "$out/ddpdiag.json"
   cleanup
-  for runner in engine ray rayvar; do  # each runner's NCCL choices, the rank/pid prefix cut off so ranks merge
+  for runner in engine ray; do  # each runner's NCCL choices, the rank/pid prefix cut off so ranks merge
     echo "== $runner"
     cat "$out"/nccl/"$runner"-*.log 2>/dev/null | sed 's/^.*NCCL INFO //' \
       | grep -E "via P2P|via SHM|via NET|algo|proto" | sort | uniq -c | sort -rn | head -6

@@ -9,7 +9,6 @@ state and every rank its RNG state into one checkpoint (Ray merges the ranks' fo
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -151,17 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             metrics["hparams"] = config.get("hparams", {})
         reporter.submit(metrics, None, "")
-    gc_every = int(os.environ.get("AMPRAY_GC_EVERY", "0"))
-    if gc_every:
-        # The objects built so far (Ray, the model, the data) live to the end: frozen out of every
-        # collection, and automatic collection off; the young generations are collected every
-        # gc_every steps at the same step on every rank, so no rank pauses while the others wait for it.
-        gc.collect()
-        gc.freeze()
-        gc.disable()
     while step < run["steps"]:
-        if gc_every and step % gc_every == 0:
-            gc.collect(1)
         for _ in range(k):
             x, y = batches.next_batch()
             out = engine.train_step(model, optimizer, criterion, x, y, scheduler)
@@ -184,9 +173,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(reporter, metrics, step, rank, run, job, config, model=model, optimizer=optimizer,
                     scheduler=scheduler, engine=engine, batches=batches, final=final)
     reporter.close()
-    if gc_every:
-        gc.enable()
-        gc.unfreeze()
 
 
 def _maybe_restore(rank: int, job: dict[str, Any], init_checkpoint, *, model, optimizer, scheduler, engine,
