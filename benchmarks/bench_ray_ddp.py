@@ -195,9 +195,12 @@ def summarise(rows: list[dict], runners: list[str], args) -> None:
             ratios = [f"{stats[k][0] / stats[base][0]:.3f}" for k in runners if k != base]
             print(f"| {dtype} | {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     for dtype in args.dtypes.split(","):
-        if (dtype, 1) in samples and (dtype, 2) in samples:
-            for k in runners:
-                print(f"{dtype} {k}: 2-worker throughput = {samples[dtype, 2][k] / samples[dtype, 1][k]:.2f}x one worker")
+        for n in map(int, args.workers.split(",")):
+            if n > 1 and (dtype, 1) in samples:
+                for k in runners:
+                    speedup = samples[dtype, n][k] / samples[dtype, 1][k]
+                    print(f"{dtype} {k}: {n}-worker throughput = {speedup:.2f}x one worker "
+                          f"(scaling efficiency {speedup / n:.3f})")
 
 if __name__ == "__main__":
     main()

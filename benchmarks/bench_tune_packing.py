@@ -7,7 +7,8 @@ Runs the same search twice, one after the other, on the same host and an embedde
 trials (same space, seed and FIFO scheduler, so every trial runs its whole step budget), first with
 `--gpus-per-trial 0.25` and as many trials at once as fit, then with a whole GPU per trial and one trial
 at a time. Reports both wall times (the whole command, Ray start-up included, and Tune's own run time),
-the packing speed-up, and each trial's throughput and objective read back from results.parquet.
+the packing speed-up, and each trial's throughput, objective and placement (node:GPU) read back from
+results.parquet, with the number of trials each GPU ran.
 """
 
 from __future__ import annotations
@@ -40,14 +41,21 @@ def search(args, storage: Path, name: str, gpus: float, concurrent: int) -> dict
     if out.returncode:
         raise SystemExit(f"ampray tune failed:\n{out.stdout[-3000:]}\n{out.stderr[-4000:]}")
     rows = pq.read_table(storage / name / "results.parquet").to_pylist()
-    keep = ("trial", "status", "objective", "samples_per_s", "peak_memory_bytes", "step")
+    keep = ("trial", "status", "objective", "samples_per_s", "peak_memory_bytes", "step", "placement")
     run = {"gpus_per_trial": gpus, "max_concurrent": concurrent, "wall_s": wall,
            "trials": [{k: r.get(k) for k in keep} | {p: r[p] for p in r if p.startswith("precision.")}
                       for r in rows]}
+    # How evenly the trials were spread: trials per node:GPU (a trial of several workers counts on each).
+    spread: dict[str, int] = {}
+    for t in run["trials"]:
+        for where in (t.get("placement") or "?").split(";"):
+            spread[where] = spread.get(where, 0) + 1
+    run["trials_per_gpu"] = dict(sorted(spread.items()))
     sps = [t["samples_per_s"] for t in run["trials"] if t["samples_per_s"]]
     print(f"{name}: {args.trials} trials at {gpus} GPU each, {concurrent or 'as many as fit'} at once: "
           f"{wall:.1f} s; statuses {sorted({t['status'] for t in run['trials']})}"
-          + (f"; samples/s per trial {min(sps):.0f}..{max(sps):.0f}" if sps else ""), flush=True)
+          + (f"; samples/s per trial {min(sps):.0f}..{max(sps):.0f}" if sps else "")
+          + f"; trials per node:GPU {run['trials_per_gpu']}", flush=True)
     return run
 
 
@@ -61,6 +69,8 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--smoke", action="store_true", help="CPU workers, tiny GPT, 2 trials")
+    p.add_argument("--packed-only", action="store_true",
+                   help="the packed search alone (wall time and placement over every GPU of the host)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.smoke:
@@ -68,6 +78,11 @@ def main() -> None:
     packed_n = args.trials if args.gpus_per_trial else 0
     with tempfile.TemporaryDirectory() as tmp:
         packed = search(args, Path(tmp), "packed", args.gpus_per_trial, packed_n)
+        if args.packed_only:
+            if args.out:
+                args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "packed": packed},
+                                               indent=2, default=str))
+            return
         serial = search(args, Path(tmp), "serial", 1.0 if args.gpus_per_trial else 0.0, 1)
     speedup = serial["wall_s"] / packed["wall_s"]
     print(f"{args.trials} trials: packed ({args.gpus_per_trial} GPU each) {packed['wall_s']:.1f} s, "

@@ -7,6 +7,7 @@
 #                                               # also BATCH (micro-batch), RUNNERS, REPEATS, LIMIT)
 #   bash benchmarks/h200.sh ddpdiag OUT  # NCCL logs and step profiles of the engine under torchrun and of Ray (2 GPUs)
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
+#   PART=train|tune bash benchmarks/h200.sh scale OUT  # issue 5 on a 4- or 8-GPU host
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
 set -uo pipefail
 part=$1 out=$2
@@ -68,6 +69,22 @@ ddpdiag)
   done
   for f in "$out"/profiles/*/*rank0.txt; do echo "== $f"; cut -c1-700 "$f"; done
   tar -C "$out" -czf "$out/ddpdiag.tgz" profiles nccl && rm -rf "$out/profiles" "$out/nccl" ;;
+scale)
+  # Issue 5 (4- or 8-GPU host): `ampray train` against torchrun on 1, 2, 4, 8 workers (what the host has),
+  # then 16 trials at 0.25 GPU spread over every GPU. Two calls: PART=train, then PART=tune.
+  if [ "${PART:-train}" = train ]; then
+    n=$(nvidia-smi -L | wc -l); counts=$(for w in 1 2 4 8; do [ $w -le $n ] && printf '%s,' $w; done)
+    nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw --format=csv,noheader \
+      -lms 200 > "$out/smi.csv" 2>/dev/null & smi=$!
+    timeout ${LIMIT:-560} python benchmarks/bench_ray_ddp.py --workers "${counts%,}" --dtypes bf16 \
+      --batch-size "${BATCH:-8}" --accum 4 --allreduce-dtype bf16 --runners plain,ray --repeats 1 --steps 60 \
+      --warmup 20 --report-every 20 --smi "$out/smi.csv" --out "$out/scale.json"
+    kill $smi 2>/dev/null
+  else
+    timeout ${LIMIT:-560} python benchmarks/bench_tune_packing.py --trials 16 --gpus-per-trial 0.25 --steps 100 \
+      --packed-only --out "$out/tune16.json"
+  fi
+  cleanup ;;
 gputests)
   timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
 *) echo "unknown part $part" >&2; exit 2 ;;

@@ -133,13 +133,14 @@ def _last_steps(logdir: str) -> tuple[dict[str, int], float]:
 
 def _summary_table(metrics: list[dict[str, Any]]) -> str:
     mib = 1 << 20
-    rows = ["| rank | final loss | scale | skipped steps | peak allocated (MiB) | peak RSS (MiB) | samples/s |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| rank | final loss | scale | skipped steps | peak allocated (MiB) | peak RSS (MiB) | samples/s | node:gpu |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rank, m in enumerate(metrics):
         rows.append(
             f"| {rank} | {m.get('loss', math.nan):.4g} | {m.get('scaler/scale', math.nan):g} "
             f"| {m.get('perf/skipped_steps', 0)} | {m.get('memory/peak_allocated_bytes', 0) / mib:.1f} "
-            f"| {m.get('memory/peak_rss_bytes', 0) / mib:.1f} | {m.get('perf/samples_per_s', math.nan):.1f} |"
+            f"| {m.get('memory/peak_rss_bytes', 0) / mib:.1f} | {m.get('perf/samples_per_s', math.nan):.1f} "
+            f"| {m.get('placement/node', '?')}:{m.get('placement/gpu', '?')} |"
         )
     return "\n".join(rows)
 

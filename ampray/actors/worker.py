@@ -88,6 +88,18 @@ def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: i
     return out
 
 
+def placement() -> dict[str, str]:
+    """Where this rank runs: its node's host name and the physical GPU ids Ray gave it ("cpu" without).
+    Strings: they travel in every report (TensorBoard keeps numbers only) into the final table and a
+    search's results."""
+    import socket
+
+    import ray
+
+    gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    return {"placement/node": socket.gethostname(), "placement/gpu": ",".join(map(str, gpus)) or "cpu"}
+
+
 def _write_progress(run_dir: Path, rank: int, step: int) -> None:
     """Where a rank is, and its pid: read by people and by the fault tests."""
     folder = run_dir / "progress"
@@ -134,6 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, saved = _maybe_restore(rank, job, config.get("init_checkpoint"), model=model, optimizer=optimizer,
                                  scheduler=scheduler, engine=engine, batches=batches)
     tokens = inputs.shape[1] if kind == "gpt" else 0
+    where = placement()
     loss_sum, loss_n = torch.zeros((), device=device), 0
     last = (step, engine.counters.wall_time_s())
     _write_progress(run_dir, rank, step)
@@ -146,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # search): nothing to train, but the final records are reported again for the caller to see.
         # Each rank's own final report was saved with the checkpoint: the caller sees the same figures.
         metrics = saved or report_metrics(engine, step, rank, world, engine.records()[0].loss, tokens)
-        metrics.update({"final": True})
+        metrics.update({"final": True} | where)
         if rank == 0:
             metrics["hparams"] = config.get("hparams", {})
         reporter.submit(metrics, None, "")
@@ -161,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final = step == run["steps"]
         if step % run["report_every"] == 0 or step % run["checkpoint_every"] == 0 or final:
             metrics = report_metrics(engine, step, rank, world, loss_sum.item() / max(loss_n, 1), tokens)
+            metrics.update(where)
             wall = engine.counters.wall_time_s()
             # Step time over this report interval alone: the steady-state figure (no warm-up in it).
             metrics["perf/interval_step_time_s"] = (wall - last[1]) / max(step - last[0], 1)

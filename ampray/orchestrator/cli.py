@@ -78,14 +78,14 @@ def final_table(outcome) -> Any:
 
     table = Table(title=f"ampray train: {outcome.num_workers} worker(s), "
                         f"{'GPU' if outcome.use_gpu else 'CPU'}, {outcome.run_dir}")
-    for col in ("rank", "step", "loss", "samples/s", "scale", "skipped", "overflows", "peak memory MiB"):
+    for col in ("rank", "step", "loss", "samples/s", "scale", "skipped", "overflows", "peak memory MiB", "node:gpu"):
         table.add_column(col, justify="right")
     for rank, rec in sorted(outcome.final.items()):
         peak = max(rec.get("memory/peak_allocated_bytes", 0), 0) / 2**20
         table.add_row(str(rank), f"{rec.get('step', 0):.0f}", f"{rec.get('loss', float('nan')):.4f}",
                       f"{rec.get('perf/samples_per_s', 0):.0f}", f"{rec.get('scaler/scale', 0):g}",
                       f"{rec.get('perf/skipped_steps', 0):.0f}", f"{rec.get('scaler/overflows', 0):.0f}",
-                      f"{peak:.1f}")
+                      f"{peak:.1f}", f"{rec.get('placement/node', '?')}:{rec.get('placement/gpu', '?')}")
     return table
 
 

@@ -173,7 +173,8 @@ def summary_rows(final: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                      "samples_per_s": round(float(rec.get("perf/samples_per_s", 0.0)), 1),
                      "scale": float(rec.get("scaler/scale", 0.0)),
                      "skipped_steps": int(rec.get("perf/skipped_steps", 0)),
-                     "peak_memory_mib": round(max(float(rec.get("memory/peak_allocated_bytes", 0)), 0.0) / 2**20, 1)})
+                     "peak_memory_mib": round(max(float(rec.get("memory/peak_allocated_bytes", 0)), 0.0) / 2**20, 1),
+                     "placement": f"{rec.get('placement/node', '?')}:{rec.get('placement/gpu', '?')}"})
     return rows
 
 

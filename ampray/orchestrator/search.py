@@ -32,7 +32,8 @@ from ampray.amp.config import _check_choice, _fail
 from ampray.orchestrator.job import ConfigError, JobConfig
 from ampray.tune_spaces import apply
 
-RESULT_COLUMNS = ("objective", "loss", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step")
+RESULT_COLUMNS = ("objective", "loss", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step",
+                  "placement")
 
 
 @dataclass
@@ -112,6 +113,8 @@ def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[st
         "samples_per_s": agg.get("perf/samples_per_s/total", 0.0),
         "peak_memory_bytes": agg.get("memory/peak_allocated_bytes/max", 0.0),
         "world_size": world,
+        # Where the trial's ranks ran, "node:gpu" per rank in rank order: shows how trials were spread.
+        "placement": ";".join(f"{m.get('placement/node', '?')}:{m.get('placement/gpu', '?')}" for m in metrics),
     }
 
 

@@ -4,6 +4,7 @@ after the driver is killed, restart after a worker is killed, and fast failures 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -69,7 +70,8 @@ def test_train_end_to_end_on_parquet_with_every_rank_in_tensorboard(ray_address,
         assert tag in scalars
     losses = [v for _, v in scalars["all/loss/mean"]]
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.5 * uniform_loss("mlp")
-    assert read_text(str(run_dir / "tensorboard"), "summary")
+    (summary,) = read_text(str(run_dir / "tensorboard"), "summary")
+    assert summary.count(f"| {socket.gethostname()}:cpu |") == 2  # each rank's node and GPU ("cpu")
     assert read_hparams(str(run_dir / "tensorboard"))["run.steps"] == 80
     saved = JobConfig.load(run_dir / "job.toml")
     assert saved.run.steps == 80 and saved.data.path.endswith("mlp")

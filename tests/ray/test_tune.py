@@ -1,6 +1,7 @@
 """`ampray tune` on the session's local Ray cluster: ASHA over the scaler space, the results table,
 HParams per trial, a best configuration that trains, and a bad space failing before any trial."""
 
+import socket
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def test_asha_search_writes_table_hparams_and_a_best_config_that_trains(ray_addr
                    "precision.backoff_factor", "precision.growth_interval", "precision.hysteresis", *RESULT_COLUMNS):
         assert column in table[0], column
     assert {row["status"] for row in table} <= {"completed", "stopped_early"}
+    # One CPU worker per trial, on this machine: where each trial ran is in its row.
+    assert {row["placement"] for row in table} == {f"{socket.gethostname()}:cpu"}
     assert any(row["status"] == "completed" for row in table)
     for row in table:
         hp = read_hparams(str(folder / "trials" / row["trial"] / "tensorboard")) if row["status"] == "completed" else None
