@@ -8,6 +8,7 @@ restores its checkpoint list from `<storage_path>/<name>` and the workers contin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -146,7 +147,20 @@ def run_training(job: JobConfig) -> TrainingOutcome:
     logdir = run_dir / "tensorboard"
     final = final_records(read_scalars(str(logdir)), num_workers)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint is not None:
+        add_placement(final, Path(checkpoint))
     return TrainingOutcome(run_dir, logdir, num_workers, use_gpu, final, checkpoint)
+
+
+def add_placement(final: dict[int, dict[str, Any]], checkpoint: Path) -> None:
+    """Each rank's node and GPU (strings, so not in TensorBoard) from the report it saved with the final
+    checkpoint."""
+    for rank, records in final.items():
+        try:
+            report = json.loads((checkpoint / f"report_rank{rank}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        records.update({k: v for k, v in report.items() if k.startswith("placement/")})
 
 
 def final_records(scalars: dict[str, list[tuple[int, float]]], num_workers: int) -> dict[int, dict[str, Any]]:

@@ -37,3 +37,6 @@ def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype):
     losses = [v for _, v in scalars["all/loss/mean"]]
     assert losses[-1] < 0.8 * losses[0]
     assert scalars["all/scaler/scale_disagreements"][-1][1] == 0
+    # Each rank reports the physical GPU Ray gave it: one each, all different.
+    placed = [outcome.final[rank]["placement/gpu"] for rank in range(gpus)]
+    assert sorted(placed) == sorted(str(i) for i in range(gpus)), placed

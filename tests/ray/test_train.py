@@ -53,11 +53,12 @@ def _starts(run_dir: Path, rank: int) -> list[int]:
     return [json.loads(x)["start_step"] for x in lines if json.loads(x)["rank"] == rank]
 
 
-def test_train_end_to_end_on_parquet_with_every_rank_in_tensorboard(ray_address, tmp_path):
+def test_train_end_to_end_on_parquet_with_every_rank_in_tensorboard(ray_address, tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "data"), "--kinds", "mlp", "--num-samples", "1024"]) == 0
     args = _args(tmp_path, "e2e", 80, "--address", ray_address, "--data.path", str(tmp_path / "data" / "mlp"),
                  "--model.options.in_features", "784")
     assert main(args) == 0
+    assert f"{socket.gethostname()}:cpu" in capsys.readouterr().out  # the final table's node:gpu column
     run_dir = tmp_path / "e2e"
     scalars = read_scalars(str(run_dir / "tensorboard"))
     for rank in (0, 1):
