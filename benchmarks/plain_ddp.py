@@ -49,12 +49,18 @@ def main() -> None:
     p.add_argument("--runner", default="plain", choices=["plain", "engine"])
     p.add_argument("--report-every", type=int, default=0,
                    help="engine runner: build a worker's report (loss read back, engine records) every N steps")
+    p.add_argument("--bind-cpus", action="store_true",
+                   help="bind each rank to its own physical cores, as scaling.bind_cpus does for ampray train")
     p.add_argument("--profile", default="", help="START:COUNT: profile those steps into --profile-out")
     p.add_argument("--profile-out", default="profile")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.bind_cpus:
+        from ampray.actors.affinity import bind_local_rank
+
+        bind_local_rank(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

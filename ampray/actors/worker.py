@@ -126,6 +126,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if job["scaling"].get("bind_cpus"):
+        from ampray.actors.affinity import bind_local_rank
+
+        bind_local_rank(ctx.get_local_rank(), ctx.get_local_world_size())
     run, kind = job["run"], job["model"]["kind"]
     torch.manual_seed(run["seed"])  # the same initial weights on every rank
     engine = build_engine(job, device)

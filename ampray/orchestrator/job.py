@@ -121,6 +121,9 @@ class ScalingSection:
     bytes on the wire, gradients rounded to 8/11 significant bits before averaging; bf16 needs NCCL, i.e.
     GPUs). Gradient accumulation (precision.gradient_accumulation_steps) also cuts traffic: micro-steps
     skip the all-reduce."""
+    bind_cpus: bool = False
+    """Bind each worker to its own block of whole physical cores of its node (ampray.actors.affinity):
+    the busy threads of two workers then never share a core's hardware threads."""
 
     def __post_init__(self) -> None:
         if isinstance(self.use_gpu, bool):
