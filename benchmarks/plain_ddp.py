@@ -107,8 +107,12 @@ def main() -> None:
 
 
 def _ddp(model, device, args):
+    """DDP with more than one process; one process trains the bare model, as `ray.train.torch.prepare_model`
+    leaves it for one worker (DDP on one rank would still bucket and all-reduce every gradient)."""
     from ampray.actors.worker import compress_allreduce
 
+    if dist.get_world_size() == 1:
+        return model
     cuda = device.type == "cuda"
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     compress_allreduce(ddp, args.allreduce_dtype)
@@ -129,7 +133,7 @@ def plain_step(args, model, x_all, y_all, criterion, device, rank, world):
             start = (((i * args.accum + micro) * world + rank) * b) % (n - b)
             idx = torch.arange(b, device=device) + start
             sync = micro == args.accum - 1
-            with ctx, (contextlib.nullcontext() if sync else ddp.no_sync()):
+            with ctx, (contextlib.nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()):
                 loss = criterion(ddp(x_all[idx]), y_all[idx]) / args.accum
                 scaler.scale(loss).backward()
         scaler.step(opt)
