@@ -19,11 +19,9 @@ def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from rich.console import Console
-
     from ampray.orchestrator.job import ConfigError
 
-    console = Console()
+    console = _console()
     try:
         job = _load_job(args, extra, **{"run.address": args.address, "run.name": args.name,
                                         "model.kind": args.model})
@@ -37,6 +35,14 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     console.print(final_table(outcome))
     console.print(f"View it: [bold]tensorboard --logdir {outcome.logdir}[/bold]")
     return 0
+
+
+def _console():
+    """Rich's console; into a file or pipe (a log, CI) 160 columns instead of 80, so that the tables' columns
+    are not cut to a few letters there."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 class _Progress:
@@ -90,11 +96,9 @@ def final_table(outcome) -> Any:
 
 
 def _tune(args: argparse.Namespace, extra: list[str]) -> int:
-    from rich.console import Console
-
     from ampray.orchestrator.job import ConfigError
 
-    console = Console()
+    console = _console()
     try:
         job = _load_job(args, extra, **{"run.address": args.address})
         from ampray.orchestrator.search import SearchConfig, run_search
@@ -154,8 +158,6 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, extra: list[str]) -> int:
-    from rich.console import Console
-
     from ampray.amp.config import ConfigError
     from ampray.orchestrator.interface import benchmark_mixed_precision_interface
 
@@ -167,7 +169,7 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     except (ConfigError, ValueError) as err:
         print(f"ampray bench: error: {err}", file=sys.stderr)
         return 2
-    Console().print(bench_table(result))
+    _console().print(bench_table(result))
     if args.out:
         from ampray.orchestrator.search import write_parquet
 
@@ -192,13 +194,12 @@ def bench_table(result: dict[str, Any]) -> Any:
 
 
 def _recommend(args: argparse.Namespace, extra: list[str]) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ampray.orchestrator.interface import recommendation_view
 
     view = recommendation_view(device=args.device)
-    console = Console()
+    console = _console()
     table = Table(title="Detected hardware")
     table.add_column("property")
     table.add_column("value")
