@@ -124,6 +124,11 @@ def main() -> None:
         args.preset, args.batch_size, args.steps, args.warmup, args.report_every = "nano", 4, 40, 20, 10
         args.dtypes = "bf16"
     runners = args.runners.split(",")
+    if "rayvar" in runners and not args.variant_env:
+        p.error("--runners rayvar needs --variant-env KEY=VAL[,KEY=VAL]")
+    bad = [kv for kv in args.variant_env.split(",") if kv and "=" not in kv]
+    if bad:
+        p.error(f"--variant-env={args.variant_env!r}: {bad} not KEY=VAL")
     rows = []  # one per (repeat, dtype, workers): {"plain": ..., "engine": ..., "ray": ...}
     with tempfile.TemporaryDirectory() as storage:
         for rep in range(args.repeats):

@@ -87,6 +87,7 @@ def main() -> None:
         if step >= args.warmup:
             # Events are read after the loop: a sync per step would stall the CPU's run-ahead.
             times.append((start, end) if cuda else time.perf_counter() - t0)
+    profiler.close()
     if cuda:
         torch.cuda.synchronize()
         # Mean step = GPU time from the first timed step's start to the last one's end, gaps included:

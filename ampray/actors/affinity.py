@@ -1,10 +1,15 @@
 """CPU binding of the ranks on one node: each local rank gets its own physical cores.
 
 Left to the OS scheduler, the busy threads of two ranks (each rank's Python thread and its autograd
-thread) can land on the two hardware threads of one core, and in a VM the guest cannot see which
-virtual CPUs are such siblings: the rank that drew a shared core launches its kernels more slowly for as
-long as it lives, and in DDP every rank waits for the slowest. Binding splits the node's physical cores
-(sibling sets from /sys) into one contiguous block per local rank.
+thread) can land on the two hardware threads of one core: the rank that drew a shared core launches its
+kernels more slowly for as long as it lives, and in DDP every rank waits for the slowest. Binding splits
+the node's physical cores (sibling sets from /sys) into one contiguous block per local rank. Where the
+OS shows no sibling sets (a VM guest often sees every virtual CPU as a core of its own), the blocks are
+ranges of virtual CPUs, which keeps ranks apart from each other's CPUs but cannot know which of them
+share a physical core on the host.
+
+The blocks are per job on a node: two jobs (or two packed Tune trials) on one node would be bound to
+the same blocks, which is why `ampray tune` refuses `scaling.bind_cpus`.
 
 Pure Python (Linux /proc and /sys); no Ray here, so that torchrun scripts can bind the same way.
 """
@@ -50,6 +55,7 @@ def rank_cpus(local_rank: int, local_world_size: int, cpus: Iterable[int],
               siblings: Callable[[int], set[int]] = _siblings_from_sys) -> set[int]:
     """This local rank's share of `cpus`: an equal, contiguous block of whole physical cores. With fewer
     physical cores than ranks there is nothing to split: all of `cpus`."""
+    cpus = set(cpus)
     if not 0 <= local_rank < local_world_size:
         raise ValueError(f"local_rank={local_rank!r} is not allowed: expected 0 <= local_rank < "
                          f"local_world_size={local_world_size}")
@@ -62,15 +68,17 @@ def rank_cpus(local_rank: int, local_world_size: int, cpus: Iterable[int],
 
 def bind_process(cpus: set[int]) -> int:
     """Bind every thread of this process (Linux sets affinity per thread; threads started later inherit
-    it from their creator) to `cpus`. Returns how many threads were bound."""
-    bound = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-            bound += 1
-        except OSError:  # the thread ended in between
-            pass
-    return bound
+    it from their creator) to `cpus`. Returns how many threads were bound. The thread list is read again
+    until it holds no thread not yet bound: one started meanwhile by an unbound thread is caught too."""
+    done: set[str] = set()
+    while todo := set(os.listdir("/proc/self/task")) - done:
+        for tid in todo:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:  # the thread ended in between
+                pass
+            done.add(tid)
+    return len([tid for tid in done if os.path.isdir(f"/proc/self/task/{tid}")])
 
 
 def bind_local_rank(local_rank: int, local_world_size: int) -> set[int] | None:

@@ -163,7 +163,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # search): nothing to train, but the final records are reported again for the caller to see.
         # Each rank's own final report was saved with the checkpoint: the caller sees the same figures.
         metrics = saved or report_metrics(engine, step, rank, world, engine.records()[0].loss, tokens)
-        metrics.update({"final": True} | where)
+        metrics["final"] = True
+        for key, value in where.items():  # the run's own placement when its report has one
+            metrics.setdefault(key, value)
         if rank == 0:
             metrics["hparams"] = config.get("hparams", {})
         reporter.submit(metrics, None, "")
@@ -190,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_n = 0
             _report(reporter, metrics, step, rank, run, job, config, model=model, optimizer=optimizer,
                     scheduler=scheduler, engine=engine, batches=batches, final=final)
+    profiler.close()
     reporter.close()
 
 

@@ -223,7 +223,7 @@ def _cpu_ticks(stat_path: str) -> tuple[str, int]:
 def cpu_snapshot() -> dict[str, Any]:
     """CPU time so far of this process's threads, of every process on the host, and the host's busy and
     total jiffies (Linux /proc; empty elsewhere). Two snapshots give who used the CPU in between."""
-    snap: dict[str, Any] = {"threads": {}, "procs": {}, "host": (0, 0)}
+    snap: dict[str, Any] = {"threads": {}, "procs": {}, "host": (0, 0), "t": time.perf_counter()}
     if not os.path.isdir("/proc/self/task"):
         return snap
     for tid in os.listdir("/proc/self/task"):
@@ -234,14 +234,18 @@ def cpu_snapshot() -> dict[str, Any]:
             snap["procs"][pid] = _cpu_ticks(f"/proc/{pid}/stat")
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/stat") as f:
-            jiffies = [int(v) for v in f.readline().split()[1:]]
+            # user nice system idle iowait irq softirq steal (guest time is inside user and nice already)
+            jiffies = [int(v) for v in f.readline().split()[1:9]]
         snap["host"] = (sum(jiffies) - jiffies[3] - jiffies[4], sum(jiffies))  # busy = all but idle, iowait
+    snap["t"] = time.perf_counter()  # the end of the scan: the span between two snapshots covers both
     return snap
 
 
-def cpu_usage(before: dict[str, Any], after: dict[str, Any], wall_s: float, top: int = 8) -> str:
-    """Who used the CPU between two snapshots, in cores (1.0 = one core busy the whole window)."""
+def cpu_usage(before: dict[str, Any], after: dict[str, Any], top: int = 8) -> str:
+    """Who used the CPU between two snapshots, in cores (1.0 = one core busy from the first snapshot's
+    start to the second's end; the counts come in clock ticks, 10 ms, so short windows are coarse)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    wall_s = max(after["t"] - before["t"], 1e-9)
 
     def busiest(kind: str) -> str:
         used = [(after[kind][k][1] - before[kind].get(k, (None, 0))[1], k, after[kind][k][0]) for k in after[kind]]
@@ -306,6 +310,8 @@ class StepProfiler:
             if start < 0 or count < 1:
                 raise ValueError(f"StepProfiler: spec={spec!r} is not allowed; expected START >= 0, COUNT >= 1")
             self.start, self.count = start, count
+            if start == 0:  # before the first step: no step() call comes first
+                self._begin()
 
     def step(self) -> None:
         """Call once after each training step."""
@@ -313,42 +319,56 @@ class StepProfiler:
             return
         self._n += 1
         if self._n == self.start:
-            from torch.profiler import ProfilerActivity, profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self._cpu = cpu_snapshot()
-            self._gc = GcTimer().__enter__()
-            self._t0 = time.perf_counter()
-            self._prof = contextlib.nullcontext() if self.cpu_only else profile(activities=acts)
-            self._prof.__enter__()
+            self._begin()
         elif self._prof is not None and self._n == self.start + self.count:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - self._t0
-            self._gc.__exit__()
-            cpu = cpu_usage(self._cpu, cpu_snapshot(), wall) + "\n" + self._gc.summary()
-            self._prof.__exit__(None, None, None)
-            if self.cpu_only:  # no operator tables: the steps ran at full speed, only CPU use was counted
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.write_text(f"steps {self.start}..{self.start + self.count - 1}: wall "
-                                     f"{wall * 1e3 / self.count:.2f} ms/step (not profiled)\n"
-                                     f"{process_environment()}\n{cpu}\n")
-                self._prof = None
-                return
-            events = self._prof.key_averages()
-            from torch.autograd import DeviceType
+            self._end()
 
-            # Kernel rows only: an operator's row repeats the time of the kernels it launched.
-            device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-            lines = [f"steps {self.start}..{self.start + self.count - 1}: wall {wall * 1e3 / self.count:.2f} ms/step, "
-                     f"kernels {device_us / 1e3 / self.count:.2f} ms/step "
-                     f"(busy {device_us / 1e6 / wall:.1%} of the window, overlapping streams counted twice)"]
-            lines += [process_environment(), cpu]
-            if torch.cuda.is_available():
-                lines.append(events.table(sort_by="self_device_time_total", row_limit=25))
-            lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("\n".join(lines))
+    def close(self) -> None:
+        """Stop a window that training left before its end (nothing is written)."""
+        if self._prof is not None:
+            self._gc.__exit__()
+            self._prof.__exit__(None, None, None)
             self._prof = None
+
+    def _begin(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._cpu = cpu_snapshot()
+        self._gc = GcTimer().__enter__()
+        self._t0 = time.perf_counter()
+        self._prof = contextlib.nullcontext() if self.cpu_only else profile(activities=acts)
+        self._prof.__enter__()
+
+    def _end(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
+        self._gc.__exit__()
+        cpu = cpu_usage(self._cpu, cpu_snapshot()) + "\n" + self._gc.summary()
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.cpu_only:  # no operator tables: the steps ran at full speed, only CPU use was counted
+            self.path.write_text(f"steps {self.start}..{self.start + self.count - 1}: wall "
+                                 f"{wall * 1e3 / self.count:.2f} ms/step (not profiled)\n"
+                                 f"{process_environment()}\n{cpu}\n")
+            return
+        self._write_tables(prof, wall, cpu)
+
+    def _write_tables(self, prof, wall: float, cpu: str) -> None:
+        from torch.autograd import DeviceType
+
+        events = prof.key_averages()
+        # Kernel rows only: an operator's row repeats the time of the kernels it launched.
+        device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        lines = [f"steps {self.start}..{self.start + self.count - 1}: wall {wall * 1e3 / self.count:.2f} ms/step, "
+                 f"kernels {device_us / 1e3 / self.count:.2f} ms/step "
+                 f"(busy {device_us / 1e6 / wall:.1%} of the window, overlapping streams counted twice)"]
+        lines += [process_environment(), cpu]
+        if torch.cuda.is_available():
+            lines.append(events.table(sort_by="self_device_time_total", row_limit=25))
+        lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
+        self.path.write_text("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from pathlib import Path
@@ -38,11 +39,11 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _console():
-    """Rich's console; into a file or pipe (a log, CI) 160 columns instead of 80, so that the tables' columns
-    are not cut to a few letters there."""
+    """Rich's console; into a file or pipe (a log, CI) 160 columns instead of 80 unless COLUMNS says, so
+    that the tables' columns are not cut to a few letters there."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
 
 
 class _Progress:

@@ -267,7 +267,8 @@ def final_from_checkpoint(trials_dir: Path, trial: str, budget: int, skip_penalt
     if not runs:
         return None
     latest = runs[max(runs)]
-    reports = sorted((latest / f"checkpoint_{budget:06d}").glob("report_rank*.json"))
+    reports = sorted((latest / f"checkpoint_{budget:06d}").glob("report_rank*.json"),
+                     key=lambda p: int(p.stem.removeprefix("report_rank")))  # rank order, also past 9
     if not reports:
         return None
     return trial_metrics([json.loads(r.read_text()) for r in reports], skip_penalty)
@@ -364,6 +365,9 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     if resume:
         # The search goes on as it began (job, space, scheduler), whatever else this command line says.
         job, search, space = load_plan(folder, search.name, job.run.address)
+    if job.scaling.bind_cpus:
+        raise ConfigError("scaling.bind_cpus=True is not allowed with ampray tune: trials packed on one node "
+                          "would be bound to the same cores; expected false")
     base_dict = job.to_dict()
     if not resume:
         space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))

@@ -17,7 +17,7 @@ from ampray.orchestrator.interface import (MODEL_TYPES, benchmark_mixed_precisio
                                            stream_training)
 
 BENCH_COLUMNS = ["precision", "median_ms", "samples_per_s", "speedup_percent", "peak_mib", "memory_savings_percent"]
-SUMMARY_COLUMNS = ["rank", "step", "loss", "samples_per_s", "scale", "skipped_steps", "peak_memory_mib"]
+SUMMARY_COLUMNS = ["rank", "step", "loss", "samples_per_s", "scale", "skipped_steps", "peak_memory_mib", "placement"]
 
 
 def _frame(rows: list[dict[str, Any]], columns: list[str], numeric: tuple[str, ...] = ()):

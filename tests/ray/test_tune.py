@@ -51,3 +51,11 @@ def test_bad_space_fails_before_any_trial(ray_address, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "backoff_factor" in err and "1.5" in err
     assert not (tmp_path / "bad" / "trials").exists()
+
+
+def test_cpu_binding_is_refused_before_any_trial(ray_address, tmp_path, capsys):
+    assert main(["tune", "--address", ray_address, "--name", "bound", "--run.storage_path", str(tmp_path),
+                 "--scaling.bind_cpus", "true", *JOB]) == 2
+    err = capsys.readouterr().err
+    assert "scaling.bind_cpus=True is not allowed" in err and "expected false" in err
+    assert not (tmp_path / "bound").exists()

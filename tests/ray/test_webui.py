@@ -131,6 +131,7 @@ def test_train_tab_streams_a_real_run_into_the_plots(page, ui_url):
     assert len(_line_points(page, "scale-plot")) == total
     summary = page.locator("#train-summary").inner_text()
     assert re.search(rf"\b0\s+{total}\b", summary) and re.search(rf"\b1\s+{total}\b", summary)
+    assert summary.count(f"{socket.gethostname()}:cpu") == 2  # where each rank ran
     assert str(logdir) in page.locator("#train-tensorboard").inner_text()
     _shot(page, "train")
 
