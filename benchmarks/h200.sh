@@ -4,7 +4,8 @@
 #   bash benchmarks/h200.sh face OUT     # `ampray bench` for mlp, cnn, gpt (large); the UI's train function on GPUs
 #   bash benchmarks/h200.sh tune OUT     # 8 trials at 0.25 GPU against the same 8 one at a time (GPU 0 only)
 #   WORKERS=2 bash benchmarks/h200.sh ddp OUT   # plain torchrun, the engine under torchrun, `ampray train` (2-GPU host;
-#                                               # also BATCH (micro-batch), RUNNERS, REPEATS, LIMIT)
+#                                               # also BATCH (micro-batch), RUNNERS, REPEATS, LIMIT,
+#                                               # BIND=1: every rank bound to its own cores)
 #   bash benchmarks/h200.sh ddpdiag OUT  # NCCL logs and step profiles of the engine under torchrun and of Ray (2 GPUs)
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
 #   PART=train|tune bash benchmarks/h200.sh scale OUT  # issue 5 on a 4- or 8-GPU host
@@ -51,7 +52,8 @@ ddp)
     -lms 200 > "$out/smi.csv" 2>/dev/null & smi=$!
   timeout ${LIMIT:-540} python benchmarks/bench_ray_ddp.py --workers "${WORKERS:-2}" --dtypes bf16 \
     --batch-size "${BATCH:-8}" --accum 4 --allreduce-dtype bf16 --runners "${RUNNERS:-plain,engine,ray}" \
-    --repeats "${REPEATS:-3}" --steps 60 --warmup 20 --report-every 20 --smi "$out/smi.csv" --out "$out/ray_ddp.json"
+    --repeats "${REPEATS:-3}" --steps 60 --warmup 20 --report-every 20 ${BIND:+--bind-cpus} --smi "$out/smi.csv" \
+    --out "$out/ray_ddp${BIND:+_bound}.json"
   kill $smi 2>/dev/null
   cleanup ;;
 ddpdiag)
