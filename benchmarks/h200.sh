@@ -10,6 +10,10 @@
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
 #   PART=train|tune bash benchmarks/h200.sh scale OUT  # issue 5 on a 4- or 8-GPU host
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
+# The GPU host has torch but neither Ray nor ampray's own small dependencies: build the kit here with
+#   bash ../shared/gpu/build-kit.sh tomli_w==1.2.0 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
+# (without tomli_w, `ampray train` fails on the host as soon as it saves the resolved job), carry .gpukit,
+# and start each command with `bash .gpukit/install.sh && export PYTHONPATH=/tmp/gpukit-site:$PWD;`.
 set -uo pipefail
 part=$1 out=$2
 cleanup() {
