@@ -146,8 +146,7 @@ def main() -> None:
                     rows.append({k: r[k] for k in runners} | {"repeat": rep})
                     print(f"[{rep}] {dtype} x{n}: " + ", ".join(f"{k} {r[k]['mean_step_s'] * 1e3:.2f} ms"
                                                                  for k in runners), flush=True)
-                    if args.out:  # after every row: a run cut short keeps what it measured
-                        args.out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+                    save(rows, args)  # after every row: a run cut short keeps what it measured
     if args.smi:
         gpu_conditions(rows, runners, args)
     summarise(rows, runners, args)
@@ -179,6 +178,10 @@ def gpu_conditions(rows: list[dict], runners: list[str], args) -> None:
                 print(f"[{row['repeat']}] {run['dtype']} x{run['world_size']} {k}: {run['mean_step_s'] * 1e3:.2f} ms; "
                       f"GPU util {run['gpu']['util_pct']:.0f}%, SM {run['gpu']['sm_mhz']:.0f} MHz, "
                       f"{run['gpu']['power_w']:.0f} W over {len(busy)} samples", flush=True)
+    save(rows, args)
+
+
+def save(rows: list[dict], args) -> None:
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
 

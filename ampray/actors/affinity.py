@@ -69,16 +69,18 @@ def rank_cpus(local_rank: int, local_world_size: int, cpus: Iterable[int],
 def bind_process(cpus: set[int]) -> int:
     """Bind every thread of this process (Linux sets affinity per thread; threads started later inherit
     it from their creator) to `cpus`. Returns how many threads were bound. The thread list is read again
-    until it holds no thread not yet bound: one started meanwhile by an unbound thread is caught too."""
-    done: set[str] = set()
-    while todo := set(os.listdir("/proc/self/task")) - done:
+    until it holds no thread not yet seen: one started meanwhile by an unbound thread is caught too."""
+    seen: set[str] = set()
+    bound = 0
+    while todo := set(os.listdir("/proc/self/task")) - seen:
         for tid in todo:
             try:
                 os.sched_setaffinity(int(tid), cpus)
+                bound += 1
             except ProcessLookupError:  # the thread ended in between
                 pass
-            done.add(tid)
-    return len([tid for tid in done if os.path.isdir(f"/proc/self/task/{tid}")])
+        seen |= todo
+    return bound
 
 
 def bind_local_rank(local_rank: int, local_world_size: int) -> set[int] | None:

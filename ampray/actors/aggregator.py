@@ -131,6 +131,11 @@ def _last_steps(logdir: str) -> tuple[dict[str, int], float]:
     return last, counts[-1][1] if counts else 0.0
 
 
+def placement_label(record: dict[str, Any]) -> str:
+    """"node:gpu" of one rank's record (the worker's `placement/...` strings); "?" for what is missing."""
+    return f"{record.get('placement/node', '?')}:{record.get('placement/gpu', '?')}"
+
+
 def _summary_table(metrics: list[dict[str, Any]]) -> str:
     mib = 1 << 20
     rows = ["| rank | final loss | scale | skipped steps | peak allocated (MiB) | peak RSS (MiB) | samples/s | node:gpu |",
@@ -140,7 +145,7 @@ def _summary_table(metrics: list[dict[str, Any]]) -> str:
             f"| {rank} | {m.get('loss', math.nan):.4g} | {m.get('scaler/scale', math.nan):g} "
             f"| {m.get('perf/skipped_steps', 0)} | {m.get('memory/peak_allocated_bytes', 0) / mib:.1f} "
             f"| {m.get('memory/peak_rss_bytes', 0) / mib:.1f} | {m.get('perf/samples_per_s', math.nan):.1f} "
-            f"| {m.get('placement/node', '?')}:{m.get('placement/gpu', '?')} |"
+            f"| {placement_label(m)} |"
         )
     return "\n".join(rows)
 

@@ -83,6 +83,8 @@ class _Progress:
 def final_table(outcome) -> Any:
     from rich.table import Table
 
+    from ampray.actors.aggregator import placement_label
+
     table = Table(title=f"ampray train: {outcome.num_workers} worker(s), "
                         f"{'GPU' if outcome.use_gpu else 'CPU'}, {outcome.run_dir}")
     for col in ("rank", "step", "loss", "samples/s", "scale", "skipped", "overflows", "peak memory MiB", "node:gpu"):
@@ -92,7 +94,7 @@ def final_table(outcome) -> Any:
         table.add_row(str(rank), f"{rec.get('step', 0):.0f}", f"{rec.get('loss', float('nan')):.4f}",
                       f"{rec.get('perf/samples_per_s', 0):.0f}", f"{rec.get('scaler/scale', 0):g}",
                       f"{rec.get('perf/skipped_steps', 0):.0f}", f"{rec.get('scaler/overflows', 0):.0f}",
-                      f"{peak:.1f}", f"{rec.get('placement/node', '?')}:{rec.get('placement/gpu', '?')}")
+                      f"{peak:.1f}", placement_label(rec))
     return table
 
 

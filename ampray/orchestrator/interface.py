@@ -167,6 +167,8 @@ def _short(dtype: str) -> str:
 
 def summary_rows(final: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per rank from its last report (the same figures `ampray train` prints)."""
+    from ampray.actors.aggregator import placement_label
+
     rows = []
     for rank, rec in sorted(final.items()):
         rows.append({"rank": rank, "step": int(rec.get("step", 0)), "loss": round(float(rec.get("loss", float("nan"))), 4),
@@ -174,7 +176,7 @@ def summary_rows(final: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
                      "scale": float(rec.get("scaler/scale", 0.0)),
                      "skipped_steps": int(rec.get("perf/skipped_steps", 0)),
                      "peak_memory_mib": round(max(float(rec.get("memory/peak_allocated_bytes", 0)), 0.0) / 2**20, 1),
-                     "placement": f"{rec.get('placement/node', '?')}:{rec.get('placement/gpu', '?')}"})
+                     "placement": placement_label(rec)})
     return rows
 
 

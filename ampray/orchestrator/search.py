@@ -96,7 +96,7 @@ def _check_dotted(dotted: str) -> None:
 
 def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[str, Any]:
     """What Tune sees from one report of all ranks."""
-    from ampray.actors.aggregator import aggregate
+    from ampray.actors.aggregator import aggregate, placement_label
 
     agg = aggregate(metrics)
     world = len(metrics)
@@ -114,7 +114,7 @@ def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[st
         "peak_memory_bytes": agg.get("memory/peak_allocated_bytes/max", 0.0),
         "world_size": world,
         # Where the trial's ranks ran, "node:gpu" per rank in rank order: shows how trials were spread.
-        "placement": ";".join(f"{m.get('placement/node', '?')}:{m.get('placement/gpu', '?')}" for m in metrics),
+        "placement": ";".join(placement_label(m) for m in metrics),
     }
 
 
