@@ -154,8 +154,9 @@ def main() -> None:
 
 def gpu_conditions(rows: list[dict], runners: list[str], args) -> None:
     """Each run's GPU conditions from an `nvidia-smi ... -lms` log taken alongside (--smi): mean SM clock,
-    utilisation and power of the GPUs it used over the samples in its busiest stretch (util >= 50%),
-    so a run that drew a slower GPU state shows itself."""
+    utilisation and power of the GPUs it used over the samples where they were busy at all (util >= 10%:
+    start-up and teardown left out, a host-bound run at 30% kept), so a run that drew a slower GPU state
+    or left the GPU waiting shows itself."""
     from datetime import datetime
 
     samples = []  # (unix time, gpu index, util %, sm MHz, W)
@@ -170,7 +171,7 @@ def gpu_conditions(rows: list[dict], runners: list[str], args) -> None:
         for k in runners:
             run = row[k]
             lo, hi = run["window"]
-            busy = [s for s in samples if lo <= s[0] <= hi and s[1] < run["world_size"] and s[2] >= 50]
+            busy = [s for s in samples if lo <= s[0] <= hi and s[1] < run["world_size"] and s[2] >= 10]
             if busy:
                 run["gpu"] = {"samples": len(busy), "util_pct": statistics.fmean(s[2] for s in busy),
                               "sm_mhz": statistics.fmean(s[3] for s in busy),

@@ -4,7 +4,9 @@
 #   bash benchmarks/h200.sh face OUT     # `ampray bench` for mlp, cnn, gpt (large); the UI's train function on GPUs
 #   bash benchmarks/h200.sh tune OUT     # 8 trials at 0.25 GPU against the same 8 one at a time (GPU 0 only)
 #   WORKERS=2 bash benchmarks/h200.sh ddp OUT   # plain torchrun, the engine under torchrun, `ampray train` (2-GPU host;
-#                                               # also BATCH (micro-batch), RUNNERS, REPEATS, LIMIT,
+#                                               # also BATCH (micro-batch, default 16: at 8 the host's CPU
+#                                               # time per step is as long as the GPU's, BENCHMARKS.md §6),
+#                                               # RUNNERS, REPEATS, LIMIT,
 #                                               # BIND=1: every rank bound to its own cores)
 #   bash benchmarks/h200.sh ddpdiag OUT  # NCCL logs and step profiles of the engine under torchrun and of Ray (2 GPUs)
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
@@ -55,7 +57,7 @@ ddp)
   nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw --format=csv,noheader \
     -lms 200 > "$out/smi.csv" 2>/dev/null & smi=$!
   timeout ${LIMIT:-540} python benchmarks/bench_ray_ddp.py --workers "${WORKERS:-2}" --dtypes bf16 \
-    --batch-size "${BATCH:-8}" --accum 4 --allreduce-dtype bf16 --runners "${RUNNERS:-plain,engine,ray}" \
+    --batch-size "${BATCH:-16}" --accum 4 --allreduce-dtype bf16 --runners "${RUNNERS:-plain,engine,ray}" \
     --repeats "${REPEATS:-3}" --steps 60 --warmup 20 --report-every 20 ${BIND:+--bind-cpus} --smi "$out/smi.csv" \
     --out "$out/ray_ddp${BIND:+_bound}.json"
   kill $smi 2>/dev/null
@@ -83,7 +85,7 @@ scale)
     nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw --format=csv,noheader \
       -lms 200 > "$out/smi.csv" 2>/dev/null & smi=$!
     timeout ${LIMIT:-560} python benchmarks/bench_ray_ddp.py --workers "${counts%,}" --dtypes bf16 \
-      --batch-size "${BATCH:-8}" --accum 4 --allreduce-dtype bf16 --runners plain,ray --repeats 1 --steps 60 \
+      --batch-size "${BATCH:-16}" --accum 4 --allreduce-dtype bf16 --runners plain,ray --repeats 1 --steps 60 \
       --warmup 20 --report-every 20 --smi "$out/smi.csv" --out "$out/scale.json"
     kill $smi 2>/dev/null
   else
