@@ -37,6 +37,8 @@ def plain(n: int, dtype: str, args, runner: str = "plain") -> dict:
         cmd += ["--report-every", str(args.report_every)]
     if args.bind_cpus:
         cmd += ["--bind-cpus"]
+    if args.compile:
+        cmd += ["--compile"]
     if args.profile:
         cmd += ["--profile", args.profile, "--profile-out", str(args.profile_dir / f"{dtype}-{n}w-r{args.rep}")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200,
@@ -68,7 +70,8 @@ def ray(n: int, dtype: str, args, storage: Path, runner: str = "ray") -> dict:
            "--scaling.num_workers", str(n), "--run.steps", str(args.steps), "--run.report_every",
            str(args.report_every), "--run.checkpoint_every", str(10**6), "--optimizer.lr", "3e-4",
            "--optimizer.schedule", "constant", "--run.adaptive", "false",
-           "--scaling.bind_cpus", "true" if args.bind_cpus else "false"]
+           "--scaling.bind_cpus", "true" if args.bind_cpus else "false",
+           "--model.compile", "true" if args.compile else "false"]
     if args.smoke:
         cmd += ["--scaling.use_gpu", "false"]
     t0 = time.time()
@@ -112,6 +115,7 @@ def main() -> None:
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--bind-cpus", action="store_true", help="every runner binds each rank to its own physical cores")
+    p.add_argument("--compile", action="store_true", help="every runner torch.compiles the model (model.compile)")
     p.add_argument("--profile", default="", help="START:COUNT: profile those steps in every runner")
     p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
     p.add_argument("--nccl-debug", type=Path, default=None, help="write NCCL's INFO logs of every rank here")

@@ -51,6 +51,7 @@ def main() -> None:
                    help="engine runner: build a worker's report (loss read back, engine records) every N steps")
     p.add_argument("--bind-cpus", action="store_true",
                    help="bind each rank to its own physical cores, as scaling.bind_cpus does for ampray train")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as model.compile does")
     p.add_argument("--profile", default="", help="START:COUNT: profile those steps into --profile-out")
     p.add_argument("--profile-out", default="profile")
     args = p.parse_args()
@@ -112,6 +113,8 @@ def _ddp(model, device, args):
     leaves it for one worker (DDP on one rank would still bucket and all-reduce every gradient)."""
     from ampray.actors.worker import compress_allreduce
 
+    if args.compile:
+        model.compile()  # in place, then DDP around it: what the worker does with model.compile
     if dist.get_world_size() == 1:
         return model
     cuda = device.type == "cuda"

@@ -88,6 +88,14 @@ def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: i
     return out
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process: a few in the first steps (DDP splits the model at
+    its buckets); a count that keeps growing means recompilations, each a stall of seconds."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def placement() -> dict[str, str]:
     """Where this rank runs: its node's host name and the physical GPU ids Ray gave it ("cpu" without).
     Strings: they travel in every report (TensorBoard keeps numbers only) into the final table and a
@@ -134,6 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(run["seed"])  # the same initial weights on every rank
     engine = build_engine(job, device)
     model = engine.prepare_model(build_model(kind, **job["model"]["options"]))
+    if job["model"].get("compile"):
+        model.compile()  # in place, inside DDP's wrapper: dynamo splits the graph at DDP's buckets
     model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
     compress_allreduce(model, job["scaling"]["allreduce_dtype"])
     opt_cfg = job["optimizer"]
@@ -181,6 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % run["report_every"] == 0 or step % run["checkpoint_every"] == 0 or final:
             metrics = report_metrics(engine, step, rank, world, loss_sum.item() / max(loss_n, 1), tokens)
             metrics.update(where)
+            if job["model"].get("compile"):
+                metrics["compile/graphs"] = compiled_graphs()
             wall = engine.counters.wall_time_s()
             # Step time over this report interval alone: the steady-state figure (no warm-up in it).
             metrics["perf/interval_step_time_s"] = (wall - last[1]) / max(step - last[0], 1)

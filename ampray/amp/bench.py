@@ -110,10 +110,14 @@ def _check(precisions: list[str], available: list[str], num_iterations: Any, war
 
 
 def _run_one(model: nn.Module, precision: str, x: Any, y: Any, criterion: Callable, lr: float,
-             iterations: int, warmup: int, device: torch.device) -> tuple[list[float], int | None]:
-    """Train a deep copy of `model` under `precision`; returns per-step seconds and the peak bytes."""
+             iterations: int, warmup: int, device: torch.device,
+             compile: bool = False) -> tuple[list[float], int | None]:
+    """Train a deep copy of `model` under `precision` (torch.compile'd with `compile`: the warm-up steps
+    compile it); returns per-step seconds and the peak bytes."""
     trainer = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=_DTYPES[precision]), device=device)
     work = trainer.prepare_model(copy.deepcopy(model))
+    if compile:
+        work.compile()
     work.train()
     optimizer = trainer.build_optimizer(work, "adamw", lr)
     step = lambda: trainer.train_step(work, optimizer, criterion, x, y)  # noqa: E731
@@ -128,6 +132,10 @@ def _run_one(model: nn.Module, precision: str, x: Any, y: Any, criterion: Callab
         if device.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated(device))
     del trainer, work, optimizer, step
+    if compile:
+        import torch._dynamo
+
+        torch._dynamo.reset()  # the next precision compiles its own copy; drop this one's graphs
     _release(device)
     return times, peak
 
@@ -141,7 +149,7 @@ def _release(device: torch.device) -> None:
 def benchmark_mixed_precision(model: nn.Module, data: Any, num_iterations: int = 100,
                               precisions: list[str] | None = None, warmup: int = 10,
                               criterion: Callable | None = None, lr: float = 1e-3,
-                              device: torch.device | str | None = None) -> dict[str, Any]:
+                              device: torch.device | str | None = None, compile: bool = False) -> dict[str, Any]:
     """Time training steps of `model` on `data` (a batch, or an (input, target) pair) per precision.
 
     Without a target the loss is the mean of squared outputs; without a criterion it is cross-entropy for
@@ -149,11 +157,16 @@ def benchmark_mixed_precision(model: nn.Module, data: Any, num_iterations: int =
     speed and memory figures are relative to it. `speed_improvement_percent` is (t_fp32 / t_p - 1) * 100 of
     the median step times; `memory_savings_percent` is (1 - peak_p / peak_fp32) * 100 of the CUDA
     allocator's peak (None on CPU, where the process RSS cannot be reset between precisions).
+    With `compile`, every precision's copy is torch.compile'd (fp32 too, so the ratios compare compiled with
+    compiled); the warm-up steps pay for the compilation and must be at least 1.
     """
     device = torch.device(device) if device is not None else default_device()
     available = available_precisions(device)
     precisions = list(precisions) if precisions is not None else available
     _check(precisions, available, num_iterations, warmup)
+    if compile and warmup < 1:
+        raise ValueError(f"benchmark_mixed_precision: warmup={warmup} with compile=True is not allowed; "
+                         "expected >= 1 (the first step compiles and must not be timed)")
     order = ["fp32"] + [p for p in precisions if p != "fp32"]
     # Moved once: the timed steps should not include a host-to-device copy of the batch.
     x, y = (v.to(device) if isinstance(v, torch.Tensor) else v for v in _split(data))
@@ -161,8 +174,8 @@ def benchmark_mixed_precision(model: nn.Module, data: Any, num_iterations: int =
     batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
     times, peaks = {}, {}
     for p in order:
-        times[p], peaks[p] = _run_one(model, p, x, y, criterion, lr, num_iterations, warmup, device)
-    return _summarise(str(device), times, peaks, batch, num_iterations)
+        times[p], peaks[p] = _run_one(model, p, x, y, criterion, lr, num_iterations, warmup, device, compile)
+    return _summarise(str(device), times, peaks, batch, num_iterations) | {"compiled": compile}
 
 
 def _summarise(device: str, times: dict[str, list[float]], peaks: dict[str, int | None], batch: int,

@@ -168,7 +168,7 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         precisions = args.precisions.split(",") if args.precisions else None
         result = benchmark_mixed_precision_interface(args.model, args.batch_size, num_iterations=args.iterations,
                                                      warmup=args.warmup, size=args.size, device=args.device,
-                                                     precisions=precisions)
+                                                     precisions=precisions, compile=args.compile)
     except (ConfigError, ValueError) as err:
         print(f"ampray bench: error: {err}", file=sys.stderr)
         return 2
@@ -177,7 +177,8 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
         from ampray.orchestrator.search import write_parquet
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_parquet([{**r, "device": result["device"]} for r in result["rows"]], Path(args.out))
+        write_parquet([{**r, "device": result["device"], "compiled": result["compiled"]} for r in result["rows"]],
+                      Path(args.out))
         print(f"Wrote {args.out}")
     return 0
 
@@ -186,7 +187,7 @@ def bench_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"ampray bench: {result['model']} ({result['size']}), batch {result['batch_size']}, "
-                        f"{result['device']}")
+                        f"{result['device']}" + (", torch.compile" if result.get("compiled") else ""))
     for col in ("precision", "median ms", "samples/s", "speedup %", "peak MiB", "memory saving %"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", default="auto", help="small | large | auto (large on a GPU)")
     bench.add_argument("--precisions", default="", help="comma list (default: all this device runs)")
     bench.add_argument("--device", default=None)
+    bench.add_argument("--compile", action="store_true", help="torch.compile every precision's copy (warm-up compiles)")
     bench.add_argument("--out", default=None, help="write the table as Parquet")
     bench.set_defaults(func=_bench)
 

@@ -183,9 +183,10 @@ def summary_rows(final: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
 # -- benchmark -------------------------------------------------------------------------------------
 def benchmark_mixed_precision_interface(model_type: str = "mlp", batch_size: int = 64, *, num_iterations: int = 20,
                                         warmup: int = 5, size: str = "auto", device: str | None = None,
-                                        precisions: list[str] | None = None) -> dict[str, Any]:
+                                        precisions: list[str] | None = None, compile: bool = False) -> dict[str, Any]:
     """fp32 and every precision the device runs, on one model type and batch size: table rows and a chart
-    series (precision -> step time); speedup and memory saving are relative to fp32."""
+    series (precision -> step time); speedup and memory saving are relative to fp32 (compiled too with
+    `compile`)."""
     import torch
 
     from ampray.amp.autocast import default_device
@@ -203,10 +204,10 @@ def benchmark_mixed_precision_interface(model_type: str = "mlp", batch_size: int
     data = example_batch(model_type, options, batch, generator=torch.Generator().manual_seed(0))
     result = benchmark_mixed_precision(model, data, num_iterations=iters, warmup=warmup,
                                        criterion=build_criterion(model_type), device=dev,
-                                       precisions=precisions or available_precisions(dev))
+                                       precisions=precisions or available_precisions(dev), compile=compile)
     rows = [{"model": model_type, "size": size, "batch_size": batch, **row} for row in format_bench_table(result)]
     return {"device": result["device"], "model": model_type, "size": size, "options": options, "batch_size": batch,
-            "rows": rows, "chart": [{"precision": r["precision"], "median_ms": r["median_ms"]} for r in rows],
+            "compiled": compile, "rows": rows, "chart": [{"precision": r["precision"], "median_ms": r["median_ms"]} for r in rows],
             "best": result["best"], "raw": result}
 
 

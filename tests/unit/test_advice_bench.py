@@ -222,6 +222,7 @@ def test_benchmark_without_target_and_fp32_baseline_always_first(mlp_batch):
     (dict(num_iterations=0), "num_iterations=0"),
     (dict(num_iterations=3, warmup=-1), "warmup=-1"),
     (dict(num_iterations=1, precisions=["fp8"]), "'fp8'"),
+    (dict(num_iterations=1, warmup=0, compile=True), "warmup=0 with compile=True"),
 ])
 def test_benchmark_errors_name_the_argument(mlp_batch, kwargs, needle):
     model, batch = mlp_batch

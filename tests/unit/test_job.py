@@ -28,6 +28,8 @@ def test_cli_beats_file_beats_defaults(tmp_path):
 @pytest.mark.parametrize("overrides,needle", [
     ({"model.kind": "resnet"}, "model.kind='resnet'"),
     ({"model.options.depth_of_field": 3}, "depth_of_field"),
+    ({"model.compile": "yes"}, "model.compile='yes' is not allowed: expected a boolean"),
+    ({"run.steps": "ten"}, "run.steps='ten' is not allowed: expected an integer"),
     ({"scaling.num_workers": 0}, "scaling.num_workers=0"),
     ({"optimizer.lr": -1.0}, "optimizer.lr=-1.0"),
     ({"precision.backoff_factor": 2.0}, "backoff_factor=2.0"),
