@@ -10,6 +10,7 @@
 #                                               # BIND=1: every rank bound to its own cores)
 #   bash benchmarks/h200.sh ddpdiag OUT  # NCCL logs and step profiles of the engine under torchrun and of Ray (2 GPUs)
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
+#   bash benchmarks/h200.sh compile OUT   # model.compile against eager at micro-batch 8, one GPU
 #   PART=train|tune bash benchmarks/h200.sh scale OUT  # issue 5 on a 4- or 8-GPU host
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
 # The GPU host has torch but neither Ray nor ampray's own small dependencies: build the kit here with
@@ -92,6 +93,18 @@ scale)
     timeout ${LIMIT:-560} python benchmarks/bench_tune_packing.py --trials 16 --gpus-per-trial 0.25 --steps 100 \
       --packed-only --out "$out/tune16.json"
   fi
+  cleanup ;;
+compile)
+  # model.compile on one GPU, micro-batch 8 (where the host bounds the eager step): plain torchrun eager,
+  # then torchrun and `ampray train` both compiled (bf16), then `ampray train` compiled in fp16 (the
+  # engine's loss scaler around a compiled model).
+  common="--workers 1 --batch-size ${BATCH:-8} --accum 4 --allreduce-dtype bf16 --repeats 1 --steps 60 --warmup 20 --report-every 20"
+  nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw --format=csv,noheader \
+    -lms 200 > "$out/smi.csv" 2>/dev/null & smi=$!
+  timeout 90 python benchmarks/bench_ray_ddp.py $common --dtypes bf16 --runners plain --smi "$out/smi.csv" --out "$out/eager.json"
+  timeout 240 python benchmarks/bench_ray_ddp.py $common --dtypes bf16 --runners plain,ray --compile --smi "$out/smi.csv" --out "$out/compiled_bf16.json"
+  timeout 150 python benchmarks/bench_ray_ddp.py $common --dtypes fp16 --runners ray --compile --smi "$out/smi.csv" --out "$out/compiled_fp16.json"
+  kill $smi 2>/dev/null
   cleanup ;;
 gputests)
   timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
