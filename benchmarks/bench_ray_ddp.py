@@ -200,17 +200,18 @@ def summarise(rows: list[dict], runners: list[str], args) -> None:
         vals = [r[runner]["mean_step_s"] for r in rows if r[base]["dtype"] == dtype and r[base]["world_size"] == n]
         return statistics.median(vals), min(vals), max(vals)
 
-    print(f"| dtype | workers | {' | '.join(f'{k} ms/step (min..max)' for k in runners)} | "
-          f"{' | '.join(f'{k}/{base}' for k in runners if k != base)} |")
-    print("|---|---|" + "---|" * (2 * len(runners) - 1))
+    others = [k for k in runners if k != base]
+    print("| dtype | workers | " + "".join(f"{k} ms/step (min..max) | " for k in runners)
+          + "".join(f"{k}/{base} | " for k in others).rstrip())
+    print("|---|---|" + "---|" * (len(runners) + len(others)))
     samples = {}
     for dtype in args.dtypes.split(","):
         for n in map(int, args.workers.split(",")):
             stats = {k: med(dtype, n, k) for k in runners}
             samples[dtype, n] = {k: args.batch_size * args.accum * n / v[0] for k, v in stats.items()}
             cells = [f"{m * 1e3:.2f} ({lo * 1e3:.2f}..{hi * 1e3:.2f})" for m, lo, hi in stats.values()]
-            ratios = [f"{stats[k][0] / stats[base][0]:.3f}" for k in runners if k != base]
-            print(f"| {dtype} | {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+            ratios = [f"{stats[k][0] / stats[base][0]:.3f}" for k in others]
+            print((f"| {dtype} | {n} | " + "".join(f"{c} | " for c in cells + ratios)).rstrip())
     for dtype in args.dtypes.split(","):
         for n in map(int, args.workers.split(",")):
             if n > 1 and (dtype, 1) in samples:
