@@ -89,8 +89,10 @@ def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: i
 
 
 def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process: a few in the first steps (DDP splits the model at
-    its buckets); a count that keeps growing means recompilations, each a stall of seconds."""
+    """Graphs torch.compile has built in this process: one per compiled frame (DDP's split of the model at
+    its buckets stays one), more after a graph break, and one or two more when the OOM policy first splits
+    a batch into smaller chunks (new shapes). A count that keeps growing means recompilations, each a
+    stall of seconds; 0 means nothing was compiled."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])

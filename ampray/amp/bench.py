@@ -115,29 +115,48 @@ def _run_one(model: nn.Module, precision: str, x: Any, y: Any, criterion: Callab
     """Train a deep copy of `model` under `precision` (torch.compile'd with `compile`: the warm-up steps
     compile it); returns per-step seconds and the peak bytes."""
     trainer = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=_DTYPES[precision]), device=device)
-    work = trainer.prepare_model(copy.deepcopy(model))
+    work = copy.deepcopy(model)
     if compile:
+        # Compiled in place through a forward of our own: Module.compile() on one of torch's own containers
+        # (an nn.Sequential) compiles nothing, since dynamo skips a top-level frame in torch's code.
+        work = _Forward(work)
         work.compile()
+    work = trainer.prepare_model(work)
     work.train()
     optimizer = trainer.build_optimizer(work, "adamw", lr)
     step = lambda: trainer.train_step(work, optimizer, criterion, x, y)  # noqa: E731
-    with tf32_mode(precision == "tf32"):
-        for _ in range(warmup):
-            step()
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        times = time_steps(step, iterations, device)
-        if device.type == "cuda":
-            peak = int(torch.cuda.max_memory_allocated(device))
-    del trainer, work, optimizer, step
-    if compile:
-        import torch._dynamo
+    try:
+        with tf32_mode(precision == "tf32"):
+            for _ in range(warmup):
+                step()
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_steps(step, iterations, device)
+            if device.type == "cuda":
+                peak = int(torch.cuda.max_memory_allocated(device))
+    finally:
+        del trainer, work, optimizer, step
+        if compile:
+            import torch._dynamo
 
-        torch._dynamo.reset()  # the next precision compiles its own copy; drop this one's graphs
-    _release(device)
+            # The next precision compiles its own copy. Dynamo's caches are per process: this also drops
+            # the graphs of anything else compiled in it, which recompiles on its next call.
+            torch._dynamo.reset()
+        _release(device)
     return times, peak
+
+
+class _Forward(nn.Module):
+    """A module whose forward is ours, around any model: what `compile=True` compiles."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
 
 
 def _release(device: torch.device) -> None:
@@ -158,7 +177,8 @@ def benchmark_mixed_precision(model: nn.Module, data: Any, num_iterations: int =
     the median step times; `memory_savings_percent` is (1 - peak_p / peak_fp32) * 100 of the CUDA
     allocator's peak (None on CPU, where the process RSS cannot be reset between precisions).
     With `compile`, every precision's copy is torch.compile'd (fp32 too, so the ratios compare compiled with
-    compiled); the warm-up steps pay for the compilation and must be at least 1.
+    compiled); the warm-up steps pay for the compilation and must be at least 1. Between precisions it
+    resets dynamo, which also drops the caller's own compiled graphs (they recompile on their next call).
     """
     device = torch.device(device) if device is not None else default_device()
     available = available_precisions(device)

@@ -29,10 +29,18 @@ else:  # pragma: no cover
 
 
 def _validate(obj: Any) -> None:
-    """Type-check a section's fields; errors name them as the job file and the CLI do (`run.steps`)."""
+    """Type-check a section's fields; errors name them as the job file and the CLI do (`run.steps`).
+    A number given for a text field is taken as its text (`--run.name 2024` names the run "2024")."""
     section = type(obj).__name__.removesuffix("Section").lower()
     for f in dataclasses.fields(obj):
-        _check_type(section, f, getattr(obj, f.name))
+        value = getattr(obj, f.name)
+        if f.type == "str":
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
+                setattr(obj, f.name, value)
+            if not isinstance(value, str):
+                _fail(section, f.name, value, "a string")
+        _check_type(section, f, value)
 
 
 @dataclass
@@ -215,7 +223,15 @@ class JobConfig:
             if isinstance(value, section_cls):
                 sections[name] = value
             elif section_cls is MixedPrecisionConfig:
-                sections[name] = MixedPrecisionConfig.from_dict(value)
+                try:
+                    sections[name] = MixedPrecisionConfig.from_dict(value)
+                except ConfigError as err:  # named as in the job file: precision.x, precision.adaptation.x
+                    text = str(err)
+                    for owner, label in (("MixedPrecisionConfig.", "precision."),
+                                         ("AdaptationConfig.", "precision.adaptation.")):
+                        if text.startswith(owner):
+                            raise ConfigError(label + text.removeprefix(owner)) from None
+                    raise
             else:
                 sections[name] = section_cls(**_known(section_cls, value, f"[{name}]"))
         return cls(**sections)

@@ -168,7 +168,8 @@ def test_impossible_requests_fail_within_seconds(ray_address, tmp_path, capsys):
 
 def test_compiled_model_trains_like_the_eager_one_under_ddp(ray_address, tmp_path):
     """`model.compile`: 2 workers train a torch.compile'd model under DDP (gloo) with gradient
-    accumulation; in fp32 its final weights equal the eager run's, under the same checkpoint keys."""
+    accumulation; in fp32 its final weights match the eager run's (fused kernels may round differently:
+    a lost or doubled all-reduce would move them by about the learning rate), under the same keys."""
     def job(name: str, compile: bool) -> JobConfig:
         return JobConfig.load(None, {
             "run.name": name, "run.storage_path": str(tmp_path), "run.steps": 12, "run.report_every": 6,
@@ -180,7 +181,7 @@ def test_compiled_model_trains_like_the_eager_one_under_ddp(ray_address, tmp_pat
     got, want = _final_weights(compiled.checkpoint), _final_weights(eager.checkpoint)
     assert got.keys() == want.keys() and not any("_orig_mod" in k for k in got)
     for key in want:
-        assert torch.equal(got[key], want[key]), key
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
     assert JobConfig.load(tmp_path / "compiled" / "job.toml").model.compile is True
     scalars = read_scalars(str(tmp_path / "compiled" / "tensorboard"))
     for rank in (0, 1):  # it did compile, on every rank, and did not recompile after the first report

@@ -218,6 +218,21 @@ def test_benchmark_without_target_and_fp32_baseline_always_first(mlp_batch):
     assert all(math.isfinite(t) and t > 0 for ts in out["step_times_s"].values() for t in ts)
 
 
+def test_benchmark_compiles_torch_containers_too():
+    """An nn.Sequential's own forward is torch's code, which Module.compile() would leave eager: the
+    benchmark compiles it through a forward of its own."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    before = counters["stats"]["unique_graphs"]
+    out = benchmark_mixed_precision(model, (x, y), num_iterations=1, warmup=1, precisions=["fp32"],
+                                    device="cpu", compile=True)
+    assert out["compiled"] is True and counters["stats"]["unique_graphs"] > before
+    assert benchmark_mixed_precision(model, (x, y), num_iterations=1, warmup=0, device="cpu")["compiled"] is False
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(num_iterations=0), "num_iterations=0"),
     (dict(num_iterations=3, warmup=-1), "warmup=-1"),

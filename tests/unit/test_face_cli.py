@@ -40,6 +40,18 @@ def test_bench_prints_and_writes_the_functions_numbers(tmp_path, capsys):
     assert sum(r["best"] for r in table) == 1
 
 
+def test_bench_compile_compiles_and_says_so(tmp_path, capsys):
+    from torch._dynamo.utils import counters
+
+    out = tmp_path / "compiled.parquet"
+    before = counters["stats"]["unique_graphs"]
+    assert main(["bench", "--model", "mlp", "--batch-size", "8", "--iterations", "1", "--warmup", "1",
+                 "--size", "small", "--precisions", "fp32", "--compile", "--out", str(out)]) == 0
+    assert counters["stats"]["unique_graphs"] > before  # the timed steps were compiled ones
+    assert "torch.compile" in capsys.readouterr().out
+    assert [(r["precision"], r["compiled"]) for r in pq.read_table(out).to_pylist()] == [("fp32", True)]
+
+
 def test_bench_interface_returns_rows_and_chart_for_each_precision():
     result = benchmark_mixed_precision_interface("gpt", 2, num_iterations=2, warmup=1, size="small")
     assert result["options"] == {"preset": "micro"}

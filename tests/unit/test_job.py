@@ -30,6 +30,9 @@ def test_cli_beats_file_beats_defaults(tmp_path):
     ({"model.options.depth_of_field": 3}, "depth_of_field"),
     ({"model.compile": "yes"}, "model.compile='yes' is not allowed: expected a boolean"),
     ({"run.steps": "ten"}, "run.steps='ten' is not allowed: expected an integer"),
+    ({"run.name": [1]}, "run.name=[1] is not allowed: expected a string"),
+    ({"precision.growth_interval": "ten"}, "precision.growth_interval='ten' is not allowed"),
+    ({"precision.adaptation.window": "x"}, "precision.adaptation.window='x' is not allowed"),
     ({"scaling.num_workers": 0}, "scaling.num_workers=0"),
     ({"optimizer.lr": -1.0}, "optimizer.lr=-1.0"),
     ({"precision.backoff_factor": 2.0}, "backoff_factor=2.0"),
@@ -45,6 +48,11 @@ def test_bad_configs_name_field_and_value(overrides, needle):
     with pytest.raises(ConfigError) as err:
         JobConfig.load(None, overrides)
     assert needle in str(err.value)
+
+
+def test_a_number_for_a_text_field_is_its_text():
+    job = JobConfig.load(None, parse_overrides(["--run.name", "2024", "--run.storage_path", "7"]))
+    assert (job.run.name, job.run.storage_path) == ("2024", "7")
 
 
 def test_resource_checks_fail_fast():
