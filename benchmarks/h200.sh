@@ -107,6 +107,6 @@ compile)
   kill $smi 2>/dev/null
   cleanup ;;
 gputests)
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
+  timeout 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

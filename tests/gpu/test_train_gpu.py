@@ -1,5 +1,6 @@
-"""`ampray train` on GPUs: one worker per GPU (NCCL when there are two), bf16 and fp16, every rank's CUDA
-allocator stats in TensorBoard. Needs Ray on the GPU host (the .gpukit bundle)."""
+"""`ampray train` on GPUs: one worker per GPU (NCCL when there are two), bf16 and fp16 (and fp16 with the
+model compiled), every rank's CUDA allocator stats in TensorBoard. Needs Ray on the GPU host (the .gpukit
+bundle)."""
 
 import pytest
 import torch
@@ -17,15 +18,16 @@ def gpu_cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,compile", [("bf16", False), ("fp16", False), ("fp16", True)])
+def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype, compile):
     from ampray.actors.aggregator import read_scalars
     from ampray.orchestrator.job import JobConfig
     from ampray.orchestrator.train import run_training
 
     job = JobConfig.load(None, {"model.kind": "gpt", "model.options.preset": "micro", "precision.dtype": dtype,
                                 "run.name": f"gpu-{dtype}", "run.storage_path": str(tmp_path), "run.steps": 60,
-                                "run.report_every": 10, "run.checkpoint_every": 30, "data.batch_size": 16})
+                                "run.report_every": 10, "run.checkpoint_every": 30, "data.batch_size": 16,
+                                "model.compile": compile})
     outcome = run_training(job)
     gpus = torch.cuda.device_count()
     assert outcome.use_gpu and outcome.num_workers == gpus
@@ -37,6 +39,10 @@ def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype):
     losses = [v for _, v in scalars["all/loss/mean"]]
     assert losses[-1] < 0.8 * losses[0]
     assert scalars["all/scaler/scale_disagreements"][-1][1] == 0
+    if compile:  # compiled on every rank once, and never again over the 60 steps
+        for rank in range(gpus):
+            graphs = [v for _, v in scalars[f"rank{rank}/compile/graphs"]]
+            assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
     # Each rank reports the physical GPU Ray gave it: one each, all different.
     placed = [outcome.final[rank]["placement/gpu"] for rank in range(gpus)]
     assert sorted(placed) == sorted(str(i) for i in range(gpus)), placed
