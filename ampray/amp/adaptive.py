@@ -16,7 +16,6 @@ policy called by hand. Overflows are known on the host from the step's single sy
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import os
 import statistics
@@ -124,7 +125,7 @@ def _run_one(model: nn.Module, precision: str, x: Any, y: Any, criterion: Callab
     work = trainer.prepare_model(work)
     work.train()
     optimizer = trainer.build_optimizer(work, "adamw", lr)
-    step = lambda: trainer.train_step(work, optimizer, criterion, x, y)  # noqa: E731
+    step = functools.partial(trainer.train_step, work, optimizer, criterion, x, y)
     try:
         with tf32_mode(precision == "tf32"):
             for _ in range(warmup):
@@ -139,11 +140,11 @@ def _run_one(model: nn.Module, precision: str, x: Any, y: Any, criterion: Callab
     finally:
         del trainer, work, optimizer, step
         if compile:
-            import torch._dynamo
+            from torch import _dynamo  # not `import torch._dynamo`: that would make `torch` local here
 
             # The next precision compiles its own copy. Dynamo's caches are per process: this also drops
             # the graphs of anything else compiled in it, which recompiles on its next call.
-            torch._dynamo.reset()
+            _dynamo.reset()
         _release(device)
     return times, peak
 

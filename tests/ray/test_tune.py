@@ -3,7 +3,6 @@ HParams per trial, a best configuration that trains, and a bad space failing bef
 
 import socket
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
