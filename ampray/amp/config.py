@@ -65,6 +65,8 @@ def _check_type(owner: str, f: dataclasses.Field, value: Any) -> None:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if t == "bool" and not isinstance(value, bool):
         _fail(owner, f.name, value, "a boolean")
+    if t == "str" and not isinstance(value, str):
+        _fail(owner, f.name, value, "a string")
     if t == "int" and (isinstance(value, bool) or not isinstance(value, int)):
         _fail(owner, f.name, value, "an integer")
     if t in ("float", "float | None") and value is not None:

@@ -207,7 +207,7 @@ def benchmark_mixed_precision_interface(model_type: str = "mlp", batch_size: int
                                        precisions=precisions or available_precisions(dev), compile=compile)
     rows = [{"model": model_type, "size": size, "batch_size": batch, **row} for row in format_bench_table(result)]
     return {"device": result["device"], "model": model_type, "size": size, "options": options, "batch_size": batch,
-            "compiled": compile, "rows": rows, "chart": [{"precision": r["precision"], "median_ms": r["median_ms"]} for r in rows],
+            "compiled": result["compiled"], "rows": rows, "chart": [{"precision": r["precision"], "median_ms": r["median_ms"]} for r in rows],
             "best": result["best"], "raw": result}
 
 

@@ -34,12 +34,9 @@ def _validate(obj: Any) -> None:
     section = type(obj).__name__.removesuffix("Section").lower()
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.type == "str":
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = str(value)
-                setattr(obj, f.name, value)
-            if not isinstance(value, str):
-                _fail(section, f.name, value, "a string")
+        if f.type == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+            setattr(obj, f.name, value)
         _check_type(section, f, value)
 
 
