@@ -19,6 +19,7 @@ Bookkeeping keys (`step`, `rank`, `world_size`, `final`), booleans and non-numer
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -212,6 +213,7 @@ class TensorBoardAggregator(ray.train.UserCallback):
             return
         self.last_aggregate = aggregate(metrics)
         self._write_aggregate(writer, step, metrics)
+        self._write_progress(step)
         self._reports += 1
         if any(m.get("final") for m in metrics):
             self._write_final(writer, step, metrics)
@@ -226,6 +228,20 @@ class TensorBoardAggregator(ray.train.UserCallback):
             scales = {rank: m.get("scaler/scale") for rank, m in enumerate(metrics)}
             logger.warning("loss scales disagree across ranks at step %d: %s", step, scales)
         writer.add_scalar(_DISAGREEMENTS_TAG, self._disagreements, step)
+
+    def _write_progress(self, step: int) -> None:
+        """`<run>/progress/all.json`: the step every rank has reported, on the driver's node (the Train
+        controller runs there), where the driver's progress bar reads it; rank 0's own progress file is
+        on whichever node rank 0 runs."""
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.logdir)), "progress")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, ".all.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"step": step, "scale_disagreements": self._disagreements}, f)
+            os.replace(tmp, os.path.join(folder, "all.json"))
+        except OSError as err:  # progress is a convenience; the events are what counts
+            logger.warning("cannot write progress into %s: %s", folder, err)
 
     def _write_final(self, writer, step: int, metrics: list[dict[str, Any]]) -> None:
         from torch.utils.tensorboard.summary import hparams

@@ -26,9 +26,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
+    """The generators a step can draw from: torch's CPU one, Python's, and the current CUDA device's.
+    One device only: a worker uses its own GPU, while it may see others (Ray shares CUDA_VISIBLE_DEVICES
+    among a node's workers), and a restart may see a different number of them or put the rank on another."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -41,8 +44,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written by ampray <= 0.1: one state per visible device
+            device = torch.cuda.current_device()
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, scheduler, engine, step: int,

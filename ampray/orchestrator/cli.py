@@ -29,13 +29,40 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         from ampray.orchestrator.train import run_training
 
         with _Progress(job, console):
-            outcome = run_training(job)
+            outcome = run_training(job, notify=lambda note: console.print(f"[yellow]note:[/yellow] {note}"))
     except ConfigError as err:
         print(f"ampray train: error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # --address names no running cluster
+        print(f"ampray train: error: run.address={job.run.address!r}: cannot connect: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(err, TrainingFailedError):
+            raise
+        print(f"ampray train: the run failed: {_failure_summary(err)}\n"
+              f"Its checkpoints are kept in {job.run_dir()}: rerun the same command to resume from the "
+              "latest (run.max_failures restarts crashed workers by itself).", file=sys.stderr)
+        return 1
     console.print(final_table(outcome))
     console.print(f"View it: [bold]tensorboard --logdir {outcome.logdir}[/bold]")
     return 0
+
+
+def _failure_summary(err: Exception) -> str:
+    """One line per failed rank (its exception's last line) instead of Ray's nested tracebacks; the whole
+    traceback is in the worker's log under /tmp/ray/session_latest/logs."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        lines = []
+        for rank, exc in sorted(failures.items()):
+            cause = getattr(exc, "cause", None) or exc  # Ray wraps a worker's own exception
+            text = str(cause).strip().splitlines()
+            lines.append(f"rank {rank}: {type(cause).__name__}: {text[-1] if text else ''}")
+        return "\n  " + "\n  ".join(lines)
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
 
 
 def _console():
@@ -67,17 +94,22 @@ class _Progress:
 
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        path = self.job.run_dir() / "progress" / "rank0.json"
+        # The aggregator's file is on this node whatever the cluster; rank 0's only if rank 0 runs here.
+        paths = [self.job.run_dir() / "progress" / name for name in ("all.json", "rank0.json")]
         total = self.job.run.steps
         with Progress(TextColumn(f"[bold]{self.job.run.name}[/bold] {self.job.model.kind}"), BarColumn(),
                       TextColumn("step {task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
             task = progress.add_task("train", total=total)
             while not self._stop.wait(0.5):
-                try:
-                    progress.update(task, completed=json.loads(path.read_text())["step"])
-                except (OSError, ValueError, KeyError):
-                    pass
+                steps = []
+                for path in paths:
+                    try:
+                        steps.append(json.loads(path.read_text())["step"])
+                    except (OSError, ValueError, KeyError):
+                        pass
+                if steps:
+                    progress.update(task, completed=max(steps))
 
 
 def final_table(outcome) -> Any:

@@ -57,6 +57,8 @@ class ModelSection:
         from ampray.models import MODEL_KINDS, build_config
 
         _validate(self)
+        if not isinstance(self.options, dict):
+            _fail("model", "options", self.options, 'a table of the model config\'s fields, such as {preset = "micro"}')
         if self.kind not in MODEL_KINDS:
             _fail("model", "kind", self.kind, f"one of {list(MODEL_KINDS)}")
         try:
@@ -224,10 +226,11 @@ class JobConfig:
                     sections[name] = MixedPrecisionConfig.from_dict(value)
                 except ConfigError as err:  # named as in the job file: precision.x, precision.adaptation.x
                     text = str(err)
-                    for owner, label in (("MixedPrecisionConfig.", "precision."),
-                                         ("AdaptationConfig.", "precision.adaptation.")):
-                        if text.startswith(owner):
-                            raise ConfigError(label + text.removeprefix(owner)) from None
+                    for owner, label in (("MixedPrecisionConfig", "precision"), ("AdaptationConfig", "precision.adaptation")):
+                        if text.startswith(owner + "."):  # a field's value
+                            raise ConfigError(f"{label}.{text.removeprefix(owner + '.')}") from None
+                        if text.startswith(owner + ":"):  # the table itself (an unknown field)
+                            raise ConfigError(f"[{label}]:{text.removeprefix(owner + ':')}") from None
                     raise
             else:
                 sections[name] = section_cls(**_known(section_cls, value, f"[{name}]"))

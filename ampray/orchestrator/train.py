@@ -8,9 +8,12 @@ restores its checkpoint list from `<storage_path>/<name>` and the workers contin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +75,22 @@ def init_ray(address: str, dashboard: bool = False) -> None:
              configure_logging=False)
 
 
-def resolve_scaling(job: JobConfig, resources: dict[str, float]) -> tuple[int, bool]:
-    """(num_workers, use_gpu) from the job and the cluster's total resources; raises ResourceError."""
+def resolve_scaling(job: JobConfig, resources: dict[str, float],
+                    nodes: list[dict[str, float]] | None = None) -> tuple[int, bool]:
+    """(num_workers, use_gpu) from the job and the cluster's total resources, and, given `nodes` (each
+    live node's resources), whether that many workers fit on the nodes one by one: a worker's GPUs and
+    CPUs must all come from one node. Raises ResourceError."""
     s = job.scaling
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and gpus > 0)
     if s.use_gpu == "true" and gpus == 0:
         raise ResourceError("scaling.use_gpu=true is not possible: the cluster has no GPU")
     n = s.num_workers if s.num_workers > 0 else (max(1, int(gpus // s.gpus_per_worker)) if use_gpu else 2)
+    if use_gpu and n > 1 and s.gpus_per_worker < 1:
+        # Two DDP ranks on one GPU: NCCL refuses them ("Duplicate GPU detected") after the workers start.
+        raise ResourceError(f"scaling.gpus_per_worker={s.gpus_per_worker:g} is not allowed with {n} GPU workers: "
+                            "expected >= 1 (DDP over NCCL needs a GPU per rank; fractions suit one-worker runs, "
+                            "such as `ampray tune` trials)")
     if use_gpu and n * s.gpus_per_worker > gpus:
         raise ResourceError(f"scaling.num_workers={n} x gpus_per_worker={s.gpus_per_worker} needs "
                             f"{n * s.gpus_per_worker:g} GPUs; the cluster has {gpus:g}")
@@ -89,7 +100,37 @@ def resolve_scaling(job: JobConfig, resources: dict[str, float]) -> tuple[int, b
     if n * s.cpus_per_worker > cpus:
         raise ResourceError(f"scaling.num_workers={n} x cpus_per_worker={s.cpus_per_worker} needs "
                             f"{n * s.cpus_per_worker:g} CPUs; the cluster has {cpus:g}")
+    if nodes:
+        fit = sum(_workers_on(node, s.cpus_per_worker, s.gpus_per_worker if use_gpu else 0.0) for node in nodes)
+        if fit < n:
+            held = ", ".join(f"{node.get('GPU', 0):g} GPU/{node.get('CPU', 0):g} CPU" for node in nodes)
+            raise ResourceError(
+                f"scaling.num_workers={n} does not fit: a worker takes cpus_per_worker={s.cpus_per_worker:g}"
+                + (f" and gpus_per_worker={s.gpus_per_worker:g}" if use_gpu else "")
+                + f" from one node, and the cluster's nodes ({held}) hold at most {fit} such workers")
     return n, use_gpu
+
+
+def _workers_on(node: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many workers of (cpus, gpus) one node can hold (a tiny slack against float sums like 0.1 * 3)."""
+    fits = [math.floor(node.get("CPU", 0.0) / cpus + 1e-9)]
+    if gpus:
+        fits.append(math.floor(node.get("GPU", 0.0) / gpus + 1e-9))
+    return max(0, min(fits))
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """Each live node's total resources."""
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def resolved(job: JobConfig, num_workers: int, use_gpu: bool) -> JobConfig:
+    """The job with the worker count and device it will run with, as saved beside the run and in its
+    checkpoints (-1 and "auto" would say nothing about what ran)."""
+    scaling = dataclasses.replace(job.scaling, num_workers=num_workers, use_gpu="true" if use_gpu else "false")
+    return dataclasses.replace(job, scaling=scaling)
 
 
 def save_resolved(job: JobConfig) -> Path:
@@ -134,21 +175,34 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
     )
 
 
-def run_training(job: JobConfig) -> TrainingOutcome:
-    """Validate, start (or join) Ray, train, and return every rank's final records."""
+def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) -> TrainingOutcome:
+    """Validate, start (or join) Ray, train, and return every rank's final records. Everything that can
+    be checked on the driver is checked before a worker starts; `notify` gets notes on allowed changes
+    of a rerun (a longer cosine schedule) before training and on cross-rank disagreements after it."""
     import ray
 
     from ampray.actors.aggregator import read_scalars
+    from ampray.orchestrator.preflight import check_data, check_resume
 
     init_ray(job.run.address)
-    num_workers, use_gpu = resolve_scaling(job, ray.cluster_resources())
+    num_workers, use_gpu = resolve_scaling(job, ray.cluster_resources(), live_nodes())
+    job = resolved(job, num_workers, use_gpu)
+    check_data(job, num_workers)
+    for note in check_resume(job, num_workers):
+        notify(note)
     run_dir = save_resolved(job)
     result = build_trainer(job, num_workers, use_gpu).fit()
     logdir = run_dir / "tensorboard"
-    final = final_records(read_scalars(str(logdir)), num_workers)
+    scalars = read_scalars(str(logdir))
+    final = final_records(scalars, num_workers)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     if checkpoint is not None:
         add_placement(final, Path(checkpoint))
+    disagreements = scalars.get("all/scaler/scale_disagreements")
+    if disagreements and disagreements[-1][1] > 0:
+        notify(f"the ranks' loss scales disagreed in {disagreements[-1][1]:.0f} report(s) "
+               f"(all/scaler/scale_disagreement in {logdir}): their gradients' overflow checks did not agree, "
+               "so the model replicas may have diverged")
     return TrainingOutcome(run_dir, logdir, num_workers, use_gpu, final, checkpoint)
 
 

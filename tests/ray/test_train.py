@@ -76,6 +76,9 @@ def test_train_end_to_end_on_parquet_with_every_rank_in_tensorboard(ray_address,
     assert read_hparams(str(run_dir / "tensorboard"))["run.steps"] == 80
     saved = JobConfig.load(run_dir / "job.toml")
     assert saved.run.steps == 80 and saved.data.path.endswith("mlp")
+    assert (saved.scaling.num_workers, saved.scaling.use_gpu) == (2, "false")  # what ran, not -1 and "auto"
+    # The driver's progress file, written by the aggregator on the driver's node.
+    assert json.loads((run_dir / "progress" / "all.json").read_text())["step"] == 80
 
 
 def _run_in_thread(job: JobConfig) -> tuple[threading.Thread, dict]:
@@ -140,6 +143,15 @@ def test_killed_driver_resumes_from_the_last_checkpoint(ray_address, tmp_path):
         steps = [s for s, _ in scalars[tag]]
         assert steps == sorted(set(steps)), f"{tag} went backwards: {steps}"
         assert steps[-1] == 200
+    # A rerun that changes what was trained is refused before any worker starts, and the run is untouched.
+    saved = (run_dir / "job.toml").read_text()
+    t0 = time.time()
+    third = subprocess.run([*cmd, "--optimizer.lr", "0.1", "--data.batch_size", "64"], capture_output=True,
+                           text=True, timeout=120)
+    assert third.returncode == 2, third.stderr[-3000:]
+    assert "optimizer.lr: 0.003 in the checkpoint, 0.1 now" in third.stderr and "data.batch_size: 32" in third.stderr
+    assert time.time() - t0 < 60 and (run_dir / "job.toml").read_text() == saved
+    assert len(_starts(run_dir, 0)) == len(starts)  # no worker started
 
 
 def _alive(pid: int) -> bool:
@@ -156,8 +168,10 @@ def test_impossible_requests_fail_within_seconds(ray_address, tmp_path, capsys):
     assert main(_args(tmp_path, "bad", 10, "--address", ray_address, "--scaling.use_gpu", "true")) == 2
     assert main(_args(tmp_path, "bad", 10, "--address", ray_address, "--model.kind", "transformer")) == 2
     assert main(_args(tmp_path, "bad", 10, "--scaling.num_workers", "0")) == 2
+    assert main(_args(tmp_path, "bad", 10, "--address", ray_address, "--data.batch_size", "4096")) == 2
     assert time.time() - t0 < 10
     err = capsys.readouterr().err
+    assert "data.batch_size=4096 is not allowed: expected at most 512" in err
     assert "scaling.num_workers=64" in err and "needs 64 CPUs" in err and "no GPU" in err
     assert "model.kind='transformer'" in err and "scaling.num_workers=0" in err
     assert not (tmp_path / "bad" / "progress").exists()  # no worker ever started

@@ -1,0 +1,163 @@
+"""Driver-side checks before any worker starts: data against model and batch, a rerun against its
+checkpoint, workers against the cluster's nodes, and the RNG state a checkpoint carries."""
+
+import random
+
+import pytest
+import torch
+
+from ampray.actors.checkpoint import rng_state, set_rng_state
+from ampray.data.parquet import write_synthetic
+from ampray.data.synthetic import SyntheticConfig
+from ampray.orchestrator.job import ConfigError, JobConfig
+from ampray.orchestrator.preflight import check_data, check_resume, latest_checkpoint
+from ampray.orchestrator.train import ResourceError, resolve_scaling, resolved
+
+
+@pytest.fixture(scope="module")
+def mlp_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "mlp"
+    write_synthetic(out, "mlp", SyntheticConfig(num_samples=96, in_features=12, num_classes=5, seed=3))
+    return out
+
+
+def _job(**overrides) -> JobConfig:
+    return JobConfig.load(None, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def test_data_that_fits_passes(mlp_data):
+    check_data(_job(data__path=str(mlp_data), model__options={"in_features": 12, "num_classes": 5},
+                    data__batch_size=48), num_workers=2)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"model.options": {"in_features": 16, "num_classes": 5}}, "12 features; model.options.in_features=16"),
+    ({"model.options": {"in_features": 12, "num_classes": 3}}, "labels in [0, 4]; model.options.num_classes=3"),
+    ({"model.kind": "gpt"}, "holds 'mlp' data (its ampray.kind); model.kind='gpt'"),
+    ({"model.options": {"in_features": 12, "num_classes": 5}, "data.batch_size": 64},
+     "data.batch_size=64 is not allowed: expected at most 48"),
+])
+def test_data_that_does_not_fit_names_the_field(mlp_data, overrides, needle):
+    job = JobConfig.load(None, {"data.path": str(mlp_data), **overrides})
+    with pytest.raises(ConfigError) as err:
+        check_data(job, num_workers=2)
+    assert needle in str(err.value)
+
+
+def test_micro_batch_is_what_must_fit():
+    """With accumulation the per-rank micro-batch, not the optimizer-step batch, must fit the rank's rows."""
+    job = _job(data__num_samples=100, data__batch_size=100, precision__gradient_accumulation_steps=4)
+    check_data(job, num_workers=4)  # micro-batch 25 of 25 rows per rank
+    with pytest.raises(ConfigError, match=r"data.batch_size=100 .* at most 80 .* data.num_samples=100"):
+        check_data(job, num_workers=5)
+
+
+def _checkpoint(run_dir, job: JobConfig, step: int, world: int):
+    folder = run_dir / f"checkpoint_{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "job.toml").write_text(job.to_toml())
+    (folder / "state.pt").write_bytes(b"")
+    for rank in range(world):
+        (folder / f"rng_rank{rank}.pt").write_bytes(b"")
+    return folder
+
+
+def _run(tmp_path, **overrides) -> JobConfig:
+    base = {"run.storage_path": str(tmp_path), "run.name": "r", "model.options": {"hidden": 32}}
+    return resolved(JobConfig.load(None, {**base, **{k.replace("__", "."): v for k, v in overrides.items()}}),
+                    2, False)
+
+
+def test_a_new_run_and_an_unchanged_rerun_pass(tmp_path):
+    assert check_resume(_run(tmp_path), 2) == []
+    _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
+    newest = _checkpoint(tmp_path / "r", _run(tmp_path), 80, 2)
+    assert latest_checkpoint(tmp_path / "r") == newest
+    assert check_resume(_run(tmp_path), 2) == []
+
+
+def test_a_rerun_may_change_live_settings_length_and_resources(tmp_path):
+    _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
+    job = _run(tmp_path, precision__growth_interval=50, precision__adaptation__window=10, run__report_every=5,
+               run__max_failures=3, scaling__cpus_per_worker=0.5, model__compile=True, run__steps=200)
+    assert check_resume(job, 2) == []  # run.steps is the default (200): unchanged
+    notes = check_resume(_run(tmp_path, run__steps=400), 2)
+    assert len(notes) == 1 and "run.steps changed from 200 to 400" in notes[0] and "cosine" in notes[0]
+    with pytest.raises(ConfigError, match="optimizer.schedule: 'cosine' in the checkpoint, 'constant' now"):
+        check_resume(_run(tmp_path, run__steps=400, optimizer__schedule="constant"), 2)
+
+
+def test_a_rerun_that_changes_what_was_trained_is_refused(tmp_path):
+    _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
+    changed = _run(tmp_path, optimizer__lr=0.1, precision__dtype="bf16", precision__gradient_accumulation_steps=2,
+                   data__batch_size=32, model__options={"hidden": 64})
+    with pytest.raises(ConfigError) as err:
+        check_resume(changed, 2)
+    text = str(err.value)
+    for field in ("optimizer.lr", "precision.dtype", "precision.gradient_accumulation_steps", "data.batch_size",
+                  "model.options.hidden: 32 in the checkpoint, 64 now"):
+        assert field in text, field
+    assert "checkpoint_000040" in text and "--name" in text
+    assert "precision.growth_interval" not in text
+
+
+def test_a_removed_model_option_is_a_change_and_a_spelled_out_default_is_not(tmp_path):
+    _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
+    with pytest.raises(ConfigError, match="model.options.hidden"):
+        check_resume(_run(tmp_path, model__options={}), 2)  # back to the default width
+    assert check_resume(_run(tmp_path, model__options={"hidden": 32, "depth": 2}), 2) == []  # depth's default
+
+
+def test_a_rerun_on_another_number_of_workers_is_refused(tmp_path):
+    _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
+    with pytest.raises(ConfigError, match=r"number of workers: 2 in the checkpoint, 4 now \(pass --scaling.num_workers 2"):
+        check_resume(_run(tmp_path), 4)
+
+
+def test_workers_must_fit_on_single_nodes():
+    job = JobConfig.load(None, {"scaling.gpus_per_worker": 4.0, "scaling.num_workers": 2})
+    nodes = [{"CPU": 48.0, "GPU": 4.0}, {"CPU": 48.0, "GPU": 4.0}]
+    assert resolve_scaling(job, {"CPU": 96.0, "GPU": 8.0}, nodes) == (2, True)
+    job8 = JobConfig.load(None, {"scaling.gpus_per_worker": 8.0, "scaling.num_workers": 1})
+    with pytest.raises(ResourceError, match=r"gpus_per_worker=8 from one node, and the cluster's nodes .* hold at most 0"):
+        resolve_scaling(job8, {"CPU": 96.0, "GPU": 8.0}, nodes)
+    cpu = JobConfig.load(None, {"scaling.cpus_per_worker": 3.0, "scaling.num_workers": 3})
+    with pytest.raises(ResourceError, match="hold at most 2"):
+        resolve_scaling(cpu, {"CPU": 10.0}, [{"CPU": 5.0}, {"CPU": 5.0}])
+
+
+def test_fractional_gpus_are_refused_for_several_ddp_workers():
+    job = JobConfig.load(None, {"scaling.gpus_per_worker": 0.5})
+    with pytest.raises(ResourceError, match=r"scaling.gpus_per_worker=0.5 is not allowed with 4 GPU workers"):
+        resolve_scaling(job, {"CPU": 16.0, "GPU": 2.0})
+    one = JobConfig.load(None, {"scaling.gpus_per_worker": 0.5, "scaling.num_workers": 1})
+    assert resolve_scaling(one, {"CPU": 16.0, "GPU": 2.0}, [{"CPU": 16.0, "GPU": 2.0}]) == (1, True)
+
+
+def test_resolved_job_records_what_ran():
+    job = resolved(JobConfig(), 2, False)
+    assert (job.scaling.num_workers, job.scaling.use_gpu) == (2, "false")
+    assert JobConfig().scaling.num_workers == -1  # the original is not changed
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    torch.manual_seed(5)
+    random.seed(7)
+    saved = rng_state()
+    want = (torch.rand(3), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    set_rng_state(saved)
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_a_failed_run_is_summarised_one_line_per_rank():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from ampray.orchestrator.cli import _failure_summary
+
+    err = WorkerGroupError("long traceback text\nmore", {1: ValueError("first line\nShardedBatches: batch_size=9"),
+                                                         0: RuntimeError("NCCL error")})
+    assert _failure_summary(err) == ("\n  rank 0: RuntimeError: NCCL error"
+                                     "\n  rank 1: ValueError: ShardedBatches: batch_size=9")
