@@ -123,7 +123,8 @@ class ScalingSection:
     """How many Ray Train workers, and what each gets."""
 
     num_workers: int = -1
-    """Workers (one process each); -1: one per GPU found, or 2 CPU workers without GPUs."""
+    """Workers (one process each); -1: one per GPU of the cluster (on a `ray up` cluster, every GPU its
+    autoscaler can add), or 2 CPU workers without GPUs."""
     use_gpu: str = "auto"
     """auto (GPUs when the cluster has them), true or false."""
     cpus_per_worker: float = 1.0

@@ -358,6 +358,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     import ray
     import ray.tune
 
+    from ampray.orchestrator.preflight import check_data
     from ampray.orchestrator.train import init_ray
     from ampray.tune_spaces import load_space
 
@@ -380,6 +381,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
         base_dict = apply_params(base_dict, {"run.checkpoint_every": job.run.report_every,
                                              "run.num_to_keep": max(2, job.run.num_to_keep)}).to_dict()
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
+    check_data(trial_job, search.workers_per_trial)  # the data against the model and batch, before any trial
     if search.scheduler == "pbt" and search.samples > concurrent:
         # PBT exploits among trials that run side by side; later waves could only clone each other.
         raise ConfigError(f"search.samples={search.samples} is not allowed with scheduler=pbt here: the whole "

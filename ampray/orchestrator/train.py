@@ -126,6 +126,53 @@ def live_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+# Where the cluster launcher (`ray up`) leaves its config on the head node; `ray start --head
+# --autoscaling-config` in cluster.yaml reads it from there.
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def autoscaler_nodes(path: str | Path = AUTOSCALER_CONFIG) -> list[dict[str, float]]:
+    """The nodes an autoscaling cluster can grow to: the head plus, per node type, its max_workers, capped
+    at the cluster's max_workers (the types with the most GPUs first). Empty where there is no launcher
+    config (an embedded or manually started cluster): then only the live nodes count."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return []
+    try:
+        config = yaml.safe_load(file.read_text()) or {}
+        types = config.get("available_node_types") or {}
+        head = dict(types[config["head_node_type"]].get("resources") or {})
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
+        log.warning("ignoring the autoscaler config %s: %s", file, err)
+        return []
+    workers = [dict(spec.get("resources") or {}) for spec in types.values()
+               for _ in range(int(spec.get("max_workers", 0) or 0))]
+    workers.sort(key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), reverse=True)
+    limit = config.get("max_workers")
+    return [head, *(workers[:int(limit)] if limit is not None else workers)]
+
+
+def cluster_capacity(address: str) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(total resources, nodes) a job may count on: what is live, or, on a launcher-made cluster that can
+    grow further, what it can grow to (workers that wait for the autoscaler to add nodes are fine; a
+    request beyond its maximum would wait forever)."""
+    import ray
+
+    nodes = live_nodes()
+    grown = autoscaler_nodes() if address else []
+    if sum(n.get("GPU", 0) for n in grown) > sum(n.get("GPU", 0) for n in nodes) or len(grown) > len(nodes):
+        nodes = grown
+    else:
+        return dict(ray.cluster_resources()), nodes
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for key, value in node.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals, nodes
+
+
 def resolved(job: JobConfig, num_workers: int, use_gpu: bool) -> JobConfig:
     """The job with the worker count and device it will run with, as saved beside the run and in its
     checkpoints (-1 and "auto" would say nothing about what ran)."""
@@ -179,13 +226,11 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
     """Validate, start (or join) Ray, train, and return every rank's final records. Everything that can
     be checked on the driver is checked before a worker starts; `notify` gets notes on allowed changes
     of a rerun (a longer cosine schedule) before training and on cross-rank disagreements after it."""
-    import ray
-
     from ampray.actors.aggregator import read_scalars
     from ampray.orchestrator.preflight import check_data, check_resume
 
     init_ray(job.run.address)
-    num_workers, use_gpu = resolve_scaling(job, ray.cluster_resources(), live_nodes())
+    num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
     job = resolved(job, num_workers, use_gpu)
     check_data(job, num_workers)
     for note in check_resume(job, num_workers):

@@ -161,3 +161,23 @@ def test_a_failed_run_is_summarised_one_line_per_rank():
                                                          0: RuntimeError("NCCL error")})
     assert _failure_summary(err) == ("\n  rank 0: RuntimeError: NCCL error"
                                      "\n  rank 1: ValueError: ShardedBatches: batch_size=9")
+
+
+def test_a_launcher_made_cluster_counts_the_nodes_it_can_grow_to(tmp_path):
+    """On the head of `ray up cluster.yaml` (CPU head, up to 2 nodes of 4 GPUs), a job submitted before any
+    GPU node runs is sized for what the autoscaler can add, not trained on the head's CPUs."""
+    from pathlib import Path
+
+    from ampray.orchestrator.train import autoscaler_nodes
+
+    nodes = autoscaler_nodes(Path(__file__).resolve().parents[2] / "cluster.yaml")
+    assert nodes == [{"CPU": 8, "GPU": 0}, {"CPU": 48, "GPU": 4}, {"CPU": 48, "GPU": 4}]
+    totals = {"CPU": 104.0, "GPU": 8.0}
+    assert resolve_scaling(JobConfig(), totals, nodes) == (8, True)
+    with pytest.raises(ResourceError, match="hold at most 2"):
+        resolve_scaling(JobConfig.load(None, {"scaling.gpus_per_worker": 2.5, "scaling.num_workers": 3}), totals, nodes)
+    assert autoscaler_nodes(tmp_path / "absent.yaml") == []
+    (tmp_path / "capped.yaml").write_text(
+        "max_workers: 1\nhead_node_type: h\navailable_node_types:\n"
+        "  h: {resources: {CPU: 4}, max_workers: 0}\n  g: {resources: {CPU: 8, GPU: 1}, max_workers: 3}\n")
+    assert autoscaler_nodes(tmp_path / "capped.yaml") == [{"CPU": 4}, {"CPU": 8, "GPU": 1}]

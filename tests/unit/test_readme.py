@@ -21,3 +21,13 @@ def test_readme_engine_example_runs(tmp_path, monkeypatch):
     summary = scope["engine"].get_performance_summary()
     assert summary["performance"]["training_steps"] == 8 and summary["performance"]["optimizer_steps"] == 2
     assert torch.load(tmp_path / "engine.pt", weights_only=True)["counters"]["training_steps"] == 8
+
+
+def test_readme_job_file_ships_as_the_example_and_loads():
+    from ampray.orchestrator.job import JobConfig
+
+    block = re.search(r"resolved config is saved as\n.*?```toml\n(.*?)```", README.read_text(), re.S).group(1)
+    example = README.parent / "examples" / "gpt-fp16.toml"
+    assert example.read_text() == block
+    job = JobConfig.load(example)
+    assert (job.model.kind, job.precision.dtype, job.run.name) == ("gpt", torch.float16, "gpt-fp16")
