@@ -238,6 +238,9 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
     run_dir = save_resolved(job)
     result = build_trainer(job, num_workers, use_gpu).fit()
     logdir = run_dir / "tensorboard"
+    if not logdir.is_dir():
+        notify(f"{logdir} is not on this machine: the Train controller wrote the run's events on the head node "
+               "(a ray:// client drives a cluster from outside), so the table below is empty; view them there")
     scalars = read_scalars(str(logdir))
     final = final_records(scalars, num_workers)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None

@@ -46,3 +46,28 @@ def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype, compile):
     # Each rank reports the physical GPU Ray gave it: one each, all different.
     placed = [outcome.final[rank]["placement/gpu"] for rank in range(gpus)]
     assert sorted(placed) == sorted(str(i) for i in range(gpus)), placed
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(gpu_cluster, tmp_path):
+    """Stopped at step 20 and rerun to 40 against straight to 40, on every GPU, with dropout drawing from
+    each rank's CUDA generator: the checkpoint restores model, optimizer, scaler, data position and RNG."""
+    from pathlib import Path
+
+    from ampray.orchestrator.job import JobConfig
+    from ampray.orchestrator.train import run_training
+
+    def job(name: str, steps: int) -> JobConfig:
+        return JobConfig.load(None, {"model.options": {"hidden": 256, "dropout": 0.1}, "precision.dtype": "fp16",
+                                     "optimizer.schedule": "constant", "run.name": name, "run.steps": steps,
+                                     "run.storage_path": str(tmp_path), "run.report_every": 10,
+                                     "run.checkpoint_every": 20, "data.batch_size": 64})
+
+    run_training(job("resumed", 20))
+    resumed = run_training(job("resumed", 40))
+    straight = run_training(job("straight", 40))
+    starts = (tmp_path / "resumed" / "progress" / "starts.jsonl").read_text()
+    assert '"start_step": 20' in starts
+    got, want = (torch.load(Path(o.checkpoint) / "state.pt", weights_only=True) for o in (resumed, straight))
+    assert got["step"] == want["step"] == 40
+    for key in want["model"]:
+        assert torch.equal(got["model"][key], want["model"][key]), key
