@@ -85,7 +85,8 @@ def resolve_scaling(job: JobConfig, resources: dict[str, float],
     use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and gpus > 0)
     if s.use_gpu == "true" and gpus == 0:
         raise ResourceError("scaling.use_gpu=true is not possible: the cluster has no GPU")
-    n = s.num_workers if s.num_workers > 0 else (max(1, int(gpus // s.gpus_per_worker)) if use_gpu else 2)
+    # -1: one worker per GPU (a fraction per worker does not put several workers on one GPU).
+    n = s.num_workers if s.num_workers > 0 else (max(1, int(gpus // max(1.0, s.gpus_per_worker))) if use_gpu else 2)
     if use_gpu and n > 1 and s.gpus_per_worker < 1:
         # Two DDP ranks on one GPU: NCCL refuses them ("Duplicate GPU detected") after the workers start.
         raise ResourceError(f"scaling.gpus_per_worker={s.gpus_per_worker:g} is not allowed with {n} GPU workers: "

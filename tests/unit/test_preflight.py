@@ -128,8 +128,9 @@ def test_workers_must_fit_on_single_nodes():
 
 def test_fractional_gpus_are_refused_for_several_ddp_workers():
     job = JobConfig.load(None, {"scaling.gpus_per_worker": 0.5})
-    with pytest.raises(ResourceError, match=r"scaling.gpus_per_worker=0.5 is not allowed with 4 GPU workers"):
-        resolve_scaling(job, {"CPU": 16.0, "GPU": 2.0})
+    with pytest.raises(ResourceError, match=r"scaling.gpus_per_worker=0.5 is not allowed with 2 GPU workers"):
+        resolve_scaling(job, {"CPU": 16.0, "GPU": 2.0})  # -1: one worker per GPU, not one per half
+    assert resolve_scaling(job, {"CPU": 16.0, "GPU": 1.0}) == (1, True)
     one = JobConfig.load(None, {"scaling.gpus_per_worker": 0.5, "scaling.num_workers": 1})
     assert resolve_scaling(one, {"CPU": 16.0, "GPU": 2.0}, [{"CPU": 16.0, "GPU": 2.0}]) == (1, True)
 
