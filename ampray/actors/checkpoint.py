@@ -59,13 +59,16 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, sched
     """Write the whole training state into `directory` (created); returns the state file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # The engine first: its state_dict settles a deferred optimizer step (and the scheduler step that goes
+    # with it), which the optimizer's and scheduler's states below must include.
+    engine_state = engine.state_dict()
     state = {
         "format": 1,
         "step": int(step),
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "engine": engine.state_dict(),
+        "engine": engine_state,
         "rng": rng_state(),
         "data": dict(data_state),
         "job": job,

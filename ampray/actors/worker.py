@@ -88,6 +88,28 @@ def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: i
     return out
 
 
+class IntervalLoss:
+    """The loss a report carries: the mean of the interval's finite micro-batch losses, NaN when none was
+    finite (a diverged run must not read as loss 0). Summed on the device: a micro-step makes no sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        self._sum += torch.where(finite, loss, 0.0)
+        self._count += finite
+
+    def take(self) -> float:
+        """The interval's mean (one sync), and a fresh interval."""
+        total, count = torch.stack([self._sum, self._count]).tolist()
+        self._sum.zero_()
+        self._count.zero_()
+        return total / count if count else math.nan
+
+
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process: one per compiled frame (DDP's split of the model at
     its buckets stays one), more after a graph break, and one or two more when the OOM policy first splits
@@ -163,10 +185,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  scheduler=scheduler, engine=engine, batches=batches)
     tokens = inputs.shape[1] if kind == "gpt" else 0
     where = placement()
-    loss_sum, loss_n = torch.zeros((), device=device), 0
+    interval_loss = IntervalLoss(device)
     last = (step, engine.counters.wall_time_s())
     _write_progress(run_dir, rank, step)
     _log_start(run_dir, rank, step)
+    remove_stale_checkpoint_copies()
     reporter = Reporter(run_dir, rank)
     # AMPRAY_PROFILE=START:COUNT profiles those steps of this session into run_dir/profile/rank<r>.txt.
     profiler = StepProfiler(os.environ.get("AMPRAY_PROFILE", ""), run_dir / "profile" / f"rank{rank}.txt")
@@ -185,13 +208,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for _ in range(k):
             x, y = batches.next_batch()
             out = engine.train_step(model, optimizer, criterion, x, y, scheduler)
-            loss_sum += torch.nan_to_num(out["loss"].float(), nan=0.0)
-            loss_n += 1
+            interval_loss.add(out["loss"])
         step += 1
         profiler.step()
         final = step == run["steps"]
         if step % run["report_every"] == 0 or step % run["checkpoint_every"] == 0 or final:
-            metrics = report_metrics(engine, step, rank, world, loss_sum.item() / max(loss_n, 1), tokens)
+            metrics = report_metrics(engine, step, rank, world, interval_loss.take(), tokens)
             metrics.update(where)
             if job["model"].get("compile"):
                 metrics["compile/graphs"] = compiled_graphs()
@@ -202,8 +224,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["final"] = final
             if final and rank == 0:
                 metrics["hparams"] = config.get("hparams", {})
-            loss_sum.zero_()
-            loss_n = 0
             _report(reporter, metrics, step, rank, run, job, config, model=model, optimizer=optimizer,
                     scheduler=scheduler, engine=engine, batches=batches, final=final)
     profiler.close()
@@ -237,6 +257,11 @@ def _restore_from(folder: Path, rank: int, job: dict[str, Any], *, model, optimi
     own = folder / f"rng_rank{rank}.pt"
     if own.is_file():
         set_rng_state(torch.load(own, weights_only=True))
+    # The engine's state is each rank's own: the scale and hysteresis agree across ranks under DDP, but the
+    # counters, the OOM policy's learned chunk size and the adaptation's measurements are the rank's.
+    own = folder / f"engine_rank{rank}.pt"
+    if own.is_file():
+        engine.load_state_dict(torch.load(own, weights_only=True))
     # Settings the job changed since the checkpoint was written (a PBT mutation, an edited job file)
     # take effect through the engine's setters; unchanged ones keep what the run adapted them to.
     engine.retune(live_setting_changes(state["job"]["precision"], job["precision"]),
@@ -256,6 +281,29 @@ def live_setting_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[
     return changes
 
 
+# Local copies of checkpoints waiting for upload: <tmp>/ampray-ckpt-<pid>-*. A worker killed meanwhile
+# leaves its copy behind; the next worker on the node removes those of processes that no longer exist.
+CHECKPOINT_TMP_PREFIX = "ampray-ckpt-"
+
+
+def remove_stale_checkpoint_copies(tmp: str | None = None) -> list[Path]:
+    import shutil
+
+    removed = []
+    for path in Path(tmp or tempfile.gettempdir()).glob(f"{CHECKPOINT_TMP_PREFIX}*-*"):
+        try:
+            pid = int(path.name.removeprefix(CHECKPOINT_TMP_PREFIX).split("-", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue  # not one of ours
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:
+            continue  # alive, someone else's
+    return removed
+
+
 class Reporter:
     """Calls `ray.train.report` from a background thread, in order, so that training never waits for it.
 
@@ -268,6 +316,9 @@ class Reporter:
     def __init__(self, run_dir: Path, rank: int) -> None:
         self.run_dir, self.rank = run_dir, rank
         self._queue: queue.Queue = queue.Queue()
+        # One checkpoint in flight at most: each holds a full copy of the state on local disk until Ray has
+        # uploaded it, so a storage slower than checkpoint_every makes training wait instead of filling it.
+        self._checkpoint_slot = threading.BoundedSemaphore(1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ampray-reporter", daemon=True)
         self._thread.start()
@@ -275,6 +326,11 @@ class Reporter:
     def submit(self, metrics: dict[str, Any], folder: tempfile.TemporaryDirectory | None, name: str) -> None:
         if self._error is not None:
             raise self._error
+        if folder is not None:
+            while not self._checkpoint_slot.acquire(timeout=1.0):
+                if self._error is not None or not self._thread.is_alive():
+                    folder.cleanup()
+                    raise self._error or RuntimeError("the report thread has stopped")
         self._queue.put((metrics, folder, name))
 
     def _run(self) -> None:
@@ -296,6 +352,7 @@ class Reporter:
             finally:
                 if folder is not None:
                     folder.cleanup()
+                    self._checkpoint_slot.release()
 
     def close(self) -> None:
         """Wait until every report has been handed over (the run must not end before)."""
@@ -311,10 +368,12 @@ def _report(reporter, metrics, step, rank, run, job, config, *, model, optimizer
         reporter.submit(metrics, None, "")
         return
     # The state is written now (it is this step's); only handing it to Ray happens in the background.
-    folder = tempfile.TemporaryDirectory()
+    folder = tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_TMP_PREFIX}{os.getpid()}-")
     if rank == 0:
         save_checkpoint(folder.name, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
                         step=step, data_state=batches.state_dict(), job=job, job_toml=config.get("job_toml", ""))
+    else:
+        torch.save(engine.state_dict(), Path(folder.name) / f"engine_rank{rank}.pt")
     torch.save(rng_state(), Path(folder.name) / f"rng_rank{rank}.pt")
     # This rank's report, kept with the state: a rerun that finds the run complete reports it again.
     (Path(folder.name) / f"report_rank{rank}.json").write_text(

@@ -33,9 +33,6 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except ConfigError as err:
         print(f"ampray train: error: {err}", file=sys.stderr)
         return 2
-    except ConnectionError as err:  # --address names no running cluster
-        print(f"ampray train: error: run.address={job.run.address!r}: cannot connect: {err}", file=sys.stderr)
-        return 2
     except Exception as err:
         from ray.train import TrainingFailedError
 

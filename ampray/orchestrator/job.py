@@ -85,6 +85,7 @@ class DataSection:
         for name in ("num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 _fail("data", name, getattr(self, name), "an integer >= 1")
+        _check_seed("data", self.seed)
         if self.path and not Path(self.path).expanduser().exists():
             _fail("data", "path", self.path, "an existing Parquet folder (see `ampray data synth --out DIR`)")
 
@@ -187,6 +188,20 @@ class RunSection:
             _fail("run", "max_failures", self.max_failures, "an integer >= 0 (or -1: unlimited)")
         if not self.name or "/" in self.name or self.name.startswith("."):
             _fail("run", "name", self.name, "a non-empty folder name without '/'")
+        _check_seed("run", self.seed)
+        if "://" in self.storage_path:
+            _fail("run", "storage_path", self.storage_path, "a folder every node sees (a local path, or a "
+                  "shared file system mounted on every node); object stores such as s3:// are not supported")
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _check_seed(section: str, seed: int) -> None:
+    # Workers derive per-rank and per-epoch seeds from it (seed * 1000 + rank + 1, seed + epoch), which
+    # torch.manual_seed must still take.
+    if not 0 <= seed <= MAX_SEED:
+        _fail(section, "seed", seed, f"an integer in [0, {MAX_SEED}]")
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "precision": MixedPrecisionConfig,

@@ -134,10 +134,34 @@ def _may_change(key: str) -> bool:
             or key.removeprefix("precision.") in SETTINGS and key.startswith("precision."))
 
 
+# Ray Train's own list of the run's checkpoints, written once every rank's upload of one is complete.
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint folder of a run that holds a resolved job (the one a rerun resumes from)."""
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "job.toml").is_file() and (p / "state.pt").is_file())
-    return found[-1] if found else None
+    """The checkpoint folder a rerun resumes from: the one Ray registered last. A folder that is not
+    registered (every rank copies its files in on its own; a crash during that copy leaves a part) is
+    never resumed from by Ray, so it is not compared against either. Without Ray's snapshot (a run
+    stopped before its first checkpoint was registered), the newest complete-looking folder by step."""
+    snapshot = run_dir / SNAPSHOT
+    if snapshot.is_file():
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):
+            latest = None  # unreadable: Ray will say so itself; compare against what the folders show
+        if latest is not None:
+            name = latest.get("checkpoint_dir_name")
+            return run_dir / name if name and (run_dir / name / "job.toml").is_file() else None
+
+    def step(p: Path) -> int:
+        try:
+            return int(p.name.removeprefix("checkpoint_"))
+        except ValueError:
+            return -1
+
+    found = [p for p in run_dir.glob("checkpoint_*") if step(p) >= 0
+             and (p / "job.toml").is_file() and (p / "state.pt").is_file()]
+    return max(found, key=step) if found else None
 
 
 def check_resume(job: JobConfig, num_workers: int) -> list[str]:
@@ -181,6 +205,8 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
     from ampray.models import build_config
 
     out = {k: v for k, v in flat.items() if not k.startswith("model.options.")}
+    if out.get("data.path"):  # a checkpoint of an earlier version may hold it relative to the driver's folder
+        out["data.path"] = str(Path(out["data.path"]).expanduser().resolve())
     options: dict[str, Any] = {}
     for key, value in flat.items():
         if key.startswith("model.options."):

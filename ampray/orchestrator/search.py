@@ -104,9 +104,12 @@ def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[st
     skipped = agg.get("perf/skipped_steps/total", 0.0)
     skip_rate = skipped / (steps * world)
     loss = agg.get("loss/mean", math.nan)
+    objective = loss + skip_penalty * skip_rate
     return {
         "step": max(int(m["step"]) for m in metrics),
-        "objective": loss + skip_penalty * skip_rate,
+        # A diverged trial (a rank's loss NaN or infinite) ranks last instead of comparing as NaN, which
+        # neither a scheduler's cut-off nor the best-trial pick would order.
+        "objective": objective if math.isfinite(objective) else math.inf,
         "loss": loss,
         "skip_rate": skip_rate,
         "overflow_rate": agg.get("perf/overflow_rate/mean", 0.0),
@@ -359,13 +362,14 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     import ray.tune
 
     from ampray.orchestrator.preflight import check_data
-    from ampray.orchestrator.train import init_ray
+    from ampray.orchestrator.train import absolute_paths, init_ray
     from ampray.tune_spaces import load_space
 
     folder = search_dir(job, search)
     if resume:
         # The search goes on as it began (job, space, scheduler), whatever else this command line says.
         job, search, space = load_plan(folder, search.name, job.run.address)
+    job = absolute_paths(job)
     if job.scaling.bind_cpus:
         raise ConfigError("scaling.bind_cpus=True is not allowed with ampray tune: trials packed on one node "
                           "would be bound to the same cores; expected false")

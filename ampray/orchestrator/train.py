@@ -69,7 +69,10 @@ def init_ray(address: str, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(RAY_ENV)})
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(RAY_ENV)})
+        except ConnectionError as err:  # no cluster there (a lost connection later is a failed run)
+            raise ConfigError(f"run.address={address!r}: cannot connect: {err}") from None
         return
     ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
              configure_logging=False)
@@ -148,7 +151,12 @@ def autoscaler_nodes(path: str | Path = AUTOSCALER_CONFIG) -> list[dict[str, flo
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
         log.warning("ignoring the autoscaler config %s: %s", file, err)
         return []
-    workers = [dict(spec.get("resources") or {}) for spec in types.values()
+    if any(not spec.get("resources") for spec in types.values()):
+        # The launcher fills in `resources` for the providers it knows (AWS, GCP); without them the config
+        # says nothing of what a node holds, and counting it as empty would refuse jobs that fit.
+        log.warning("ignoring the autoscaler config %s: a node type without `resources`", file)
+        return []
+    workers = [dict(spec["resources"]) for spec in types.values()
                for _ in range(int(spec.get("max_workers", 0) or 0))]
     workers.sort(key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), reverse=True)
     limit = config.get("max_workers")
@@ -175,10 +183,41 @@ def cluster_capacity(address: str) -> tuple[dict[str, float], list[dict[str, flo
 
 
 def resolved(job: JobConfig, num_workers: int, use_gpu: bool) -> JobConfig:
-    """The job with the worker count and device it will run with, as saved beside the run and in its
-    checkpoints (-1 and "auto" would say nothing about what ran)."""
+    """The job with the worker count and device it will run with and its data path made absolute, as saved
+    beside the run and in its checkpoints (-1 and "auto" would say nothing about what ran)."""
     scaling = dataclasses.replace(job.scaling, num_workers=num_workers, use_gpu="true" if use_gpu else "false")
-    return dataclasses.replace(job, scaling=scaling)
+    return dataclasses.replace(absolute_paths(job), scaling=scaling)
+
+
+def absolute_paths(job: JobConfig) -> JobConfig:
+    """The job with data.path as the driver sees it: Ray starts each worker in a folder of its own, where
+    a relative path would name nothing."""
+    if not job.data.path:
+        return job
+    path = str(Path(job.data.path).expanduser().resolve())
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, path=path))
+
+
+def set_aside_stale_events(run_dir: Path) -> Path | None:
+    """A rerun that finds event files but no checkpoint (the earlier attempt ended before its first one)
+    starts at step 0: its events go into a fresh folder, and the earlier ones are moved beside it, so
+    that the aggregator, which never writes a step at or below one already there, does not drop the new
+    run's first steps or stitch two runs, perhaps of different settings, into one curve. Returns where
+    the earlier events went (None when nothing was moved)."""
+    import time
+
+    from ampray.orchestrator.preflight import latest_checkpoint
+
+    logdir = run_dir / "tensorboard"
+    if latest_checkpoint(run_dir) is not None or not any(logdir.glob("events.out.tfevents.*")):
+        return None
+    target = run_dir / f"tensorboard.before-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while target.exists():
+        target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1
+    logdir.rename(target)
+    (run_dir / "progress" / "all.json").unlink(missing_ok=True)
+    return target
 
 
 def save_resolved(job: JobConfig) -> Path:
@@ -236,6 +275,10 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
     check_data(job, num_workers)
     for note in check_resume(job, num_workers):
         notify(note)
+    stale = set_aside_stale_events(job.run_dir())
+    if stale is not None:
+        notify(f"the run has no checkpoint to resume from, so it starts at step 0; the TensorBoard events of "
+               f"its earlier attempt are kept in {stale}")
     run_dir = save_resolved(job)
     result = build_trainer(job, num_workers, use_gpu).fit()
     logdir = run_dir / "tensorboard"

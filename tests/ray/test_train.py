@@ -104,6 +104,7 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_addre
         return JobConfig.load(None, {
             "run.name": name, "run.storage_path": str(tmp_path), "run.steps": 160, "run.report_every": 10,
             "run.checkpoint_every": 40, "run.max_failures": 1, "model.options.hidden": 64,
+            "model.options.dropout": 0.1,  # every step draws from each rank's generator: RNG must resume too
             "model.options.in_features": 32, "data.num_samples": 1024, "data.batch_size": 32,
             "run.address": ray_address})
 
@@ -118,6 +119,16 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_bitwise_equal(ray_addre
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+    # Each rank resumed its own engine state: rank 1's loss sum over its own shard of the data (restored
+    # from its own file, not from rank 0's) ends where the uninterrupted rank 1's does.
+    def engines(outcome) -> list[dict]:
+        folder = Path(outcome.checkpoint)
+        return [torch.load(folder / "state.pt", weights_only=True)["engine"],
+                torch.load(folder / "engine_rank1.pt", weights_only=True)]
+
+    (got0, got1), (want0, want1) = engines(box["outcome"]), engines(reference)
+    assert got1["counters"]["loss_sum"] == want1["counters"]["loss_sum"] != want0["counters"]["loss_sum"]
+    assert got0["counters"]["loss_sum"] == want0["counters"]["loss_sum"]
 
 
 def test_killed_driver_resumes_from_the_last_checkpoint(ray_address, tmp_path):

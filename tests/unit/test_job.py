@@ -41,6 +41,10 @@ def test_cli_beats_file_beats_defaults(tmp_path):
     ({"data.batch_size": 10, "precision.gradient_accumulation_steps": 4}, "data.batch_size=10"),
     ({"scaling.allreduce_dtype": "int8"}, "scaling.allreduce_dtype='int8'"),
     ({"scaling.allreduce_dtype": "fp16", "precision.dtype": "bf16"}, "scaling.allreduce_dtype='fp16'"),
+    ({"run.seed": 2**62}, f"run.seed={2**62} is not allowed: expected an integer in [0, 4294967295]"),
+    ({"data.seed": -1}, "data.seed=-1 is not allowed: expected an integer in [0, 4294967295]"),
+    ({"run.storage_path": "s3://bucket/runs"}, "run.storage_path='s3://bucket/runs' is not allowed: expected a "
+                                                "folder every node sees"),
     ({"runn.steps": 3}, "section in"),
     ({"run.stepz": 3}, "unknown field(s) ['stepz']"),
 ])

@@ -1,6 +1,8 @@
 """Driver-side checks before any worker starts: data against model and batch, a rerun against its
 checkpoint, workers against the cluster's nodes, and the RNG state a checkpoint carries."""
 
+import dataclasses
+import json
 import random
 
 import pytest
@@ -108,6 +110,65 @@ def test_a_removed_model_option_is_a_change_and_a_spelled_out_default_is_not(tmp
     assert check_resume(_run(tmp_path, model__options={"hidden": 32, "depth": 2}), 2) == []  # depth's default
 
 
+def _register(run_dir, name):
+    """What Ray Train writes once every rank's upload of a checkpoint is complete."""
+    latest = {"checkpoint_dir_name": name, "metrics": {}} if name else None
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": latest}))
+
+
+def test_the_checkpoint_compared_is_the_one_ray_registered(tmp_path):
+    """A rerun resumes from the checkpoint in Ray's snapshot: a newer folder whose upload a crash cut
+    short (here it lacks rank 1's files and would count one worker) is neither resumed from nor compared."""
+    run_dir = tmp_path / "r"
+    registered = _checkpoint(run_dir, _run(tmp_path), 40, 2)
+    partial = _checkpoint(run_dir, _run(tmp_path), 80, 1)
+    assert latest_checkpoint(run_dir) == partial  # no snapshot: the newest folder that looks complete
+    _register(run_dir, registered.name)
+    assert latest_checkpoint(run_dir) == registered
+    assert check_resume(_run(tmp_path), 2) == []
+    _register(run_dir, None)  # Ray knows of no checkpoint: the run starts over
+    assert latest_checkpoint(run_dir) is None
+
+
+def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    _checkpoint(tmp_path / "r", _run(tmp_path), 999_999, 2)
+    newest = _checkpoint(tmp_path / "r", _run(tmp_path), 1_000_000, 2)
+    assert latest_checkpoint(tmp_path / "r") == newest
+
+
+def test_a_relative_data_path_is_made_absolute_for_the_workers(tmp_path, mlp_data, monkeypatch):
+    """Ray starts each worker in a folder of its own: the path the workers get is the driver's, absolute,
+    and a checkpoint that holds it relative (an earlier version) still compares equal."""
+    monkeypatch.chdir(mlp_data.parent)
+    job = _run(tmp_path, data__path="mlp", model__options={"hidden": 32, "in_features": 12, "num_classes": 5})
+    assert job.data.path == str(mlp_data.resolve())
+    relative = dataclasses.replace(job, data=dataclasses.replace(job.data, path="mlp"))
+    _checkpoint(tmp_path / "r", relative, 40, 2)
+    assert check_resume(job, 2) == []
+
+
+def test_a_rerun_without_a_checkpoint_sets_the_earlier_events_aside(tmp_path):
+    """The earlier attempt ended before its first checkpoint: the rerun starts at step 0 in an empty
+    TensorBoard folder (the aggregator would drop its steps up to the old ones), the old events are kept."""
+    from ampray.orchestrator.train import set_aside_stale_events
+
+    run_dir = tmp_path / "r"
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "tensorboard" / "events.out.tfevents.1.vm").write_bytes(b"old")
+    (run_dir / "progress").mkdir()
+    (run_dir / "progress" / "all.json").write_text('{"step": 30}')
+    moved = set_aside_stale_events(run_dir)
+    assert moved is not None and moved.parent == run_dir and moved.name.startswith("tensorboard.before-")
+    assert (moved / "events.out.tfevents.1.vm").read_bytes() == b"old"
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "progress" / "all.json").exists()
+    assert set_aside_stale_events(run_dir) is None  # nothing left to move
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events.out.tfevents.2.vm").write_bytes(b"resumable")
+    _checkpoint(run_dir, _run(tmp_path), 40, 2)
+    assert set_aside_stale_events(run_dir) is None  # a checkpoint to resume from: the events go on
+    assert (run_dir / "tensorboard" / "events.out.tfevents.2.vm").is_file()
+
+
 def test_a_rerun_on_another_number_of_workers_is_refused(tmp_path):
     _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
     with pytest.raises(ConfigError, match=r"number of workers: 2 in the checkpoint, 4 now \(pass --scaling.num_workers 2"):
@@ -182,3 +243,8 @@ def test_a_launcher_made_cluster_counts_the_nodes_it_can_grow_to(tmp_path):
         "max_workers: 1\nhead_node_type: h\navailable_node_types:\n"
         "  h: {resources: {CPU: 4}, max_workers: 0}\n  g: {resources: {CPU: 8, GPU: 1}, max_workers: 3}\n")
     assert autoscaler_nodes(tmp_path / "capped.yaml") == [{"CPU": 4}, {"CPU": 8, "GPU": 1}]
+    # A provider the launcher does not fill in resources for: the config cannot size the cluster, so only
+    # the live nodes count (instead of refusing every job against nodes counted as empty).
+    (tmp_path / "bare.yaml").write_text(
+        "head_node_type: h\navailable_node_types:\n  h: {max_workers: 0}\n  g: {resources: {GPU: 1}, max_workers: 3}\n")
+    assert autoscaler_nodes(tmp_path / "bare.yaml") == []
