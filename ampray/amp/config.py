@@ -279,7 +279,11 @@ def _known(cls: type, data: dict[str, Any], label: str | None = None) -> dict[st
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{label}: unknown field(s) {unknown}; allowed fields are {names}")
+        import difflib
+
+        hints = [f"{close[0]!r} for {u!r}" for u in unknown if (close := difflib.get_close_matches(u, names, 1))]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ConfigError(f"{label}: unknown field(s) {unknown}{hint}; allowed fields are {names}")
     return dict(data)
 
 

@@ -171,12 +171,15 @@ def synth_main(out_dir: str | Path, kinds: tuple[str, ...] = KINDS, num_samples:
 
 def _shard_files(path: Path) -> list[Path]:
     if not path.exists():
-        raise FileNotFoundError(f"data.path={path}: does not exist; expected a Parquet file or a folder of them")
+        raise FileNotFoundError(f"{path} does not exist; expected a Parquet file or a folder of them")
     if path.is_file():
         return [path]
     files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"data.path={path}: holds no .parquet files; expected part-00000.parquet, ...")
+        kinds = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+        hint = (f"; its folders {kinds} do (`ampray data synth` writes one per model kind): name one of them, "
+                f"such as {path / kinds[0]}" if kinds else "; expected part-00000.parquet, ...")
+        raise FileNotFoundError(f"{path} holds no .parquet files{hint}")
     return files
 
 

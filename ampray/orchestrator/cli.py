@@ -12,10 +12,16 @@ from typing import Any
 
 def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
     """The job from --config and dotted overrides; named flags (run.address=...) win when given."""
-    from ampray.orchestrator.job import JobConfig, parse_overrides
+    from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
 
     overrides = parse_overrides(extra)
-    overrides.update({key: value for key, value in flags.items() if value is not None})
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in overrides and overrides[key] != value:
+            flag = "--" + key.removeprefix("run.").removeprefix("model.")
+            raise ConfigError(f"{flag} {value!r} and --{key} {overrides[key]!r} disagree; give one of them")
+        overrides[key] = value
     return JobConfig.load(args.config, overrides)
 
 
@@ -23,6 +29,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from ampray.orchestrator.job import ConfigError
 
     console = _console()
+    job = None
     try:
         job = _load_job(args, extra, **{"run.address": args.address, "run.name": args.name,
                                         "model.kind": args.model})
@@ -33,6 +40,11 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except ConfigError as err:
         print(f"ampray train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f"Its checkpoints are kept in {job.run_dir()}: rerun" if job is not None else "Rerun"
+        print(f"ampray train: interrupted. {where} the same command to resume from the latest checkpoint.",
+              file=sys.stderr)
+        return 130
     except Exception as err:
         from ray.train import TrainingFailedError
 
@@ -98,7 +110,9 @@ class _Progress:
                       TextColumn("step {task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
             task = progress.add_task("train", total=total)
-            while not self._stop.wait(0.5):
+            shown = None
+            while True:
+                stopping = self._stop.wait(0.5)
                 steps = []
                 for path in paths:
                     try:
@@ -107,6 +121,12 @@ class _Progress:
                         pass
                 if steps:
                     progress.update(task, completed=max(steps))
+                    if not self.console.is_terminal and max(steps) != shown:
+                        # Into a log or pipe the bar is not drawn: one line per reported step instead.
+                        shown = max(steps)
+                        self.console.print(f"{self.job.run.name}: step {shown}/{total}")
+                if stopping:  # one last look after the run ended: its final step is shown too
+                    return
 
 
 def final_table(outcome) -> Any:
@@ -170,9 +190,15 @@ def _data(args: argparse.Namespace, extra: list[str]) -> int:
     from ampray.data.parquet import synth_main
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    summary = synth_main(Path(args.out), kinds=kinds, num_samples=args.num_samples, seed=args.seed,
-                         num_shards=args.shards)
-    print(summary)
+    try:
+        summary = synth_main(Path(args.out), kinds=kinds, num_samples=args.num_samples, seed=args.seed,
+                             num_shards=args.shards)
+    except ValueError as err:
+        print(f"ampray data synth: error: {err}", file=sys.stderr)
+        return 2
+    for kind, info in summary["kinds"].items():
+        print(f"{kind}: {info['rows']} rows of shape {info['input_shape']} in {info['shards']} shard(s), "
+              f"{info['bytes'] / 2**20:.1f} MiB -> train on it with --model.kind {kind} --data.path {info['path']}")
     return 0
 
 
@@ -259,11 +285,17 @@ def _ui(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ampray import __version__
+    from ampray.orchestrator.job import fields_help
+
     parser = argparse.ArgumentParser(prog="ampray", description="Mixed-precision training on Ray")
+    parser.add_argument("--version", action="version", version=f"ampray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train on Ray (embedded local cluster unless --address)",
-                           epilog="Any config field can be overridden: --precision.dtype bf16 "
-                                  "--scaling.num_workers 4 --model.kind gpt --model.options.preset micro")
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Any job field can be set as --section.field VALUE (command line beats --config "
+                                  "file beats defaults),\ne.g. --precision.dtype bf16 --scaling.num_workers 4 "
+                                  "--model.kind gpt --model.options.preset micro.\n\n" + fields_help())
     train.add_argument("--config", default=None, help="job TOML file")
     train.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 (default: embedded)")
     train.add_argument("--name", default=None, help="run name (the same name resumes)")
@@ -291,11 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the built-in corpus as Parquet")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--kinds", default="mlp,cnn,gpt")
-    synth.add_argument("--num-samples", type=int, default=4096)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shards", type=int, default=4)
+    synth.add_argument("--out", required=True, help="folder; one sub-folder per kind is written in it")
+    synth.add_argument("--kinds", default="mlp,cnn,gpt", help="comma list of model kinds (default: all three)")
+    synth.add_argument("--num-samples", type=int, default=4096, help="rows per kind")
+    synth.add_argument("--seed", type=int, default=0, help="the corpus is a function of this seed")
+    synth.add_argument("--shards", type=int, default=4, help="Parquet files per kind")
     synth.set_defaults(func=_data)
     bench = sub.add_parser("bench", help="fp32 against each mixed precision on one model (no Ray)")
     bench.add_argument("--model", default="mlp", help="mlp | cnn | gpt")

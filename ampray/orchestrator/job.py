@@ -13,6 +13,7 @@ Precedence: command-line overrides > TOML file > defaults. The resolved config i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -189,12 +190,22 @@ class RunSection:
         if not self.name or "/" in self.name or self.name.startswith("."):
             _fail("run", "name", self.name, "a non-empty folder name without '/'")
         _check_seed("run", self.seed)
+        if self.address and not _address_form(self.address):
+            _fail("run", "address", self.address, "auto, host:port of a running cluster's head (such as "
+                  "127.0.0.1:6379) or ray://host:10001; empty: an embedded local cluster")
         if "://" in self.storage_path:
             _fail("run", "storage_path", self.storage_path, "a folder every node sees (a local path, or a "
                   "shared file system mounted on every node); object stores such as s3:// are not supported")
 
 
 MAX_SEED = 2**32 - 1
+
+
+def _address_form(address: str) -> bool:
+    if address == "auto":
+        return True
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    return bool(sep and host and "/" not in host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _check_seed(section: str, seed: int) -> None:
@@ -231,7 +242,7 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
-        data = _known(cls, data)
+        data = _known(cls, data, "the job's sections")
         sections = {}
         for name, section_cls in _SECTIONS.items():
             value = data.get(name, {})
@@ -274,9 +285,21 @@ class JobConfig:
                 data = tomllib.loads(p.read_text())
             except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"--config {str(path)!r}: not valid TOML: {err}") from None
+        from_file = copy.deepcopy(data)
         for dotted, value in (overrides or {}).items():
             _set_dotted(data, dotted, value)
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            if path and data != from_file:  # is it the file's own mistake (not one an override made)?
+                try:
+                    cls.from_dict(from_file)
+                except ConfigError as own:
+                    if str(own) == str(err):
+                        raise ConfigError(f"--config {str(path)!r}: {err}") from None
+            elif path:
+                raise ConfigError(f"--config {str(path)!r}: {err}") from None
+            raise
 
     def run_dir(self) -> Path:
         return Path(self.run.storage_path).expanduser().resolve() / self.run.name
@@ -306,6 +329,23 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def fields_help() -> str:
+    """Every job field with its default, one section a paragraph (`ampray train --help`)."""
+    import textwrap
+
+    defaults = JobConfig().to_dict()
+    lines = ["job fields and their defaults (README.md says what each does):"]
+    for section, values in defaults.items():
+        flat = _flatten(values)
+        text = " ".join(f"{key}={value!r}" for key, value in flat.items())
+        if section == "model":
+            text += (" options: the model config's fields (--model.options.hidden 256; gpt: "
+                     "--model.options.preset nano|micro|small)")
+        lines += textwrap.wrap(text, width=110, initial_indent=f"  [{section}] ", subsequent_indent="      ",
+                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`--precision.dtype bf16 --scaling.num_workers=4` -> {"precision.dtype": "bf16", ...}; values are read
     as TOML literals (numbers, booleans, quoted strings, [lists]) and otherwise kept as strings."""
@@ -323,8 +363,26 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        out[key] = _literal(raw)
+        value = _literal(raw)
+        if _is_text_field(key) and not (isinstance(value, str) and raw[:1] in "\"'"):
+            value = raw  # as typed, unless it was a quoted TOML string
+        out[key] = value
     return out
+
+
+def _is_text_field(dotted: str) -> bool:
+    """Whether `section.field` names a text field: its value is taken as typed (`--run.name 1.10` is the
+    run "1.10", not the number 1.1 written back as "1.1"; a date-like name stays a name)."""
+    from ampray.amp.config import AdaptationConfig
+
+    keys = dotted.split(".")
+    owner: Any = _SECTIONS.get(keys[0])
+    if owner is MixedPrecisionConfig and len(keys) == 3 and keys[1] == "adaptation":
+        owner, keys = AdaptationConfig, keys[1:]
+    if owner is None or len(keys) != 2:
+        return False
+    types = {f.name: f.type for f in dataclasses.fields(owner)}
+    return types.get(keys[1]) == "str"
 
 
 def _literal(raw: str) -> Any:

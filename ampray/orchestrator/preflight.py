@@ -59,8 +59,9 @@ def parquet_summary(path: Path) -> dict[str, Any]:
             "label_range": (min(labels), max(labels)) if labels else None, "files": len(files)}
 
 
-def check_data(job: JobConfig, num_workers: int) -> None:
-    """The dataset fits the model and gives every rank at least one micro-batch; raises ConfigError."""
+def check_data(job: JobConfig, num_workers: int | None) -> None:
+    """The dataset fits the model and gives every rank at least one micro-batch (the second part only
+    given `num_workers`: before the cluster is known, the first alone); raises ConfigError."""
     from ampray.models import build_config
 
     model = build_config(job.model.kind, **job.model.options)
@@ -75,6 +76,8 @@ def check_data(job: JobConfig, num_workers: int) -> None:
     else:
         rows = job.data.num_samples
         where = f"data.num_samples={rows}"
+    if num_workers is None:
+        return
     k = job.precision.gradient_accumulation_steps
     micro, per_rank = job.data.batch_size // k, rows // num_workers
     if micro > per_rank:
@@ -153,20 +156,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             name = latest.get("checkpoint_dir_name")
             return run_dir / name if name and (run_dir / name / "job.toml").is_file() else None
 
-    def step(p: Path) -> int:
-        try:
-            return int(p.name.removeprefix("checkpoint_"))
-        except ValueError:
-            return -1
-
-    found = [p for p in run_dir.glob("checkpoint_*") if step(p) >= 0
+    found = [p for p in run_dir.glob("checkpoint_*") if checkpoint_step(p) >= 0
              and (p / "job.toml").is_file() and (p / "state.pt").is_file()]
-    return max(found, key=step) if found else None
+    return max(found, key=checkpoint_step) if found else None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder holds, from its name (checkpoint_000040); -1 for another name."""
+    try:
+        return int(folder.name.removeprefix("checkpoint_"))
+    except ValueError:
+        return -1
 
 
 def check_resume(job: JobConfig, num_workers: int) -> list[str]:
     """Compare a rerun with the run's latest checkpoint. Raises ConfigError naming every field that must
-    not change and does; returns notes on allowed changes the user should know of (empty for a new run)."""
+    not change and does; returns notes for the user (where it resumes, allowed changes that matter;
+    empty for a new run)."""
     checkpoint = latest_checkpoint(job.run_dir())
     if checkpoint is None:
         return []
@@ -183,13 +189,19 @@ def check_resume(job: JobConfig, num_workers: int) -> list[str]:
     if world and world != num_workers:
         changed.append(f"the number of workers: {world} in the checkpoint, {num_workers} now "
                        f"(pass --scaling.num_workers {world} to resume)")
+    at = checkpoint_step(checkpoint)
+    if at > job.run.steps:
+        changed.append(f"run.steps={job.run.steps}: the run is already at step {at} (expected run.steps >= {at}; "
+                       "a run does not go back)")
     if changed:
         raise ConfigError(
             f"run {job.run.name!r} resumes from {checkpoint.name} in {checkpoint.parent}, and these settings "
             "differ from the ones it was trained with:\n  " + "\n  ".join(changed) +
             "\nA rerun may change only the run length, reporting and checkpoint intervals, workers' resources "
             "and the loss scaler's live settings. Start a new run with --name NEW (or restore the settings).")
-    notes = []
+    notes = [f"the run is complete at step {at} ({checkpoint.name}): nothing to train; its final records follow"
+             if at == job.run.steps else
+             f"resuming from {checkpoint.name} (step {at} of {job.run.steps})"]
     before, after = saved.get("run.steps"), job.run.steps
     if before != after and job.optimizer.schedule == "cosine":
         notes.append(f"run.steps changed from {before} to {after}: the cosine learning-rate schedule now ends "

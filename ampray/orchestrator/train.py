@@ -8,11 +8,13 @@ restores its checkpoint list from `<storage_path>/<name>` and the workers contin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,8 @@ def init_ray(address: str, dashboard: bool = False) -> None:
         os.environ.setdefault(key, value)
     if not address:
         bind_to_localhost()
+    else:
+        check_reachable(address)
     import ray
 
     if ray.is_initialized():
@@ -71,11 +75,25 @@ def init_ray(address: str, dashboard: bool = False) -> None:
     if address:
         try:
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(RAY_ENV)})
-        except ConnectionError as err:  # no cluster there (a lost connection later is a failed run)
+        except (ConnectionError, ValueError) as err:  # no cluster there (a connection lost later is a failed run)
             raise ConfigError(f"run.address={address!r}: cannot connect: {err}") from None
         return
     ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
              configure_logging=False)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A host:port address (a cluster's GCS) must answer within seconds: Ray itself retries an address
+    where nothing listens for minutes. `auto` and `ray://` fail fast in Ray on their own."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"run.address={address!r}: no Ray cluster answers there ({err}); expected auto, the "
+                          "host:port of a running cluster's head (ray start --head; 6379 by default) or "
+                          "ray://host:10001") from None
 
 
 def resolve_scaling(job: JobConfig, resources: dict[str, float],
@@ -198,6 +216,48 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, data=dataclasses.replace(job.data, path=path))
 
 
+def make_run_dir(job: JobConfig) -> Path:
+    """The run's folder, created now: a storage_path that cannot hold it fails here, not in Ray."""
+    run_dir = job.run_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run.storage_path={job.run.storage_path!r} is not allowed: cannot create and write "
+                          f"the run folder {run_dir} ({err.strerror or err}); expected a writable folder") from None
+    return run_dir
+
+
+LOCK_FILE = ".driver.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for one driver: a second `ampray train` of the same run (same name and
+    storage_path) would start a second set of workers that train, checkpoint and prune over the first's.
+    The lock is the operating system's (flock), so a killed driver releases it with its last breath."""
+    import fcntl
+
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"run {run_dir.name!r} in {run_dir.parent} is already being trained ({holder}); "
+                              "wait for it to end, or give this run a new --name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def set_aside_stale_events(run_dir: Path) -> Path | None:
     """A rerun that finds event files but no checkpoint (the earlier attempt ended before its first one)
     starts at step 0: its events go into a fresh folder, and the earlier ones are moved beside it, so
@@ -269,18 +329,21 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
     from ampray.actors.aggregator import read_scalars
     from ampray.orchestrator.preflight import check_data, check_resume
 
-    init_ray(job.run.address)
-    num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
-    job = resolved(job, num_workers, use_gpu)
-    check_data(job, num_workers)
-    for note in check_resume(job, num_workers):
-        notify(note)
-    stale = set_aside_stale_events(job.run_dir())
-    if stale is not None:
-        notify(f"the run has no checkpoint to resume from, so it starts at step 0; the TensorBoard events of "
-               f"its earlier attempt are kept in {stale}")
-    run_dir = save_resolved(job)
-    result = build_trainer(job, num_workers, use_gpu).fit()
+    job = absolute_paths(job)
+    check_data(job, None)  # what needs no cluster (the data against the model) fails before Ray starts
+    with run_lock(make_run_dir(job)):
+        init_ray(job.run.address)
+        num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
+        job = resolved(job, num_workers, use_gpu)
+        check_data(job, num_workers)
+        for note in check_resume(job, num_workers):
+            notify(note)
+        stale = set_aside_stale_events(job.run_dir())
+        if stale is not None:
+            notify(f"the run has no checkpoint to resume from, so it starts at step 0; the TensorBoard events "
+                   f"of its earlier attempt are kept in {stale}")
+        run_dir = save_resolved(job)
+        result = build_trainer(job, num_workers, use_gpu).fit()
     logdir = run_dir / "tensorboard"
     if not logdir.is_dir():
         notify(f"{logdir} is not on this machine: the Train controller wrote the run's events on the head node "

@@ -58,7 +58,9 @@ def test_train_end_to_end_on_parquet_with_every_rank_in_tensorboard(ray_address,
     args = _args(tmp_path, "e2e", 80, "--address", ray_address, "--data.path", str(tmp_path / "data" / "mlp"),
                  "--model.options.in_features", "784")
     assert main(args) == 0
-    assert f"{socket.gethostname()}:cpu" in capsys.readouterr().out  # the final table's node:gpu column
+    out = capsys.readouterr().out
+    assert f"{socket.gethostname()}:cpu" in out  # the final table's node:gpu column
+    assert "e2e: step 80/80" in out  # into a pipe or log, progress comes as lines (no bar is drawn there)
     run_dir = tmp_path / "e2e"
     scalars = read_scalars(str(run_dir / "tensorboard"))
     for rank in (0, 1):
@@ -180,8 +182,13 @@ def test_impossible_requests_fail_within_seconds(ray_address, tmp_path, capsys):
     assert main(_args(tmp_path, "bad", 10, "--address", ray_address, "--model.kind", "transformer")) == 2
     assert main(_args(tmp_path, "bad", 10, "--scaling.num_workers", "0")) == 2
     assert main(_args(tmp_path, "bad", 10, "--address", ray_address, "--data.batch_size", "4096")) == 2
+    assert main(_args(tmp_path, "bad", 10, "--address", "127.0.0.1:1")) == 2  # nothing listens there
+    (tmp_path / "afile").write_text("")
+    assert main([*_args(tmp_path, "bad", 10, "--address", ray_address), "--run.storage_path", str(tmp_path / "afile")]) == 2
     assert time.time() - t0 < 10
     err = capsys.readouterr().err
+    assert "run.address='127.0.0.1:1': no Ray cluster answers there" in err
+    assert "afile/bad (Not a directory)" in err
     assert "data.batch_size=4096 is not allowed: expected at most 512" in err
     assert "scaling.num_workers=64" in err and "needs 64 CPUs" in err and "no GPU" in err
     assert "model.kind='transformer'" in err and "scaling.num_workers=0" in err

@@ -57,6 +57,72 @@ def test_bad_configs_name_field_and_value(overrides, needle):
 def test_a_number_for_a_text_field_is_its_text():
     job = JobConfig.load(None, parse_overrides(["--run.name", "2024", "--run.storage_path", "7"]))
     assert (job.run.name, job.run.storage_path) == ("2024", "7")
+    # As typed: not read as TOML first (1.10 would be the number 1.1, a date-like name a date).
+    for typed in ("1.10", "1e3", "0x1F", "1_000", "2024-01-01", "true", "12:30:00"):
+        assert JobConfig.load(None, parse_overrides(["--run.name", typed])).run.name == typed
+    assert parse_overrides(["--run.name", '"quoted"'])["run.name"] == "quoted"  # a TOML string is unquoted
+    assert parse_overrides(["--run.steps", "10", "--precision.adaptation.window", "3"]) == {
+        "run.steps": 10, "precision.adaptation.window": 3}
+
+
+@pytest.mark.parametrize("address", ["", "auto", "127.0.0.1:6379", "head:6379", "ray://head:10001"])
+def test_cluster_addresses_of_ray_forms_are_taken(address):
+    assert JobConfig.load(None, {"run.address": address}).run.address == address
+
+
+@pytest.mark.parametrize("address", ["bogus", "head:", "ray://head", "head:99999", "http://head:8265"])
+def test_other_addresses_are_refused_before_ray_starts(address):
+    with pytest.raises(ConfigError, match=rf"run.address='{address}' is not allowed: expected auto, host:port"):
+        JobConfig.load(None, {"run.address": address})
+
+
+def test_a_closed_port_fails_in_seconds_instead_of_ray_retrying_for_minutes():
+    import socket
+    import time
+
+    from ampray.orchestrator.train import check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"run.address='127.0.0.1:{port}': no Ray cluster answers there"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 10
+
+
+def test_unknown_fields_get_a_suggestion_and_a_job_files_own_mistake_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[precision\]: unknown field\(s\) \['dtyp'\] \(did you mean 'dtype' for 'dtyp'\?\)"):
+        JobConfig.load(None, {"precision.dtyp": "bf16"})
+    path = tmp_path / "job.toml"
+    path.write_text('[modle]\nkind = "gpt"\n')
+    with pytest.raises(ConfigError, match=r"--config '.*job.toml': the job's sections: unknown field\(s\) \['modle'\] "
+                                          r"\(did you mean 'model' for 'modle'\?\)"):
+        JobConfig.load(path)
+    path.write_text('[run]\nsteps = "ten"\n')
+    with pytest.raises(ConfigError, match=r"--config '.*job.toml': run.steps='ten' is not allowed"):
+        JobConfig.load(path, {"run.name": "x"})
+    assert JobConfig.load(path, {"run.steps": 5}).run.steps == 5  # the command line fixes the file
+    with pytest.raises(ConfigError, match=r"^run.steps='x' is not allowed"):  # the override's mistake: no file named
+        JobConfig.load(tmp_path / "job.toml", {"run.steps": "x"})
+
+
+def test_train_help_lists_every_section_with_its_defaults(capsys):
+    from ampray.orchestrator.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("[model] kind='mlp'", "[data] path=''", "[precision] enabled=True", "[optimizer] name='adamw'",
+                   "[scaling] num_workers=-1", "[run] name='ampray'", "adaptation.window=100", "steps=200"):
+        assert needle in text, needle
+
+
+def test_a_flag_and_its_dotted_field_must_agree(capsys):
+    from ampray.orchestrator.cli import main
+
+    assert main(["train", "--name", "x", "--run.name", "y"]) == 2
+    assert "--name 'x' and --run.name 'y' disagree" in capsys.readouterr().err
 
 
 def test_resource_checks_fail_fast():

@@ -92,9 +92,13 @@ def test_wrong_column_type_is_named(tmp_path):
 
 
 def test_missing_and_empty_folders_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data.path=.*nope: does not exist"):
+    with pytest.raises(FileNotFoundError, match=r".*nope does not exist"):
         read_dataset(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"data.path=.*: holds no .parquet files"):
+    with pytest.raises(FileNotFoundError, match=r".* holds no .parquet files; expected part-00000.parquet"):
+        read_dataset(tmp_path)
+    # The folder `ampray data synth --out` wrote (one sub-folder per kind): the error names them.
+    write_dataset(tmp_path / "gpt", "gpt", *make_dataset("gpt", SMALL))
+    with pytest.raises(FileNotFoundError, match=r"its folders \['gpt'\] do .*: name one of them, such as .*/gpt"):
         read_dataset(tmp_path)
 
 

@@ -70,21 +70,25 @@ def _run(tmp_path, **overrides) -> JobConfig:
                     2, False)
 
 
+RESUMING_40 = "resuming from checkpoint_000040 (step 40 of 200)"
+
+
 def test_a_new_run_and_an_unchanged_rerun_pass(tmp_path):
     assert check_resume(_run(tmp_path), 2) == []
     _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
     newest = _checkpoint(tmp_path / "r", _run(tmp_path), 80, 2)
     assert latest_checkpoint(tmp_path / "r") == newest
-    assert check_resume(_run(tmp_path), 2) == []
+    assert check_resume(_run(tmp_path), 2) == ["resuming from checkpoint_000080 (step 80 of 200)"]
 
 
 def test_a_rerun_may_change_live_settings_length_and_resources(tmp_path):
     _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
     job = _run(tmp_path, precision__growth_interval=50, precision__adaptation__window=10, run__report_every=5,
                run__max_failures=3, scaling__cpus_per_worker=0.5, model__compile=True, run__steps=200)
-    assert check_resume(job, 2) == []  # run.steps is the default (200): unchanged
+    assert check_resume(job, 2) == [RESUMING_40]  # run.steps is the default (200): unchanged
     notes = check_resume(_run(tmp_path, run__steps=400), 2)
-    assert len(notes) == 1 and "run.steps changed from 200 to 400" in notes[0] and "cosine" in notes[0]
+    assert notes[0] == "resuming from checkpoint_000040 (step 40 of 400)"
+    assert len(notes) == 2 and "run.steps changed from 200 to 400" in notes[1] and "cosine" in notes[1]
     with pytest.raises(ConfigError, match="optimizer.schedule: 'cosine' in the checkpoint, 'constant' now"):
         check_resume(_run(tmp_path, run__steps=400, optimizer__schedule="constant"), 2)
 
@@ -107,7 +111,7 @@ def test_a_removed_model_option_is_a_change_and_a_spelled_out_default_is_not(tmp
     _checkpoint(tmp_path / "r", _run(tmp_path), 40, 2)
     with pytest.raises(ConfigError, match="model.options.hidden"):
         check_resume(_run(tmp_path, model__options={}), 2)  # back to the default width
-    assert check_resume(_run(tmp_path, model__options={"hidden": 32, "depth": 2}), 2) == []  # depth's default
+    assert check_resume(_run(tmp_path, model__options={"hidden": 32, "depth": 2}), 2) == [RESUMING_40]  # depth's default
 
 
 def _register(run_dir, name):
@@ -125,7 +129,7 @@ def test_the_checkpoint_compared_is_the_one_ray_registered(tmp_path):
     assert latest_checkpoint(run_dir) == partial  # no snapshot: the newest folder that looks complete
     _register(run_dir, registered.name)
     assert latest_checkpoint(run_dir) == registered
-    assert check_resume(_run(tmp_path), 2) == []
+    assert check_resume(_run(tmp_path), 2) == [RESUMING_40]
     _register(run_dir, None)  # Ray knows of no checkpoint: the run starts over
     assert latest_checkpoint(run_dir) is None
 
@@ -144,7 +148,7 @@ def test_a_relative_data_path_is_made_absolute_for_the_workers(tmp_path, mlp_dat
     assert job.data.path == str(mlp_data.resolve())
     relative = dataclasses.replace(job, data=dataclasses.replace(job.data, path="mlp"))
     _checkpoint(tmp_path / "r", relative, 40, 2)
-    assert check_resume(job, 2) == []
+    assert check_resume(job, 2) == [RESUMING_40]
 
 
 def test_a_rerun_without_a_checkpoint_sets_the_earlier_events_aside(tmp_path):
@@ -167,6 +171,14 @@ def test_a_rerun_without_a_checkpoint_sets_the_earlier_events_aside(tmp_path):
     _checkpoint(run_dir, _run(tmp_path), 40, 2)
     assert set_aside_stale_events(run_dir) is None  # a checkpoint to resume from: the events go on
     assert (run_dir / "tensorboard" / "events.out.tfevents.2.vm").is_file()
+
+
+def test_a_rerun_shorter_than_its_checkpoint_is_refused_and_a_complete_one_says_so(tmp_path):
+    _checkpoint(tmp_path / "r", _run(tmp_path), 60, 2)
+    with pytest.raises(ConfigError, match=r"run.steps=20: the run is already at step 60 \(expected run.steps >= 60"):
+        check_resume(_run(tmp_path, run__steps=20), 2)
+    assert check_resume(_run(tmp_path, run__steps=60, optimizer__schedule="cosine"), 2)[0] == (
+        "the run is complete at step 60 (checkpoint_000060): nothing to train; its final records follow")
 
 
 def test_a_rerun_on_another_number_of_workers_is_refused(tmp_path):
@@ -248,3 +260,32 @@ def test_a_launcher_made_cluster_counts_the_nodes_it_can_grow_to(tmp_path):
     (tmp_path / "bare.yaml").write_text(
         "head_node_type: h\navailable_node_types:\n  h: {max_workers: 0}\n  g: {resources: {GPU: 1}, max_workers: 3}\n")
     assert autoscaler_nodes(tmp_path / "bare.yaml") == []
+
+
+def test_one_driver_at_a_time_trains_a_run(tmp_path):
+    """A second `ampray train` of the same run while the first is still going is refused, naming the first;
+    the lock goes with the driver (the OS's flock: also when the driver is killed)."""
+    import os
+
+    from ampray.orchestrator.train import run_lock
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    with run_lock(run_dir):
+        with pytest.raises(ConfigError, match=rf"run 'r' in .* is already being trained \(pid {os.getpid()} on .*\); "
+                                              "wait for it to end, or give this run a new --name"):
+            with run_lock(run_dir):
+                pass
+    with run_lock(run_dir):  # released
+        pass
+
+
+def test_a_storage_path_that_cannot_hold_the_run_fails_before_ray(tmp_path):
+    from ampray.orchestrator.train import make_run_dir
+
+    (tmp_path / "afile").write_text("")
+    job = JobConfig.load(None, {"run.storage_path": str(tmp_path / "afile")})
+    with pytest.raises(ConfigError, match=r"run.storage_path='.*afile' is not allowed: cannot create and write the "
+                                          r"run folder .*afile/ampray \(Not a directory\)"):
+        make_run_dir(job)
+    assert make_run_dir(JobConfig.load(None, {"run.storage_path": str(tmp_path)})) == tmp_path / "ampray"
