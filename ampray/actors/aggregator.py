@@ -204,7 +204,8 @@ class TensorBoardAggregator(ray.train.UserCallback):
             return
         writer = self._ensure_writer()
         step = max(steps)
-        for rank, report in enumerate(metrics):
+        for index, report in enumerate(metrics):
+            rank = report.get("rank", index)  # the rank the worker says it is (Ray lists them in rank order)
             if self._accept(f"rank{rank}", report["step"]):
                 for key, value in _scalars(report).items():
                     writer.add_scalar(f"rank{rank}/{key}", value, report["step"])

@@ -105,7 +105,8 @@ def resolve_scaling(job: JobConfig, resources: dict[str, float],
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and gpus > 0)
     if s.use_gpu == "true" and gpus == 0:
-        raise ResourceError("scaling.use_gpu=true is not possible: the cluster has no GPU")
+        raise ResourceError("scaling.use_gpu=true is not possible: the cluster has no GPU; expected auto (GPUs "
+                            "where the cluster has them) or false")
     # -1: one worker per GPU (a fraction per worker does not put several workers on one GPU).
     n = s.num_workers if s.num_workers > 0 else (max(1, int(gpus // max(1.0, s.gpus_per_worker))) if use_gpu else 2)
     if use_gpu and n > 1 and s.gpus_per_worker < 1:
