@@ -15,6 +15,7 @@ import os
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,8 +314,9 @@ class Reporter:
     rank submits the same reports in the same order, so the cross-rank barrier inside stays aligned.
     """
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, report: Callable[..., None] | None = None) -> None:
         self.run_dir, self.rank = run_dir, rank
+        self._report = report or _ray_report
         self._queue: queue.Queue = queue.Queue()
         # One checkpoint in flight at most: each holds a full copy of the state on local disk until Ray has
         # uploaded it, so a storage slower than checkpoint_every makes training wait instead of filling it.
@@ -324,35 +326,48 @@ class Reporter:
         self._thread.start()
 
     def submit(self, metrics: dict[str, Any], folder: tempfile.TemporaryDirectory | None, name: str) -> None:
-        if self._error is not None:
-            raise self._error
-        if folder is not None:
-            while not self._checkpoint_slot.acquire(timeout=1.0):
-                if self._error is not None or not self._thread.is_alive():
-                    folder.cleanup()
-                    raise self._error or RuntimeError("the report thread has stopped")
+        """Queue one report (and the checkpoint folder that goes with it, which the thread deletes once Ray
+        has it). Raises the thread's error, if it stopped on one; the folder is deleted then too."""
+        try:
+            self._raise_if_stopped()
+            if folder is not None:
+                while not self._checkpoint_slot.acquire(timeout=1.0):
+                    self._raise_if_stopped()
+        except BaseException:
+            if folder is not None:
+                folder.cleanup()
+            raise
         self._queue.put((metrics, folder, name))
 
-    def _run(self) -> None:
-        import ray.train
+    def _raise_if_stopped(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._thread.is_alive():
+            raise RuntimeError("the report thread has stopped")
 
-        while (item := self._queue.get()) is not None:
-            metrics, folder, name = item
-            try:
-                if folder is None:
-                    ray.train.report(metrics)
-                else:
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder.name),
-                                     checkpoint_dir_name=name)
-                # Progress means "handed to Ray": a checkpoint named here is one a restart can use.
-                _write_progress(self.run_dir, self.rank, metrics["step"])
-            except BaseException as err:  # surfaced by the training thread at its next submit or close
-                self._error = err
-                return
-            finally:
-                if folder is not None:
-                    folder.cleanup()
-                    self._checkpoint_slot.release()
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                metrics, folder, name = item
+                try:
+                    self._report(metrics, folder.name if folder is not None else None, name)
+                    # Progress means "handed to Ray": a checkpoint named here is one a restart can use.
+                    _write_progress(self.run_dir, self.rank, metrics["step"])
+                finally:
+                    if folder is not None:
+                        try:
+                            folder.cleanup()
+                        finally:
+                            self._checkpoint_slot.release()
+        except BaseException as err:  # surfaced by the training thread at its next submit or close
+            self._error = err
+            while True:  # what is still queued will not be reported: delete its checkpoint copies
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and item[1] is not None:
+                    item[1].cleanup()
 
     def close(self) -> None:
         """Wait until every report has been handed over (the run must not end before)."""
@@ -360,6 +375,15 @@ class Reporter:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+def _ray_report(metrics: dict[str, Any], folder: str | None, name: str) -> None:
+    import ray.train
+
+    if folder is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
 
 def _report(reporter, metrics, step, rank, run, job, config, *, model, optimizer, scheduler, engine, batches,

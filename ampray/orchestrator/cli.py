@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
         if value is None:
             continue
         if key in overrides and overrides[key] != value:
-            flag = "--" + key.removeprefix("run.").removeprefix("model.")
+            flag = {"run.address": "--address", "run.name": "--name", "model.kind": "--model"}.get(key, key)
             raise ConfigError(f"{flag} {value!r} and --{key} {overrides[key]!r} disagree; give one of them")
         overrides[key] = value
     return JobConfig.load(args.config, overrides)
@@ -41,9 +42,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"ampray train: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = f"Its checkpoints are kept in {job.run_dir()}: rerun" if job is not None else "Rerun"
-        print(f"ampray train: interrupted. {where} the same command to resume from the latest checkpoint.",
-              file=sys.stderr)
+        where = f" Checkpoints written so far are kept in {job.run_dir()}." if job is not None else ""
+        print(f"ampray train: interrupted.{where} Rerun the same command to resume from the latest one (from "
+              "step 0 if none was written).", file=sys.stderr)
         return 130
     except Exception as err:
         from ray.train import TrainingFailedError
@@ -106,6 +107,7 @@ class _Progress:
         # The aggregator's file is on this node whatever the cluster; rank 0's only if rank 0 runs here.
         paths = [self.job.run_dir() / "progress" / name for name in ("all.json", "rank0.json")]
         total = self.job.run.steps
+        began = time.time() - 1.0  # an earlier attempt's files say nothing of this one
         with Progress(TextColumn(f"[bold]{self.job.run.name}[/bold] {self.job.model.kind}"), BarColumn(),
                       TextColumn("step {task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=self.console, transient=True) as progress:
@@ -116,7 +118,8 @@ class _Progress:
                 steps = []
                 for path in paths:
                     try:
-                        steps.append(json.loads(path.read_text())["step"])
+                        if path.stat().st_mtime >= began:
+                            steps.append(json.loads(path.read_text())["step"])
                     except (OSError, ValueError, KeyError):
                         pass
                 if steps:

@@ -142,23 +142,19 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint folder a rerun resumes from: the one Ray registered last. A folder that is not
-    registered (every rank copies its files in on its own; a crash during that copy leaves a part) is
-    never resumed from by Ray, so it is not compared against either. Without Ray's snapshot (a run
-    stopped before its first checkpoint was registered), the newest complete-looking folder by step."""
-    snapshot = run_dir / SNAPSHOT
-    if snapshot.is_file():
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, ValueError):
-            latest = None  # unreadable: Ray will say so itself; compare against what the folders show
-        if latest is not None:
-            name = latest.get("checkpoint_dir_name")
-            return run_dir / name if name and (run_dir / name / "job.toml").is_file() else None
-
-    found = [p for p in run_dir.glob("checkpoint_*") if checkpoint_step(p) >= 0
-             and (p / "job.toml").is_file() and (p / "state.pt").is_file()]
-    return max(found, key=checkpoint_step) if found else None
+    """The checkpoint folder a rerun resumes from: the one Ray Train registered last in its snapshot.
+    A folder it did not register (every rank copies its files in on its own; a crash during that copy
+    leaves a part) is never resumed from by Ray, so it is not compared against either; without a
+    snapshot Ray starts the run over, and so None."""
+    try:
+        latest = json.loads((run_dir / SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"run {run_dir.name!r}: Ray's checkpoint list {run_dir / SNAPSHOT} cannot be read "
+                          f"({err}); give this run a new --name") from None
+    name = latest.get("checkpoint_dir_name")
+    return run_dir / name if name else None
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -218,7 +214,9 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
 
     out = {k: v for k, v in flat.items() if not k.startswith("model.options.")}
     if out.get("data.path"):  # a checkpoint of an earlier version may hold it relative to the driver's folder
-        out["data.path"] = str(Path(out["data.path"]).expanduser().resolve())
+        from ampray.orchestrator.train import absolute_data_path
+
+        out["data.path"] = absolute_data_path(out["data.path"])
     options: dict[str, Any] = {}
     for key, value in flat.items():
         if key.startswith("model.options."):

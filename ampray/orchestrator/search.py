@@ -385,6 +385,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
         base_dict = apply_params(base_dict, {"run.checkpoint_every": job.run.report_every,
                                              "run.num_to_keep": max(2, job.run.num_to_keep)}).to_dict()
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
+    trial_job = absolute_paths(trial_job)  # a data.path the space fixes, too
     check_data(trial_job, search.workers_per_trial)  # the data against the model and batch, before any trial
     if search.scheduler == "pbt" and search.samples > concurrent:
         # PBT exploits among trials that run side by side; later waves could only clone each other.

@@ -75,7 +75,7 @@ def init_ray(address: str, dashboard: bool = False) -> None:
     if address:
         try:
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(RAY_ENV)})
-        except (ConnectionError, ValueError) as err:  # no cluster there (a connection lost later is a failed run)
+        except ConnectionError as err:  # no cluster there (a connection lost later is a failed run)
             raise ConfigError(f"run.address={address!r}: cannot connect: {err}") from None
         return
     ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
@@ -89,7 +89,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         return
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except (OSError, ValueError) as err:
         raise ConfigError(f"run.address={address!r}: no Ray cluster answers there ({err}); expected auto, the "
                           "host:port of a running cluster's head (ray start --head; 6379 by default) or "
@@ -170,10 +170,10 @@ def autoscaler_nodes(path: str | Path = AUTOSCALER_CONFIG) -> list[dict[str, flo
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
         log.warning("ignoring the autoscaler config %s: %s", file, err)
         return []
-    if any(not spec.get("resources") for spec in types.values()):
+    if any(not spec.get("resources") for spec in types.values() if int(spec.get("max_workers", 0) or 0) > 0):
         # The launcher fills in `resources` for the providers it knows (AWS, GCP); without them the config
-        # says nothing of what a node holds, and counting it as empty would refuse jobs that fit.
-        log.warning("ignoring the autoscaler config %s: a node type without `resources`", file)
+        # says nothing of what a node it can add holds, and counting it as empty would refuse jobs that fit.
+        log.warning("ignoring the autoscaler config %s: a worker node type without `resources`", file)
         return []
     workers = [dict(spec["resources"]) for spec in types.values()
                for _ in range(int(spec.get("max_workers", 0) or 0))]
@@ -213,8 +213,13 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     a relative path would name nothing."""
     if not job.data.path:
         return job
-    path = str(Path(job.data.path).expanduser().resolve())
-    return dataclasses.replace(job, data=dataclasses.replace(job.data, path=path))
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, path=absolute_data_path(job.data.path)))
+
+
+def absolute_data_path(path: str) -> str:
+    """A relative path joined to the driver's folder; an absolute one, or one under `~` (each worker's own
+    home), as given: links are not resolved, since the driver's link targets may not be the workers'."""
+    return path if path.startswith("~") or os.path.isabs(path) else os.path.abspath(path)
 
 
 def make_run_dir(job: JobConfig) -> Path:
@@ -249,6 +254,10 @@ def run_lock(run_dir: Path):
             holder = handle.read().strip() or "another process"
             raise ConfigError(f"run {run_dir.name!r} in {run_dir.parent} is already being trained ({holder}); "
                               "wait for it to end, or give this run a new --name") from None
+        except OSError as err:  # a file system without flock (some FUSE or Lustre mounts): go on unlocked
+            log.warning("cannot lock %s (%s): a second driver of this run would not be refused", handle.name, err)
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -295,10 +304,11 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
     """The TorchTrainer of a job; `init_checkpoint` (a ray Checkpoint) starts a new run from that state
     when the run has no checkpoint of its own (Train V2 passes such state through the loop config)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from ampray.actors.aggregator import TensorBoardAggregator
     from ampray.actors.worker import train_loop_per_worker
+    from ampray.orchestrator.ray_trainer import InterruptibleTorchTrainer
 
     run_dir = job.run_dir()
     resources = {"CPU": job.scaling.cpus_per_worker}
@@ -307,7 +317,7 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
     loop_config = {"job": job.to_dict(), "run_dir": str(run_dir), "job_toml": job.to_toml(),
                    "hparams": {k: v for k, v in job.flat().items() if isinstance(v, (int, float, str, bool))},
                    "init_checkpoint": init_checkpoint}
-    return TorchTrainer(
+    return InterruptibleTorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

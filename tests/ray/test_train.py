@@ -167,6 +167,20 @@ def test_killed_driver_resumes_from_the_last_checkpoint(ray_address, tmp_path):
     assert len(_starts(run_dir, 0)) == len(starts)  # no worker started
 
 
+def test_ctrl_c_stops_the_run_and_says_how_to_resume(ray_address, tmp_path):
+    cmd = [sys.executable, "-m", "ampray.orchestrator.cli", *_args(tmp_path, "intr", 2000, "--address", ray_address)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(tmp_path / "intr", 0, 50)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "ampray train: interrupted. Checkpoints written so far are kept in" in err and "Rerun the same command" in err
+    assert _progress(tmp_path / "intr", 0)["step"] < 2000
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

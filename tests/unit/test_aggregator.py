@@ -77,6 +77,13 @@ def test_event_files_hold_every_rank_and_the_aggregates(tmp_path):
     assert cb.last_aggregate["loss/mean"] == 1.5
 
 
+def test_each_report_is_filed_under_the_rank_it_names(tmp_path):
+    cb = TensorBoardAggregator(str(tmp_path))
+    cb.after_report(None, list(reversed(reports(10))), None)
+    scalars = read_scalars(str(tmp_path))
+    assert scalars["rank0/loss"] == [(10, 1.0)] and scalars["rank1/loss"] == [(10, 2.0)]
+
+
 def test_disagreement_counter_and_warning(tmp_path, caplog):
     cb = TensorBoardAggregator(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="ampray.actors.aggregator"):

@@ -54,13 +54,17 @@ def test_micro_batch_is_what_must_fit():
         check_data(job, num_workers=5)
 
 
-def _checkpoint(run_dir, job: JobConfig, step: int, world: int):
+def _checkpoint(run_dir, job: JobConfig, step: int, world: int, register: bool = True):
+    """A checkpoint folder as the workers write it, registered in Ray's snapshot as Ray does once every
+    rank's upload is complete (unless `register` is False: an upload a crash cut short)."""
     folder = run_dir / f"checkpoint_{step:06d}"
     folder.mkdir(parents=True)
     (folder / "job.toml").write_text(job.to_toml())
     (folder / "state.pt").write_bytes(b"")
     for rank in range(world):
         (folder / f"rng_rank{rank}.pt").write_bytes(b"")
+    if register:
+        _register(run_dir, folder.name)
     return folder
 
 
@@ -122,22 +126,20 @@ def _register(run_dir, name):
 
 def test_the_checkpoint_compared_is_the_one_ray_registered(tmp_path):
     """A rerun resumes from the checkpoint in Ray's snapshot: a newer folder whose upload a crash cut
-    short (here it lacks rank 1's files and would count one worker) is neither resumed from nor compared."""
+    short (here it lacks rank 1's files and would count one worker) is neither resumed from nor compared,
+    and without a snapshot (the first upload cut short) Ray starts over: nothing to compare."""
     run_dir = tmp_path / "r"
-    registered = _checkpoint(run_dir, _run(tmp_path), 40, 2)
-    partial = _checkpoint(run_dir, _run(tmp_path), 80, 1)
-    assert latest_checkpoint(run_dir) == partial  # no snapshot: the newest folder that looks complete
-    _register(run_dir, registered.name)
-    assert latest_checkpoint(run_dir) == registered
+    first = _checkpoint(run_dir, _run(tmp_path), 40, 2, register=False)
+    assert latest_checkpoint(run_dir) is None and check_resume(_run(tmp_path), 2) == []
+    _register(run_dir, first.name)
+    _checkpoint(run_dir, _run(tmp_path), 80, 1, register=False)
+    assert latest_checkpoint(run_dir) == first
     assert check_resume(_run(tmp_path), 2) == [RESUMING_40]
     _register(run_dir, None)  # Ray knows of no checkpoint: the run starts over
     assert latest_checkpoint(run_dir) is None
-
-
-def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
-    _checkpoint(tmp_path / "r", _run(tmp_path), 999_999, 2)
-    newest = _checkpoint(tmp_path / "r", _run(tmp_path), 1_000_000, 2)
-    assert latest_checkpoint(tmp_path / "r") == newest
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{trunc")
+    with pytest.raises(ConfigError, match="Ray's checkpoint list .* cannot be read"):
+        latest_checkpoint(run_dir)
 
 
 def test_a_relative_data_path_is_made_absolute_for_the_workers(tmp_path, mlp_data, monkeypatch):
@@ -145,7 +147,10 @@ def test_a_relative_data_path_is_made_absolute_for_the_workers(tmp_path, mlp_dat
     and a checkpoint that holds it relative (an earlier version) still compares equal."""
     monkeypatch.chdir(mlp_data.parent)
     job = _run(tmp_path, data__path="mlp", model__options={"hidden": 32, "in_features": 12, "num_classes": 5})
-    assert job.data.path == str(mlp_data.resolve())
+    assert job.data.path == str(mlp_data)
+    link = tmp_path / "link"
+    link.symlink_to(mlp_data)  # an absolute path is the user's: its links are not resolved on the driver
+    assert _run(tmp_path, data__path=str(link), model__options={"in_features": 12, "num_classes": 5}).data.path == str(link)
     relative = dataclasses.replace(job, data=dataclasses.replace(job.data, path="mlp"))
     _checkpoint(tmp_path / "r", relative, 40, 2)
     assert check_resume(job, 2) == [RESUMING_40]
@@ -258,8 +263,11 @@ def test_a_launcher_made_cluster_counts_the_nodes_it_can_grow_to(tmp_path):
     # A provider the launcher does not fill in resources for: the config cannot size the cluster, so only
     # the live nodes count (instead of refusing every job against nodes counted as empty).
     (tmp_path / "bare.yaml").write_text(
-        "head_node_type: h\navailable_node_types:\n  h: {max_workers: 0}\n  g: {resources: {GPU: 1}, max_workers: 3}\n")
+        "head_node_type: h\navailable_node_types:\n  h: {max_workers: 0}\n  g: {max_workers: 3}\n")
     assert autoscaler_nodes(tmp_path / "bare.yaml") == []
+    (tmp_path / "bare_head.yaml").write_text(  # the head alone without: the nodes it can add still count
+        "head_node_type: h\navailable_node_types:\n  h: {max_workers: 0}\n  g: {resources: {GPU: 1}, max_workers: 2}\n")
+    assert autoscaler_nodes(tmp_path / "bare_head.yaml") == [{}, {"GPU": 1}, {"GPU": 1}]
 
 
 def test_one_driver_at_a_time_trains_a_run(tmp_path):

@@ -1,10 +1,12 @@
 """Pieces of the Ray Train worker loop that run without Ray: the reported loss, the objective a search
 sees from it, and the local checkpoint copies a killed worker leaves behind."""
 
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -45,3 +47,72 @@ def test_copies_left_by_dead_workers_are_removed_and_live_ones_kept(tmp_path):
         (folder / "state.pt").write_bytes(b"x")
     assert remove_stale_checkpoint_copies(str(tmp_path)) == [gone]
     assert not gone.exists() and live.is_dir() and other.is_dir()
+
+
+def _folder(tmp_path, name: str):
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory(prefix=name, dir=tmp_path)
+    (Path(folder.name) / "state.pt").write_bytes(b"x")
+    return folder
+
+
+def test_the_reporter_keeps_one_checkpoint_in_flight_and_reports_in_order(tmp_path):
+    """While Ray uploads one checkpoint, the next submit with a checkpoint waits (each is a full copy on
+    local disk); reports without one never wait. Every folder is deleted once handed over."""
+    import threading
+    import time
+
+    from ampray.actors.worker import Reporter
+
+    release, seen = threading.Event(), []
+
+    def report(metrics, folder, name):
+        if name == "checkpoint_000010":
+            release.wait(10)  # a slow upload
+        seen.append((metrics["step"], name, folder is not None and Path(folder).is_dir()))
+
+    reporter = Reporter(tmp_path, 0, report=report)
+    first, second = _folder(tmp_path, "a"), _folder(tmp_path, "b")
+    reporter.submit({"step": 10}, first, "checkpoint_000010")
+    reporter.submit({"step": 15}, None, "")  # no checkpoint: returns at once
+    waited = threading.Thread(target=reporter.submit, args=({"step": 20}, second, "checkpoint_000020"))
+    waited.start()
+    time.sleep(0.3)
+    assert waited.is_alive() and seen == []  # the second checkpoint waits for the first's upload
+    release.set()
+    waited.join(5)
+    reporter.close()
+    assert seen == [(10, "checkpoint_000010", True), (15, "", False), (20, "checkpoint_000020", True)]
+    assert not Path(first.name).exists() and not Path(second.name).exists()
+    assert json.loads((tmp_path / "progress" / "rank0.json").read_text())["step"] == 20
+
+
+def test_a_failed_report_is_raised_and_no_checkpoint_copy_is_left(tmp_path):
+    import threading
+
+    import pytest
+
+    from ampray.actors.worker import Reporter
+
+    go = threading.Event()
+
+    def report(metrics, folder, name):
+        go.wait(10)
+        raise ConnectionError("controller gone")
+
+    reporter = Reporter(tmp_path, 0, report=report)
+    first, queued, late = _folder(tmp_path, "a"), _folder(tmp_path, "b"), _folder(tmp_path, "c")
+    reporter.submit({"step": 10}, None, "")
+    reporter.submit({"step": 20}, first, "checkpoint_000020")
+    blocked = threading.Thread(target=lambda: pytest.raises(ConnectionError, reporter.submit, {"step": 30}, queued,
+                                                             "checkpoint_000030"))
+    blocked.start()  # waits for the slot that the failing thread holds, then sees the error
+    go.set()
+    blocked.join(5)
+    assert not blocked.is_alive()
+    with pytest.raises(ConnectionError, match="controller gone"):
+        reporter.submit({"step": 40}, late, "checkpoint_000040")
+    with pytest.raises(ConnectionError):
+        reporter.close()
+    assert not any(Path(f.name).exists() for f in (first, queued, late))
