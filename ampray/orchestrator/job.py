@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,14 +292,12 @@ class JobConfig:
         try:
             return cls.from_dict(data)
         except ConfigError as err:
-            if path and data != from_file:  # is it the file's own mistake (not one an override made)?
+            if path:  # the file's own mistake (the file alone fails the same way), not an override's?
                 try:
                     cls.from_dict(from_file)
                 except ConfigError as own:
                     if str(own) == str(err):
                         raise ConfigError(f"--config {str(path)!r}: {err}") from None
-            elif path:
-                raise ConfigError(f"--config {str(path)!r}: {err}") from None
             raise
 
     def run_dir(self) -> Path:
@@ -327,6 +326,20 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def absolute_paths(job: JobConfig) -> JobConfig:
+    """The job with data.path as the driver sees it: Ray starts each worker in a folder of its own, where
+    a relative path would name nothing."""
+    if not job.data.path:
+        return job
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, path=absolute_data_path(job.data.path)))
+
+
+def absolute_data_path(path: str) -> str:
+    """A relative path joined to the driver's folder; an absolute one, or one under `~` (each worker's own
+    home), as given: links are not resolved, since the driver's link targets may not be the workers'."""
+    return path if path.startswith("~") or os.path.isabs(path) else os.path.abspath(path)
 
 
 def fields_help() -> str:

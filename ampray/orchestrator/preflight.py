@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ampray.orchestrator.job import ConfigError, JobConfig, _flatten
+from ampray.orchestrator.job import ConfigError, JobConfig, _flatten, absolute_data_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,25 +59,30 @@ def parquet_summary(path: Path) -> dict[str, Any]:
             "label_range": (min(labels), max(labels)) if labels else None, "files": len(files)}
 
 
-def check_data(job: JobConfig, num_workers: int | None) -> None:
-    """The dataset fits the model and gives every rank at least one micro-batch (the second part only
-    given `num_workers`: before the cluster is known, the first alone); raises ConfigError."""
+def check_data(job: JobConfig, num_workers: int) -> None:
+    """The dataset fits the model and gives every rank at least one micro-batch; raises ConfigError."""
+    check_batch_fits(job, check_data_fits_model(job), num_workers)
+
+
+def check_data_fits_model(job: JobConfig) -> int:
+    """The dataset's kind, shape, vocabulary and labels fit the model (checked from the Parquet footers,
+    with no cluster needed); returns its number of rows."""
     from ampray.models import build_config
 
-    model = build_config(job.model.kind, **job.model.options)
+    if not job.data.path:
+        return job.data.num_samples
     where = f"data.path={job.data.path!r}"
-    if job.data.path:
-        try:
-            info = parquet_summary(Path(job.data.path).expanduser())
-        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            raise ConfigError(f"{where}: not a readable Parquet dataset: {err}") from None
-        rows = info["rows"]
-        _check_data_fits_model(job.model.kind, model, info, where)
-    else:
-        rows = job.data.num_samples
-        where = f"data.num_samples={rows}"
-    if num_workers is None:
-        return
+    try:
+        info = parquet_summary(Path(job.data.path).expanduser())
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{where}: not a readable Parquet dataset: {err}") from None
+    _check_data_fits_model(job.model.kind, build_config(job.model.kind, **job.model.options), info, where)
+    return info["rows"]
+
+
+def check_batch_fits(job: JobConfig, rows: int, num_workers: int) -> None:
+    """Every rank's share of the `rows` holds at least one micro-batch; raises ConfigError."""
+    where = f"data.path={job.data.path!r}" if job.data.path else f"data.num_samples={rows}"
     k = job.precision.gradient_accumulation_steps
     micro, per_rank = job.data.batch_size // k, rows // num_workers
     if micro > per_rank:
@@ -214,8 +219,6 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
 
     out = {k: v for k, v in flat.items() if not k.startswith("model.options.")}
     if out.get("data.path"):  # a checkpoint of an earlier version may hold it relative to the driver's folder
-        from ampray.orchestrator.train import absolute_data_path
-
         out["data.path"] = absolute_data_path(out["data.path"])
     options: dict[str, Any] = {}
     for key, value in flat.items():

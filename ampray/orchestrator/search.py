@@ -362,7 +362,8 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     import ray.tune
 
     from ampray.orchestrator.preflight import check_data
-    from ampray.orchestrator.train import absolute_paths, init_ray
+    from ampray.orchestrator.job import absolute_paths
+    from ampray.orchestrator.train import init_ray
     from ampray.tune_spaces import load_space
 
     folder = search_dir(job, search)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ampray.orchestrator.job import ConfigError, JobConfig
+from ampray.orchestrator.job import ConfigError, JobConfig, absolute_paths
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +208,6 @@ def resolved(job: JobConfig, num_workers: int, use_gpu: bool) -> JobConfig:
     return dataclasses.replace(absolute_paths(job), scaling=scaling)
 
 
-def absolute_paths(job: JobConfig) -> JobConfig:
-    """The job with data.path as the driver sees it: Ray starts each worker in a folder of its own, where
-    a relative path would name nothing."""
-    if not job.data.path:
-        return job
-    return dataclasses.replace(job, data=dataclasses.replace(job.data, path=absolute_data_path(job.data.path)))
-
-
-def absolute_data_path(path: str) -> str:
-    """A relative path joined to the driver's folder; an absolute one, or one under `~` (each worker's own
-    home), as given: links are not resolved, since the driver's link targets may not be the workers'."""
-    return path if path.startswith("~") or os.path.isabs(path) else os.path.abspath(path)
-
-
 def make_run_dir(job: JobConfig) -> Path:
     """The run's folder, created now: a storage_path that cannot hold it fails here, not in Ray."""
     run_dir = job.run_dir()
@@ -281,10 +267,10 @@ def set_aside_stale_events(run_dir: Path) -> Path | None:
     logdir = run_dir / "tensorboard"
     if latest_checkpoint(run_dir) is not None or not any(logdir.glob("events.out.tfevents.*")):
         return None
-    target = run_dir / f"tensorboard.before-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while target.exists():
-        target, n = target.with_name(f"{target.name.split('~')[0]}~{n}"), n + 1
+    base = run_dir / f"tensorboard.before-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = base, 1
+    while target.exists():  # two reruns within one second
+        target, n = base.with_name(f"{base.name}~{n}"), n + 1
     logdir.rename(target)
     (run_dir / "progress" / "all.json").unlink(missing_ok=True)
     return target
@@ -338,15 +324,14 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
     be checked on the driver is checked before a worker starts; `notify` gets notes on allowed changes
     of a rerun (a longer cosine schedule) before training and on cross-rank disagreements after it."""
     from ampray.actors.aggregator import read_scalars
-    from ampray.orchestrator.preflight import check_data, check_resume
+    from ampray.orchestrator.preflight import check_batch_fits, check_data_fits_model, check_resume
 
-    job = absolute_paths(job)
-    check_data(job, None)  # what needs no cluster (the data against the model) fails before Ray starts
+    rows = check_data_fits_model(job)  # what needs no cluster fails before Ray starts
     with run_lock(make_run_dir(job)):
         init_ray(job.run.address)
         num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
         job = resolved(job, num_workers, use_gpu)
-        check_data(job, num_workers)
+        check_batch_fits(job, rows, num_workers)
         for note in check_resume(job, num_workers):
             notify(note)
         stale = set_aside_stale_events(job.run_dir())
