@@ -153,7 +153,7 @@ def engine_step(args, model, x_all, y_all, criterion, device, rank, world):
     from ampray import MixedPrecisionConfig, MixedPrecisionTrainer
     from ampray.actors.worker import build_scheduler, report_metrics
     from ampray.data.parquet import ShardedBatches
-    from ampray.orchestrator.job import OptimizerSection
+    from ampray.job import OptimizerSection
 
     engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=args.dtype, gradient_accumulation_steps=args.accum),
                                    device)

@@ -13,7 +13,7 @@ from typing import Any
 
 def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
     """The job from --config and dotted overrides; named flags (run.address=...) win when given."""
-    from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+    from ampray.job import ConfigError, JobConfig, parse_overrides
 
     overrides = parse_overrides(extra)
     for key, value in flags.items():
@@ -27,7 +27,7 @@ def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from ampray.orchestrator.job import ConfigError
+    from ampray.job import ConfigError
 
     console = _console()
     job = None
@@ -151,7 +151,7 @@ def final_table(outcome) -> Any:
 
 
 def _tune(args: argparse.Namespace, extra: list[str]) -> int:
-    from ampray.orchestrator.job import ConfigError
+    from ampray.job import ConfigError
 
     console = _console()
     try:
@@ -289,7 +289,7 @@ def _ui(args: argparse.Namespace, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ampray import __version__
-    from ampray.orchestrator.job import fields_help
+    from ampray.job import fields_help
 
     parser = argparse.ArgumentParser(prog="ampray", description="Mixed-precision training on Ray")
     parser.add_argument("--version", action="version", version=f"ampray {__version__}")

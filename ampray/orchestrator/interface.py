@@ -60,7 +60,7 @@ def training_job(model_type: str, num_epochs: int, batch_size: int, learning_rat
                  storage_path: str = "runs", name: str | None = None, address: str = "",
                  dtype: str = "auto", use_gpu: bool = False):
     """The JobConfig of a UI training run; every argument is checked first (ConfigError names it)."""
-    from ampray.orchestrator.job import JobConfig
+    from ampray.job import JobConfig
 
     _check_model(model_type)
     epochs = _check_int("num_epochs", num_epochs)
@@ -105,7 +105,7 @@ def stream_training(model_type: str = "mlp", num_epochs: int = 1, batch_size: in
     _check_model(model_type)
     init_ray(address)
     resources = ray.cluster_resources()
-    from ampray.orchestrator.job import JobConfig
+    from ampray.job import JobConfig
 
     # Epochs become steps through the number of workers: resolve it first (-1: one per GPU, if any).
     workers, use_gpu = resolve_scaling(JobConfig.load(None, {"scaling.num_workers": num_workers}), resources)

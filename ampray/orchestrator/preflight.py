@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ampray.orchestrator.job import ConfigError, JobConfig, _flatten, absolute_data_path
+from ampray.job import ConfigError, JobConfig, _flatten, absolute_data_path
 
 if sys.version_info >= (3, 11):
     import tomllib

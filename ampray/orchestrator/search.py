@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ampray.amp.config import _check_choice, _fail
-from ampray.orchestrator.job import ConfigError, JobConfig
+from ampray.job import ConfigError, JobConfig
 from ampray.tune_spaces import apply
 
 RESULT_COLUMNS = ("objective", "loss", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step",
@@ -362,7 +362,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     import ray.tune
 
     from ampray.orchestrator.preflight import check_data
-    from ampray.orchestrator.job import absolute_paths
+    from ampray.job import absolute_paths
     from ampray.orchestrator.train import init_ray
     from ampray.tune_spaces import load_space
 

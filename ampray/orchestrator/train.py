@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ampray.orchestrator.job import ConfigError, JobConfig, absolute_paths
+from ampray.job import ConfigError, JobConfig, absolute_paths
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ def gpu_cluster():
 @pytest.mark.parametrize("dtype,compile", [("bf16", False), ("fp16", False), ("fp16", True)])
 def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype, compile):
     from ampray.actors.aggregator import read_scalars
-    from ampray.orchestrator.job import JobConfig
+    from ampray.job import JobConfig
     from ampray.orchestrator.train import run_training
 
     job = JobConfig.load(None, {"model.kind": "gpt", "model.options.preset": "micro", "precision.dtype": dtype,
@@ -53,7 +53,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(gpu_cluster, tmp
     each rank's CUDA generator: the checkpoint restores model, optimizer, scaler, data position and RNG."""
     from pathlib import Path
 
-    from ampray.orchestrator.job import JobConfig
+    from ampray.job import JobConfig
     from ampray.orchestrator.train import run_training
 
     def job(name: str, steps: int) -> JobConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ampray.actors.aggregator import read_scalars
-from ampray.orchestrator.job import JobConfig
+from ampray.job import JobConfig
 from ampray.orchestrator.train import run_training
 
 pytestmark = pytest.mark.ray

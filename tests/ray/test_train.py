@@ -17,7 +17,7 @@ import torch
 from ampray.actors.aggregator import read_hparams, read_scalars, read_text
 from ampray.data.synthetic import uniform_loss
 from ampray.orchestrator.cli import main
-from ampray.orchestrator.job import JobConfig
+from ampray.job import JobConfig
 from ampray.orchestrator.train import ResourceError, run_training
 
 pytestmark = pytest.mark.ray

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ampray.orchestrator.cli import main
-from ampray.orchestrator.job import JobConfig
+from ampray.job import JobConfig
 from ampray.orchestrator.search import SearchConfig, run_search
 
 pytestmark = pytest.mark.ray

@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ampray.orchestrator.job import JobConfig
+from ampray.job import JobConfig
 from ampray.orchestrator.search import SearchConfig, apply_params, run_search
 from ampray.tune_spaces import load_space
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ampray.orchestrator.job import ConfigError, JobConfig, parse_overrides
+from ampray.job import ConfigError, JobConfig, parse_overrides
 from ampray.orchestrator.train import ResourceError, resolve_scaling
 
 

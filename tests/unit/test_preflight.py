@@ -11,7 +11,7 @@ import torch
 from ampray.actors.checkpoint import rng_state, set_rng_state
 from ampray.data.parquet import write_synthetic
 from ampray.data.synthetic import SyntheticConfig
-from ampray.orchestrator.job import ConfigError, JobConfig
+from ampray.job import ConfigError, JobConfig
 from ampray.orchestrator.preflight import check_data, check_resume, latest_checkpoint
 from ampray.orchestrator.train import ResourceError, resolve_scaling, resolved
 

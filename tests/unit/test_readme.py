@@ -24,7 +24,7 @@ def test_readme_engine_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_job_file_ships_as_the_example_and_loads():
-    from ampray.orchestrator.job import JobConfig
+    from ampray.job import JobConfig
 
     block = re.search(r"resolved config is saved as\n.*?```toml\n(.*?)```", README.read_text(), re.S).group(1)
     example = README.parent / "examples" / "gpt-fp16.toml"

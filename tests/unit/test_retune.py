@@ -10,7 +10,7 @@ from ampray.actors.worker import _restore_from, live_setting_changes
 from ampray.amp.config import ConfigError, MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer
 from ampray.data.parquet import ShardedBatches
-from ampray.orchestrator.job import JobConfig
+from ampray.job import JobConfig
 from tests.unit.helpers import GradPoison, batches, tiny_mlp
 
 

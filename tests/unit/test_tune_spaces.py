@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ampray.amp.config import ConfigError
-from ampray.orchestrator.job import JobConfig
+from ampray.job import JobConfig
 from ampray.tune_spaces import PRESETS, Space, apply, load_space
 
 
