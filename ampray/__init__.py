@@ -20,15 +20,20 @@ from ampray.amp.scaler import LossScaler
 from ampray.amp.trainer import MixedPrecisionTrainer, NonFiniteLossError, ScaleCollapseError
 
 _INTERFACE = ("benchmark_mixed_precision_interface", "train_model_with_mixed_precision_interface")
+_API = ("fit", "search", "FitResult")
 
 
 def __getattr__(name: str):
-    """The interactive face's functions live in the orchestrator layer: imported on first use, so that
-    `import ampray` stays the engine alone (no orchestrator, no Ray)."""
+    """The orchestrator's functions (the Python API, the interactive face) are imported on first use, so
+    that `import ampray` stays the engine alone (no orchestrator, no Ray)."""
     if name in _INTERFACE:
         from ampray.orchestrator import interface
 
         return getattr(interface, name)
+    if name in _API:
+        from ampray.orchestrator import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'ampray' has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -38,6 +43,7 @@ __all__ = [
     "AdaptiveMixedPrecisionTrainer",
     "BenchResult",
     "ConfigError",
+    "FitResult",
     "LossScaler",
     "MemoryStats",
     "MixedPrecisionConfig",
@@ -50,9 +56,11 @@ __all__ = [
     "benchmark_mixed_precision_interface",
     "create_mixed_precision_config",
     "detect_hardware",
+    "fit",
     "get_mixed_precision_recommendations",
     "mixed_precision_context",
     "optimize_mixed_precision_settings",
+    "search",
     "should_use_mixed_precision",
     "train_model_with_mixed_precision_interface",
     "train_with_mixed_precision",

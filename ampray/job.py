@@ -44,12 +44,19 @@ def _validate(obj: Any) -> None:
 
 @dataclass
 class ModelSection:
-    """Which built-in model to train."""
+    """Which model to train: a built-in kind, or your own factory and loss by import path."""
 
     kind: str = "mlp"
-    """mlp, cnn or gpt."""
+    """mlp, cnn or gpt (the built-in zoo); "custom" (set by itself) with model.factory."""
+    factory: str = ""
+    """Your model: "package.module:function" (found in the working folder or on PYTHONPATH, shipped to every
+    worker), called with [model.options] as keyword arguments; it returns an nn.Module."""
+    loss: str = ""
+    """"package.module:function", criterion(output, target) -> 0-d tensor; empty: the built-in kind's loss,
+    or cross-entropy over the output's last dimension for a factory."""
     options: dict = field(default_factory=dict)
-    """Keyword arguments of the model's config (gpt: preset = "nano" | "micro" | "small", ...)."""
+    """Keyword arguments of the factory, or of the built-in model's config (gpt: preset = "nano" | "micro" |
+    "small", ...)."""
     compile: bool = False
     """torch.compile the model on every worker (in place: checkpoints keep their keys). Fewer, fused kernels
     cut the host's work per step, which bounds GPT-2 small at small micro-batches on an H200; the first
@@ -57,12 +64,25 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         from ampray.models import MODEL_KINDS, build_config
+        from ampray.models.registry import ImportPathError, split_import_path
 
         _validate(self)
         if not isinstance(self.options, dict):
-            _fail("model", "options", self.options, 'a table of the model config\'s fields, such as {preset = "micro"}')
+            _fail("model", "options", self.options, 'a table of keyword arguments, such as {preset = "micro"}')
+        try:
+            for name in ("factory", "loss"):
+                if getattr(self, name):
+                    split_import_path(getattr(self, name), f"model.{name}")
+        except ImportPathError as err:
+            raise ConfigError(str(err)) from None
+        if self.factory:
+            # The user's code is imported where it runs (pre-flight, workers), never by a config parse.
+            self.kind = "custom"
+            return
+        if self.kind == "custom":
+            _fail("model", "factory", "", 'an import path "package.module:function" with model.kind = "custom"')
         if self.kind not in MODEL_KINDS:
-            _fail("model", "kind", self.kind, f"one of {list(MODEL_KINDS)}")
+            _fail("model", "kind", self.kind, f"one of {list(MODEL_KINDS)}, or model.factory for your own model")
         try:
             build_config(self.kind, **self.options)
         except (TypeError, ValueError) as err:
@@ -71,25 +91,82 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Where batches come from."""
+    """Where batches come from: the built-in corpus, ampray's Parquet schema, or your own columns."""
 
     path: str = ""
-    """A Parquet folder written by `ampray data synth` (or in its schema); empty: the built-in corpus."""
+    """A Parquet file or folder; empty: the built-in corpus (built-in kinds only). Data in ampray's schema
+    (`ampray data synth`) needs no columns named; any other data names them in data.input and data.target."""
+    val_path: str = ""
+    """A held-out Parquet file or folder with the same columns, evaluated every run.eval_every steps."""
+    val_fraction: float = 0.0
+    """Instead of val_path: this fraction of the rows (seeded by data.seed) is held out for evaluation."""
+    input: list = field(default_factory=list)
+    """Column(s) that make the model's input: one name (the model gets a tensor) or a list (the model gets a
+    dict {column: tensor}, or a tuple with input_format = "tuple")."""
+    target: str = ""
+    """The column the loss compares the model's output with."""
+    input_format: str = "dict"
+    """With several input columns: dict (model(x) with x = {column: tensor}) or tuple (in data.input's order)."""
+    pad_to: int = 0
+    """Variable-length list columns are padded with pad_value to this length; 0: to the longest row (of the
+    data in memory, of each batch when streaming)."""
+    pad_value: float = 0.0
+    """The value padding fills in."""
+    streaming: str = "auto"
+    """auto, true or false: stream the rows through Ray Data (ray.data.read_parquet, one shard per worker)
+    instead of loading them into every worker; auto streams data larger than data.max_in_memory_mb."""
+    max_in_memory_mb: float = 0.0
+    """auto: data whose decoded size is above this streams; 0: an eighth of the smallest node's memory."""
     num_samples: int = 4096
     """Rows of the built-in corpus (ignored with a path)."""
     seed: int = 0
-    """Seed of the built-in corpus and of the shuffling."""
+    """Seed of the built-in corpus, of the shuffling and of val_fraction's split."""
     batch_size: int = 64
     """Samples per worker per optimizer step (micro-batches are batch_size / accumulation steps)."""
+    eval_batch_size: int = 0
+    """Samples per evaluation batch; 0: the training micro-batch."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.input, str):
+            self.input = [self.input] if self.input else []
+        if isinstance(self.streaming, bool):
+            self.streaming = "true" if self.streaming else "false"
         _validate(self)
+        if not isinstance(self.input, list) or not all(isinstance(c, str) and c for c in self.input):
+            _fail("data", "input", self.input, "a column name or a list of column names")
+        if len(set(self.input)) != len(self.input):
+            _fail("data", "input", self.input, "distinct column names")
+        if self.target and self.target in self.input:
+            _fail("data", "target", self.target, "a column that is not also an input column")
+        if bool(self.input) != bool(self.target):
+            missing = "target" if self.input else "input"
+            _fail("data", missing, "", "a column name: data.input and data.target go together")
+        _check_choice("data", "input_format", self.input_format, ("dict", "tuple"))
+        _check_choice("data", "streaming", self.streaming, ("auto", "true", "false"))
         for name in ("num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 _fail("data", name, getattr(self, name), "an integer >= 1")
+        for name in ("pad_to", "eval_batch_size"):
+            if getattr(self, name) < 0:
+                _fail("data", name, getattr(self, name), "an integer >= 0")
+        if self.max_in_memory_mb < 0:
+            _fail("data", "max_in_memory_mb", self.max_in_memory_mb, "a number >= 0 (0: automatic)")
+        if not 0 <= self.val_fraction < 1:
+            _fail("data", "val_fraction", self.val_fraction, "a fraction in [0, 1) (0: none)")
+        if self.val_fraction and self.val_path:
+            _fail("data", "val_fraction", self.val_fraction, "0 when data.val_path is given (one held-out set)")
         _check_seed("data", self.seed)
-        if self.path and not Path(self.path).expanduser().exists():
-            _fail("data", "path", self.path, "an existing Parquet folder (see `ampray data synth --out DIR`)")
+        for name in ("path", "val_path"):
+            value = getattr(self, name)
+            if value and not Path(value).expanduser().exists():
+                _fail("data", name, value, "an existing Parquet file or folder (see `ampray data synth --out DIR`)")
+        if self.streaming == "true" and not self.path:
+            _fail("data", "streaming", "true", "false or auto without data.path (the built-in corpus is in memory)")
+
+    @property
+    def columns(self) -> bool:
+        """Whether the data is read by named columns (your own schema) rather than ampray's."""
+        return bool(self.input)
 
 
 @dataclass
@@ -176,6 +253,11 @@ class RunSection:
     """Worker-group restarts from the latest checkpoint after a crash."""
     seed: int = 0
     """Seed of model initialisation (the same on every rank)."""
+    eval_every: int = 0
+    """Optimizer steps between held-out evaluations (with data.val_path or data.val_fraction; also at the
+    end); 0: at every report. A multiple of report_every: evaluations travel in reports."""
+    eval_batches: int = 0
+    """Batches per rank per evaluation; 0: the rank's whole share of the held-out set."""
     adaptive: bool = True
     """Use AdaptiveMixedPrecisionTrainer."""
     address: str = ""
@@ -186,6 +268,12 @@ class RunSection:
         for name in ("steps", "report_every", "checkpoint_every", "num_to_keep"):
             if getattr(self, name) < 1:
                 _fail("run", name, getattr(self, name), "an integer >= 1")
+        for name in ("eval_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                _fail("run", name, getattr(self, name), "an integer >= 0")
+        if self.eval_every % self.report_every:
+            _fail("run", "eval_every", self.eval_every, f"a multiple of run.report_every={self.report_every} (0: "
+                  "every report)")
         if self.max_failures < -1:
             _fail("run", "max_failures", self.max_failures, "an integer >= 0 (or -1: unlimited)")
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -329,11 +417,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def absolute_paths(job: JobConfig) -> JobConfig:
-    """The job with data.path as the driver sees it: Ray starts each worker in a folder of its own, where
-    a relative path would name nothing."""
-    if not job.data.path:
-        return job
-    return dataclasses.replace(job, data=dataclasses.replace(job.data, path=absolute_data_path(job.data.path)))
+    """The job with data.path and data.val_path as the driver sees them: Ray starts each worker in a folder
+    of its own, where a relative path would name nothing."""
+    paths = {name: absolute_data_path(value) for name in ("path", "val_path") if (value := getattr(job.data, name))}
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, **paths)) if paths else job
 
 
 def absolute_data_path(path: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -158,8 +157,8 @@ def engine_step(args, model, x_all, y_all, criterion, device, rank, world):
     engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=args.dtype, gradient_accumulation_steps=args.accum),
                                    device)
     ddp = _ddp(engine.prepare_model(model), device, args)
-    opt_cfg = dataclasses.asdict(OptimizerSection(lr=args.lr, schedule="constant"))
-    optimizer = engine.build_optimizer(ddp, opt_cfg["name"], lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    opt_cfg = OptimizerSection(lr=args.lr, schedule="constant")
+    optimizer = engine.build_optimizer(ddp, opt_cfg.name, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
     scheduler = build_scheduler(optimizer, opt_cfg, args.warmup + args.steps)
     batches = ShardedBatches(x_all, y_all, args.batch_size, rank, world, 0)
     loss_sum = torch.zeros((), device=device)

@@ -10,9 +10,11 @@ into one run directory:
 - `all/scaler/scale_disagreements`: cumulative count of reports with disagreeing scales.
 - `all/perf/skipped_steps/total`, `all/perf/samples_per_s/total`: sums over ranks.
 - `all/memory/peak_allocated_bytes/max`: the largest peak allocation of any rank.
+- `all/val/loss/mean`, `all/val/accuracy/mean`, `all/val/samples/total`: held-out loss and accuracy over
+  every rank's held-out samples (ranks weighted by their `val/samples`), at each evaluation.
 - `summary` (text): a markdown table of each rank's final numbers, written with the final report.
-- HParams: rank 0's resolved config against `all/loss/mean`, `all/perf/skipped_steps/total` and
-  `all/perf/samples_per_s/total`.
+- HParams: rank 0's resolved config against `all/loss/mean`, `all/val/loss/mean`, `all/val/accuracy/mean`
+  (with a held-out set), `all/perf/skipped_steps/total` and `all/perf/samples_per_s/total`.
 
 Bookkeeping keys (`step`, `rank`, `world_size`, `final`), booleans and non-numeric values are not scalars.
 """
@@ -32,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 _META_KEYS = frozenset({"step", "rank", "world_size", "final"})
 _DISAGREEMENTS_TAG = "all/scaler/scale_disagreements"
-_HPARAM_METRICS = ("all/loss/mean", "all/perf/skipped_steps/total", "all/perf/samples_per_s/total")
+_HPARAM_METRICS = ("all/loss/mean", "all/val/loss/mean", "all/val/accuracy/mean", "all/perf/skipped_steps/total",
+                   "all/perf/samples_per_s/total")
 
 
 def _scalars(report: dict[str, Any]) -> dict[str, float]:
@@ -71,6 +74,23 @@ def aggregate(metrics: list[dict[str, Any]]) -> dict[str, float]:
     peaks = [r["memory/peak_allocated_bytes"] for r in per_rank if "memory/peak_allocated_bytes" in r]
     if peaks:
         out["memory/peak_allocated_bytes/max"] = max(peaks)
+    out.update(_held_out(per_rank))
+    return out
+
+
+def _held_out(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Held-out loss and accuracy over all ranks' samples: ranks weighted by how many they evaluated (their
+    shards differ by a row where the rows do not divide evenly), so `val/loss/mean` is the loss of the
+    whole held-out set, and a rank with no rows does not count."""
+    out: dict[str, float] = {}
+    samples = [r.get("val/samples", 0.0) for r in per_rank]
+    if not sum(samples):
+        return out
+    for key in ("val/loss", "val/accuracy"):
+        pairs = [(r[key], n) for r, n in zip(per_rank, samples) if key in r and n > 0]
+        if pairs:
+            out[f"{key}/mean"] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    out["val/samples/total"] = sum(samples)
     return out
 
 
@@ -139,11 +159,16 @@ def placement_label(record: dict[str, Any]) -> str:
 
 def _summary_table(metrics: list[dict[str, Any]]) -> str:
     mib = 1 << 20
-    rows = ["| rank | final loss | scale | skipped steps | peak allocated (MiB) | peak RSS (MiB) | samples/s | node:gpu |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    val = any("val/loss" in m for m in metrics)
+    acc = any("val/accuracy" in m for m in metrics)
+    rows = ["| rank | final loss |" + (" val loss |" if val else "") + (" val accuracy |" if acc else "")
+            + " scale | skipped steps | peak allocated (MiB) | peak RSS (MiB) | samples/s | node:gpu |"]
+    rows.append("|" + " ---: |" * (8 + val + acc))
     for rank, m in enumerate(metrics):
+        held_out = (f" {m.get('val/loss', math.nan):.4g} |" if val else "") + (
+            f" {m.get('val/accuracy', math.nan):.4f} |" if acc else "")
         rows.append(
-            f"| {rank} | {m.get('loss', math.nan):.4g} | {m.get('scaler/scale', math.nan):g} "
+            f"| {rank} | {m.get('loss', math.nan):.4g} |{held_out} {m.get('scaler/scale', math.nan):g} "
             f"| {m.get('perf/skipped_steps', 0)} | {m.get('memory/peak_allocated_bytes', 0) / mib:.1f} "
             f"| {m.get('memory/peak_rss_bytes', 0) / mib:.1f} | {m.get('perf/samples_per_s', math.nan):.1f} "
             f"| {placement_label(m)} |"

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ampray.data.columns import leaves, num_rows, select_rows
 from ampray.data.synthetic import SyntheticConfig, make_dataset
 
 SCHEMA_VERSION = 1
@@ -260,23 +261,27 @@ def read_dataset(path: str | Path, kind: str | None = None) -> tuple[torch.Tenso
 class ShardedBatches:
     """Deterministic per-rank batches over in-memory tensors, for data-parallel training.
 
+    `inputs` is a tensor, or a tuple or dict of tensors (several input columns), all with the rows of
+    `targets`; a batch holds the same rows of each.
+
     Epoch e permutes all rows with `torch.Generator().manual_seed(seed + epoch)`; rank r takes
     positions r::world_size of it, so ranks are disjoint and, since the permutation is cut to a
     multiple of world_size, equal in size: DDP ranks must run the same number of steps, or an
     all-reduce waits forever.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, rank: int,
+    def __init__(self, inputs: torch.Tensor | tuple | dict, targets: torch.Tensor, batch_size: int, rank: int,
                  world_size: int, seed: int, drop_last: bool = True):
-        if len(inputs) != len(targets):
-            raise ValueError(f"ShardedBatches: inputs have {len(inputs)} rows but targets {len(targets)}")
+        rows = num_rows(inputs)
+        if rows != len(targets):
+            raise ValueError(f"ShardedBatches: inputs have {rows} rows but targets {len(targets)}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ShardedBatches: rank={rank}, world_size={world_size} is not allowed; "
                              "expected world_size >= 1 and 0 <= rank < world_size")
-        self.rows_per_rank = len(inputs) // world_size
+        self.rows, self.rows_per_rank = rows, rows // world_size
         if not 1 <= batch_size <= self.rows_per_rank:
             raise ValueError(f"ShardedBatches: batch_size={batch_size} is not allowed; expected 1 <= batch_size "
-                             f"<= rows per rank ({self.rows_per_rank} = {len(inputs)} rows // world_size {world_size})")
+                             f"<= rows per rank ({self.rows_per_rank} = {rows} rows // world_size {world_size})")
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.drop_last = drop_last
@@ -291,13 +296,13 @@ class ShardedBatches:
     def _rank_indices(self, epoch: int) -> torch.Tensor:
         # Cached: recomputing a permutation of every row on each batch would cost O(rows) per step.
         if self._cached is None or self._cached[0] != epoch:
-            perm = torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(self.seed + epoch))
+            perm = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch))
             mine = perm[: self.rows_per_rank * self.world_size][self.rank :: self.world_size]
             # On the data's device: indexing GPU tensors with a CPU index would copy it every batch.
-            self._cached = (epoch, mine.to(self.inputs.device))
+            self._cached = (epoch, mine.to(leaves(self.inputs)[0].device))
         return self._cached[1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor | tuple | dict, torch.Tensor]:
         """The next (x, y); after the last batch of an epoch, the next epoch begins."""
         start = self.batch_index * self.batch_size
         idx = self._rank_indices(self.epoch)[start : start + self.batch_size]
@@ -305,7 +310,7 @@ class ShardedBatches:
         # Roll over here, so that state_dict always names the batch to be yielded next.
         if self.batch_index == self.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
-        return self.inputs[idx], self.targets[idx]
+        return select_rows(self.inputs, idx), self.targets[idx]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch_index": self.batch_index}

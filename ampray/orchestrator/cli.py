@@ -139,14 +139,26 @@ def final_table(outcome) -> Any:
 
     table = Table(title=f"ampray train: {outcome.num_workers} worker(s), "
                         f"{'GPU' if outcome.use_gpu else 'CPU'}, {outcome.run_dir}")
-    for col in ("rank", "step", "loss", "samples/s", "scale", "skipped", "overflows", "peak memory MiB", "node:gpu"):
+    val = any("val/loss" in rec for rec in outcome.final.values())
+    acc = any("val/accuracy" in rec for rec in outcome.final.values())
+    cols = ["rank", "step", "loss", *(["val loss"] if val else []), *(["val acc"] if acc else []), "samples/s",
+            "scale", "skipped", "overflows", "peak memory MiB", "node:gpu"]
+    for col in cols:
         table.add_column(col, justify="right")
+    nan = float("nan")
     for rank, rec in sorted(outcome.final.items()):
         peak = max(rec.get("memory/peak_allocated_bytes", 0), 0) / 2**20
-        table.add_row(str(rank), f"{rec.get('step', 0):.0f}", f"{rec.get('loss', float('nan')):.4f}",
+        held_out = ([f"{rec.get('val/loss', nan):.4f}"] if val else []) + (
+            [f"{rec.get('val/accuracy', nan):.4f}"] if acc else [])
+        table.add_row(str(rank), f"{rec.get('step', 0):.0f}", f"{rec.get('loss', nan):.4f}", *held_out,
                       f"{rec.get('perf/samples_per_s', 0):.0f}", f"{rec.get('scaler/scale', 0):g}",
                       f"{rec.get('perf/skipped_steps', 0):.0f}", f"{rec.get('scaler/overflows', 0):.0f}",
                       f"{peak:.1f}", placement_label(rec))
+    if val:
+        table.caption = "held-out over all ranks: " + ", ".join(
+            f"{name} {outcome.aggregate[key]:.4f}" for name, key in (("val loss", "val/loss/mean"),
+                                                                     ("val accuracy", "val/accuracy/mean"))
+            if key in getattr(outcome, "aggregate", {}))
     return table
 
 

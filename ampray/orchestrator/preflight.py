@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ampray.data.columns import check_columns, schema_summary
+from ampray.models.registry import ModelSpec
 
 from ampray.job import ConfigError, JobConfig, _flatten, absolute_data_path
 
@@ -59,29 +63,164 @@ def parquet_summary(path: Path) -> dict[str, Any]:
             "label_range": (min(labels), max(labels)) if labels else None, "files": len(files)}
 
 
-def check_data(job: JobConfig, num_workers: int) -> None:
-    """The dataset fits the model and gives every rank at least one micro-batch; raises ConfigError."""
-    check_batch_fits(job, check_data_fits_model(job), num_workers)
+@dataclass
+class DataPlan:
+    """What the driver learnt of a job's model and data before Ray starts."""
+
+    spec: ModelSpec
+    rows: int
+    """Training rows (after a val_fraction split is taken off); -1 when unknown (a Ray Dataset)."""
+    bytes: int
+    """Decoded size of the training data, from the Parquet footers (0 for the built-in corpus)."""
+    columns: list[str]
+    """The Parquet columns training reads (empty: the built-in corpus or ampray's schema, read whole)."""
 
 
-def check_data_fits_model(job: JobConfig) -> int:
-    """The dataset's kind, shape, vocabulary and labels fit the model (checked from the Parquet footers,
-    with no cluster needed); returns its number of rows."""
-    from ampray.models import build_config
+def check_data(job: JobConfig, num_workers: int) -> DataPlan:
+    """The model and dataset fit each other and give every rank at least one micro-batch; raises ConfigError."""
+    plan = check_model_and_data(job)
+    check_batch_fits(job, plan.rows, num_workers)
+    return plan
 
-    if not job.data.path:
-        return job.data.num_samples
-    where = f"data.path={job.data.path!r}"
+
+def resolve_model(job: JobConfig, objects: dict[str, Any] | None = None) -> ModelSpec:
+    """The job's model spec, importing the user's factory and loss here, on the driver."""
+    from ampray.models.registry import ImportPathError, resolve_spec
+
     try:
-        info = parquet_summary(Path(job.data.path).expanduser())
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise ConfigError(f"{where}: not a readable Parquet dataset: {err}") from None
-    _check_data_fits_model(job.model.kind, build_config(job.model.kind, **job.model.options), info, where)
-    return info["rows"]
+        return resolve_spec(job.model.kind, job.model.factory, job.model.loss, objects)
+    except ImportPathError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | None = None) -> DataPlan:
+    """Everything about the model and data that needs no cluster, in seconds: the factory and loss import,
+    the data's files and columns (or ampray's schema) fit the model, and the model takes one real batch and
+    its loss is a number. `stream`: a ray.data.Dataset given instead of data.path (its schema is checked);
+    `objects`: the factory and loss by value (the Python API's), instead of by import path."""
+    spec = resolve_model(job, objects)
+    d = job.data
+    where = f"data.path={d.path!r}"
+    rows, size, columns = d.num_samples, 0, []
+    if stream is not None:
+        rows, columns = -1, [*d.input, d.target]
+        _check_stream_columns(job, stream)
+    elif d.path and d.columns:
+        summary = _columns_summary(job, d.path, "data.path")
+        rows, size, columns = summary["rows"], summary["bytes"], [*d.input, d.target]
+        if d.val_path:
+            _check_same_columns(summary, _columns_summary(job, d.val_path, "data.val_path"), job)
+    elif d.path:
+        if not spec.builtin:
+            raise ConfigError(f"data.input and data.target are required with model.factory={job.model.factory!r}: "
+                              f"name the Parquet columns of the model's input and of the target "
+                              f"({where} has columns {_column_names(d.path)})")
+        try:
+            info = parquet_summary(Path(d.path).expanduser())
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(f"{where}: not a readable Parquet dataset: {err}") from None
+        if info["kind"] is None and info["shape"] is None:
+            raise ConfigError(f"{where} is not in ampray's schema (no ampray.kind): name its columns with "
+                              f"data.input and data.target (it has columns {_column_names(d.path)})")
+        spec.check_data(job.model.options, info, where)
+        rows = info["rows"]
+        if d.val_path:
+            val = parquet_summary(Path(d.val_path).expanduser())
+            spec.check_data(job.model.options, val, f"data.val_path={d.val_path!r}")
+    elif spec.synthetic is None:
+        raise ConfigError(f"data.path is required with model.factory={job.model.factory!r}: a Parquet file or "
+                          "folder of your data, with data.input and data.target naming its columns")
+    if d.val_fraction and rows > 0:
+        rows -= max(1, round(rows * d.val_fraction))
+    if stream is None:
+        check_one_batch(job, spec)
+    return DataPlan(spec, rows, size, columns)
+
+
+def _column_names(path: str) -> list[str]:
+    try:
+        return list(schema_summary(Path(path).expanduser())["columns"])
+    except (OSError, ValueError):
+        return []
+
+
+def _columns_summary(job: JobConfig, path: str, field: str) -> dict[str, Any]:
+    from ampray.actors.data import column_spec
+
+    try:
+        return check_columns(Path(path).expanduser(), column_spec(job), field_prefix="data", field=field)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{field}={path!r}: not a readable Parquet dataset: {err}") from None
+
+
+def _check_same_columns(train: dict[str, Any], val: dict[str, Any], job: JobConfig) -> None:
+    for name in [*job.data.input, job.data.target]:
+        if train["columns"][name] != val["columns"][name]:
+            raise ConfigError(f"data.val_path={job.data.val_path!r}: column {name!r} has type "
+                              f"{val['columns'][name]}; expected {train['columns'][name]} as in data.path "
+                              "(the held-out set must have the training data's columns)")
+
+
+def _check_stream_columns(job: JobConfig, stream) -> None:
+    names = list(stream.schema().names)
+    for field, name in [*(("data.input", c) for c in job.data.input), ("data.target", job.data.target)]:
+        if name not in names:
+            raise ConfigError(f"{field}={name!r} is not allowed: the training dataset has no column {name!r} "
+                              f"(columns: {', '.join(names)}); expected one of those")
+
+
+def check_one_batch(job: JobConfig, spec: ModelSpec) -> None:
+    """Build the model and run two real rows through it and the loss, in fp32 on this machine's CPU: a model
+    that rejects the data's shape, or a loss that is not a number, fails here with the fields to fix."""
+    import torch
+
+    from ampray.actors.data import one_batch
+
+    label = f"model.factory={job.model.factory!r}" if job.model.factory else f"model.kind={job.model.kind!r}"
+    try:
+        torch.manual_seed(job.run.seed)
+        model = spec.build_model(job.model.options)
+    except TypeError as err:
+        raise ConfigError(f"{label} with model.options={job.model.options!r}: {err}") from None
+    try:
+        x, y = one_batch(job, spec, 2)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.path={job.data.path!r}: cannot read a batch: {err}") from None
+    what = _describe(x), _describe(y)
+    try:
+        with torch.no_grad():
+            output = model(x)
+    except Exception as err:
+        raise ConfigError(f"{label} rejects a batch of the data (input {what[0]}, from data.input="
+                          f"{job.data.input or 'the ampray schema'}): {type(err).__name__}: {err}") from None
+    loss_label = f"model.loss={job.model.loss!r}" if job.model.loss else "the default loss (cross-entropy)"
+    try:
+        with torch.no_grad():
+            loss = spec.loss(output, y)
+    except Exception as err:
+        raise ConfigError(f"{loss_label} fails on the model's output {_describe(output)} and the target {what[1]} "
+                          f"(data.target={job.data.target or 'the ampray schema'}): {type(err).__name__}: {err}") from None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        raise ConfigError(f"{loss_label} returned {_describe(loss)}; expected a 0-d floating-point tensor (reduce "
+                          "the per-sample losses, e.g. with .mean())")
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    return type(value).__name__
 
 
 def check_batch_fits(job: JobConfig, rows: int, num_workers: int) -> None:
     """Every rank's share of the `rows` holds at least one micro-batch; raises ConfigError."""
+    if rows < 0:
+        return  # a stream of unknown length: Ray Data's shards are checked by the workers
     where = f"data.path={job.data.path!r}" if job.data.path else f"data.num_samples={rows}"
     k = job.precision.gradient_accumulation_steps
     micro, per_rank = job.data.batch_size // k, rows // num_workers
@@ -89,34 +228,23 @@ def check_batch_fits(job: JobConfig, rows: int, num_workers: int) -> None:
         raise ConfigError(
             f"data.batch_size={job.data.batch_size} is not allowed: expected at most "
             f"{per_rank * k} here (with precision.gradient_accumulation_steps={k}, a micro-batch of {micro} "
-            f"samples per rank; {where} gives {rows} rows, {per_rank} for each of {num_workers} workers)")
+            f"samples per rank; {where} gives {rows} training rows, {per_rank} for each of {num_workers} workers)")
 
 
-def _check_data_fits_model(kind: str, model: Any, info: dict[str, Any], where: str) -> None:
-    found, shape = info["kind"], info["shape"]
-    if found is not None and found != kind:
-        raise ConfigError(f"{where} holds {found!r} data (its ampray.kind); model.kind={kind!r} needs "
-                          f"{kind!r} data (`ampray data synth --kinds {kind}`)")
-    if shape is None:
-        return
-    if kind == "mlp" and shape != [model.in_features]:
-        raise ConfigError(f"{where} holds rows of {shape[0] if len(shape) == 1 else shape} features; "
-                          f"model.options.in_features={model.in_features} must match them")
-    if kind == "cnn" and (len(shape) != 3 or shape[0] != model.in_channels):
-        raise ConfigError(f"{where} holds images of shape {shape} (C, H, W); "
-                          f"model.options.in_channels={model.in_channels} must equal C")
-    if kind == "gpt":
-        if shape[0] > model.block_size:
-            raise ConfigError(f"{where} holds sequences of {shape[0]} tokens; the model takes at most "
-                              f"model.options.block_size={model.block_size}")
-        if info["vocab_size"] is not None and info["vocab_size"] > model.vocab_size:
-            raise ConfigError(f"{where} holds tokens up to {info['vocab_size'] - 1} (ampray.vocab_size="
-                              f"{info['vocab_size']}); model.options.vocab_size={model.vocab_size} is too small")
-    if kind in ("mlp", "cnn") and info["label_range"] is not None:
-        lo, hi = info["label_range"]
-        if lo < 0 or hi >= model.num_classes:
-            raise ConfigError(f"{where} holds labels in [{lo}, {hi}]; model.options.num_classes="
-                              f"{model.num_classes} needs them in [0, {model.num_classes - 1}]")
+def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, given_stream: bool = False) -> bool:
+    """Whether the training rows stream through Ray Data: asked for, or (auto) too large to load into every
+    worker. Raises ConfigError where the data cannot stream (ampray's schema is read whole)."""
+    d = job.data
+    if given_stream:
+        return True
+    limit = d.max_in_memory_mb * 2**20 if d.max_in_memory_mb else node_memory_bytes / 8
+    stream = d.streaming == "true" or (d.streaming == "auto" and plan.bytes > limit)
+    if stream and not plan.columns:
+        raise ConfigError(f"data.streaming: the data ({plan.bytes / 2**20:.0f} MiB decoded) would stream, which reads "
+                          "named columns: give data.input and data.target (or data.streaming = false"
+                          + (f" and a data.max_in_memory_mb above {plan.bytes / 2**20:.0f}" if d.streaming == "auto"
+                             else "") + ")")
+    return stream
 
 
 # --- A rerun against its checkpoint ----------------------------------------------------------------
@@ -126,6 +254,7 @@ def _check_data_fits_model(kind: str, model: Any, info: dict[str, Any], where: s
 # The world size is compared separately: the data position is counted per rank.
 _MAY_CHANGE = frozenset({
     "model.compile",
+    "run.eval_every", "run.eval_batches", "data.eval_batch_size", "data.val_path", "data.max_in_memory_mb",
     "run.steps", "run.report_every", "run.checkpoint_every", "run.num_to_keep", "run.max_failures",
     "run.address", "run.storage_path", "run.name",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.gpus_per_worker",

@@ -8,8 +8,9 @@ The objective (minimised) is explicit:
 
     objective = loss + skip_penalty * skip_rate
 
-where `loss` is the cross-rank mean training loss over the last report interval (at the end of the step
-budget `run.steps` for trials that finish) and `skip_rate` the fraction of optimizer steps skipped for
+where `loss` is the held-out loss over every rank's shard of the validation set (data.val_path or
+data.val_fraction) at the latest evaluation, or, without one, the cross-rank mean training loss over the
+last report interval (at the end of the step budget `run.steps` for trials that finish), and `skip_rate` the fraction of optimizer steps skipped for
 overflow or NaN, summed over ranks. The penalty makes the search see scaling: two settings that reach
 the same loss are told apart by how many steps they threw away. Throughput and peak memory are
 recorded beside it.
@@ -32,7 +33,7 @@ from ampray.amp.config import _check_choice, _fail
 from ampray.job import ConfigError, JobConfig
 from ampray.tune_spaces import apply
 
-RESULT_COLUMNS = ("objective", "loss", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step",
+RESULT_COLUMNS = ("objective", "loss", "val_loss", "val_accuracy", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step",
                   "placement")
 
 
@@ -104,13 +105,17 @@ def trial_metrics(metrics: list[dict[str, Any]], skip_penalty: float) -> dict[st
     skipped = agg.get("perf/skipped_steps/total", 0.0)
     skip_rate = skipped / (steps * world)
     loss = agg.get("loss/mean", math.nan)
-    objective = loss + skip_penalty * skip_rate
+    val_loss = agg.get("val/loss/mean")
+    # With a held-out set the search optimises how well a setting generalises, not how well it fits.
+    objective = (loss if val_loss is None else val_loss) + skip_penalty * skip_rate
     return {
         "step": max(int(m["step"]) for m in metrics),
         # A diverged trial (a rank's loss NaN or infinite) ranks last instead of comparing as NaN, which
         # neither a scheduler's cut-off nor the best-trial pick would order.
         "objective": objective if math.isfinite(objective) else math.inf,
         "loss": loss,
+        "val_loss": val_loss,
+        "val_accuracy": agg.get("val/accuracy/mean"),
         "skip_rate": skip_rate,
         "overflow_rate": agg.get("perf/overflow_rate/mean", 0.0),
         "samples_per_s": agg.get("perf/samples_per_s/total", 0.0),
@@ -132,8 +137,15 @@ def _tune_callback(skip_penalty: float, results, acks=None):
 
         def __init__(self) -> None:
             self._queue, self._acks, self._penalty = results, acks, skip_penalty
+            self._held_out: list[dict[str, Any]] | None = None
 
         def after_report(self, run_context, metrics, checkpoint=None) -> None:
+            # Reports between evaluations (run.eval_every > report_every) carry the last evaluation's
+            # figures, so the objective never falls back to the training loss between them.
+            if any("val/loss" in m for m in metrics):
+                self._held_out = [{k: v for k, v in m.items() if k.startswith("val/")} for m in metrics]
+            elif self._held_out is not None and len(self._held_out) == len(metrics):
+                metrics = [{**m, **v} for m, v in zip(metrics, self._held_out)]
             result = trial_metrics(metrics, self._penalty)
             if checkpoint is not None:
                 result["checkpoint_path"] = checkpoint.path
@@ -177,7 +189,7 @@ def tune_trial(config: dict[str, Any]) -> None:
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0}) if pbt else None
     trainer = build_trainer(job, config["__workers__"], config["__use_gpu__"],
                             callbacks=[_tune_callback(config["__skip_penalty__"], results, acks)],
-                            init_checkpoint=start)
+                            init_checkpoint=start, runtime_env=config.get("__runtime_env__") or {})
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -361,9 +373,10 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     import ray
     import ray.tune
 
-    from ampray.orchestrator.preflight import check_data
     from ampray.job import absolute_paths
-    from ampray.orchestrator.train import init_ray
+    from ampray.orchestrator.preflight import check_data, check_model_and_data, streaming_mode
+    from ampray.orchestrator.shipping import probe_imports, worker_runtime_env
+    from ampray.orchestrator.train import init_ray, node_memory, resolved, user_code
     from ampray.tune_spaces import load_space
 
     folder = search_dir(job, search)
@@ -377,9 +390,15 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     base_dict = job.to_dict()
     if not resume:
         space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
+    check_model_and_data(job)  # the user's code and data, before Ray starts
+    code = user_code(job)
+    runtime_env = worker_runtime_env(code) if code else {}
     # Ray Train V2 releases a stopped trial's workers through a cleaner that asks the state API (served
     # by the dashboard) whether the trial's controller is gone: without it, ASHA's stops leak resources.
-    init_ray(job.run.address, dashboard=True)
+    if init_ray(job.run.address, dashboard=True, runtime_env=runtime_env):
+        runtime_env = {}  # the job's own: trials and their workers inherit it
+    if code:
+        probe_imports(code, runtime_env)
     if search.scheduler == "pbt":
         live_mutations(space)  # fails fast when nothing in the space can mutate
         # PBT clones state at reports: every report carries a checkpoint.
@@ -387,7 +406,9 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
                                              "run.num_to_keep": max(2, job.run.num_to_keep)}).to_dict()
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
     trial_job = absolute_paths(trial_job)  # a data.path the space fixes, too
-    check_data(trial_job, search.workers_per_trial)  # the data against the model and batch, before any trial
+    plan = check_data(trial_job, search.workers_per_trial)  # the data against the model and batch, before any trial
+    streaming = streaming_mode(trial_job, plan, node_memory())
+    trial_job = resolved(trial_job, search.workers_per_trial, search.gpus_per_trial > 0, streaming)
     if search.scheduler == "pbt" and search.samples > concurrent:
         # PBT exploits among trials that run side by side; later waves could only clone each other.
         raise ConfigError(f"search.samples={search.samples} is not allowed with scheduler=pbt here: the whole "
@@ -405,7 +426,8 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     else:
         param_space = {**space.to_tune(), "__base__": trial_job.to_dict(), "__search_dir__": str(folder),
                        "__workers__": search.workers_per_trial, "__use_gpu__": search.gpus_per_trial > 0,
-                       "__skip_penalty__": search.skip_penalty, "__pbt__": search.scheduler == "pbt"}
+                       "__skip_penalty__": search.skip_penalty, "__pbt__": search.scheduler == "pbt",
+                       "__runtime_env__": runtime_env}
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(metric="objective", mode="min", num_samples=search.samples,

@@ -38,6 +38,8 @@ class TrainingOutcome:
     final: dict[int, dict[str, Any]]
     """The last report of each rank, as the aggregator saw it."""
     checkpoint: str | None
+    aggregate: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The last cross-rank figures (the `all/` tags without the prefix: `loss/mean`, `val/loss/mean`, ...)."""
 
 
 def bind_to_localhost() -> None:
@@ -59,9 +61,12 @@ def bind_to_localhost() -> None:
 RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
-def init_ray(address: str, dashboard: bool = False) -> None:
+def init_ray(address: str, dashboard: bool = False, runtime_env: dict | None = None) -> bool:
     """Connect to `address`, or start an embedded cluster on this machine, bound to localhost. The
-    dashboard (and with it Ray's state API) starts only when asked for, and then on 127.0.0.1 only."""
+    dashboard (and with it Ray's state API) starts only when asked for, and then on 127.0.0.1 only.
+    `runtime_env` (the user's modules) becomes the job's: every task and actor of it, on every node,
+    inherits it. Returns False when Ray was already initialised in this process (a notebook, a test),
+    whose job keeps its own runtime_env: then the caller passes `runtime_env` to the workers itself."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     if not address:
@@ -71,15 +76,17 @@ def init_ray(address: str, dashboard: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
         try:
-            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(RAY_ENV)})
+            ray.init(address=address, log_to_driver=False,
+                     runtime_env={**(runtime_env or {}), "env_vars": dict(RAY_ENV)})
         except ConnectionError as err:  # no cluster there (a connection lost later is a failed run)
             raise ConfigError(f"run.address={address!r}: cannot connect: {err}") from None
-        return
+        return True
     ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env=runtime_env or None)
+    return True
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -201,11 +208,14 @@ def cluster_capacity(address: str) -> tuple[dict[str, float], list[dict[str, flo
     return totals, nodes
 
 
-def resolved(job: JobConfig, num_workers: int, use_gpu: bool) -> JobConfig:
-    """The job with the worker count and device it will run with and its data path made absolute, as saved
-    beside the run and in its checkpoints (-1 and "auto" would say nothing about what ran)."""
+def resolved(job: JobConfig, num_workers: int, use_gpu: bool, streaming: bool | None = None) -> JobConfig:
+    """The job with the worker count, device and data mode it will run with and its data paths made absolute,
+    as saved beside the run and in its checkpoints (-1 and "auto" would say nothing about what ran)."""
     scaling = dataclasses.replace(job.scaling, num_workers=num_workers, use_gpu="true" if use_gpu else "false")
-    return dataclasses.replace(absolute_paths(job), scaling=scaling)
+    job = dataclasses.replace(absolute_paths(job), scaling=scaling)
+    if streaming is not None:
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, streaming="true" if streaming else "false"))
+    return job
 
 
 def make_run_dir(job: JobConfig) -> Path:
@@ -286,9 +296,12 @@ def save_resolved(job: JobConfig) -> Path:
 
 
 def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: list | None = None,
-                  init_checkpoint=None):
+                  init_checkpoint=None, runtime_env: dict | None = None, stream=None,
+                  objects: dict[str, Any] | None = None):
     """The TorchTrainer of a job; `init_checkpoint` (a ray Checkpoint) starts a new run from that state
-    when the run has no checkpoint of its own (Train V2 passes such state through the loop config)."""
+    when the run has no checkpoint of its own (Train V2 passes such state through the loop config).
+    `runtime_env` ships the user's modules to the workers; `stream`, a ray.data.Dataset, feeds training
+    when the job streams (data.streaming = "true": read from data.path when not given)."""
     import ray.train
     from ray.train.torch import TorchConfig
 
@@ -302,10 +315,17 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
         resources["GPU"] = job.scaling.gpus_per_worker
     loop_config = {"job": job.to_dict(), "run_dir": str(run_dir), "job_toml": job.to_toml(),
                    "hparams": {k: v for k, v in job.flat().items() if isinstance(v, (int, float, str, bool))},
-                   "init_checkpoint": init_checkpoint}
+                   "init_checkpoint": init_checkpoint, "streaming": job.data.streaming == "true",
+                   "objects": objects or {}}
+    datasets = None
+    if job.data.streaming == "true":
+        from ampray.actors.data import TRAIN
+
+        datasets = {TRAIN: stream if stream is not None else read_stream(job)}
     return InterruptibleTorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -315,23 +335,54 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
             callbacks=[TensorBoardAggregator(str(run_dir / "tensorboard")), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            worker_runtime_env=runtime_env or {},
         ),
     )
 
 
-def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) -> TrainingOutcome:
+def read_stream(job: JobConfig):
+    """The training rows as a Ray Dataset (lazy: read as the workers consume them), only the named columns."""
+    import ray.data
+
+    return ray.data.read_parquet(str(Path(job.data.path).expanduser()), columns=[*job.data.input, job.data.target],
+                                 file_extensions=["parquet"])
+
+
+def node_memory() -> float:
+    """The memory of the smallest live node (Ray's `memory` resource: what its workers may use)."""
+    sizes = [node.get("memory", 0.0) for node in live_nodes()]
+    return min(sizes) if sizes and min(sizes) > 0 else float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def user_code(job: JobConfig, objects: dict[str, Any] | None = None) -> dict[str, str]:
+    """The job's import paths of the user's own code, by field (not those handed over by value)."""
+    return {f"model.{name}": value for name in ("factory", "loss")
+            if (value := getattr(job.model, name)) and f"model.{name}" not in (objects or {})}
+
+
+def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, stream=None,
+                 objects: dict[str, Any] | None = None) -> TrainingOutcome:
     """Validate, start (or join) Ray, train, and return every rank's final records. Everything that can
     be checked on the driver is checked before a worker starts; `notify` gets notes on allowed changes
-    of a rerun (a longer cosine schedule) before training and on cross-rank disagreements after it."""
+    of a rerun (a longer cosine schedule) before training and on cross-rank disagreements after it.
+    `stream`: a ray.data.Dataset of the training rows instead of data.path; `objects`: the user's factory
+    and loss by value ({"model.factory": fn}) where they cannot be imported by path (the Python API's)."""
     from ampray.actors.aggregator import read_scalars
-    from ampray.orchestrator.preflight import check_batch_fits, check_data_fits_model, check_resume
+    from ampray.orchestrator.preflight import check_batch_fits, check_model_and_data, check_resume, streaming_mode
 
-    rows = check_data_fits_model(job)  # what needs no cluster fails before Ray starts
+    plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
+    from ampray.orchestrator.shipping import probe_imports, worker_runtime_env
+
+    code = user_code(job, objects)
+    runtime_env = worker_runtime_env(code) if code else {}
     with run_lock(make_run_dir(job)):
-        init_ray(job.run.address)
+        if init_ray(job.run.address, runtime_env=runtime_env):
+            runtime_env = {}  # the job's own: the workers inherit it (uploaded once, by this driver)
+        if code:
+            probe_imports(code, runtime_env)  # the workers import the user's code as the driver did
         num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
-        job = resolved(job, num_workers, use_gpu)
-        check_batch_fits(job, rows, num_workers)
+        job = resolved(job, num_workers, use_gpu, streaming_mode(job, plan, node_memory(), stream is not None))
+        check_batch_fits(job, plan.rows, num_workers)
         for note in check_resume(job, num_workers):
             notify(note)
         stale = set_aside_stale_events(job.run_dir())
@@ -339,7 +390,8 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
             notify(f"the run has no checkpoint to resume from, so it starts at step 0; the TensorBoard events "
                    f"of its earlier attempt are kept in {stale}")
         run_dir = save_resolved(job)
-        result = build_trainer(job, num_workers, use_gpu).fit()
+        result = build_trainer(job, num_workers, use_gpu, runtime_env=runtime_env, stream=stream,
+                               objects=objects).fit()
     logdir = run_dir / "tensorboard"
     if not logdir.is_dir():
         notify(f"{logdir} is not on this machine: the Train controller wrote the run's events on the head node "
@@ -354,7 +406,9 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning) ->
         notify(f"the ranks' loss scales disagreed in {disagreements[-1][1]:.0f} report(s) "
                f"(all/scaler/scale_disagreement in {logdir}): their gradients' overflow checks did not agree, "
                "so the model replicas may have diverged")
-    return TrainingOutcome(run_dir, logdir, num_workers, use_gpu, final, checkpoint)
+    aggregate = {tag.removeprefix("all/"): points[-1][1] for tag, points in scalars.items()
+                 if tag.startswith("all/") and points}
+    return TrainingOutcome(run_dir, logdir, num_workers, use_gpu, final, checkpoint, aggregate)
 
 
 def add_placement(final: dict[int, dict[str, Any]], checkpoint: Path) -> None:

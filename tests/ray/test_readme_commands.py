@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_job_toml_trains(ray_address, tmp_path):
-    text = re.search(r"```toml\n(.*?)```", README.read_text(), re.S).group(1)
+    text = re.search(r"resolved config is saved as\n.*?```toml\n(.*?)```", README.read_text(), re.S).group(1)
     (tmp_path / "job.toml").write_text(text)
     job = JobConfig.load(tmp_path / "job.toml", {"run.storage_path": str(tmp_path), "run.steps": 20,
                                                  "run.address": ray_address})

@@ -82,7 +82,7 @@ def test_restore_under_changed_job_applies_only_the_changed_settings(tmp_path):
     fresh, model2 = fp16_engine(), tiny_mlp(seed=3)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.01)
     data2 = ShardedBatches(x_all, y_all, 8, 0, 1, 0)
-    step = _restore_from(tmp_path, 0, job_b.to_dict(), model=model2, optimizer=opt2, scheduler=None,
+    step = _restore_from(tmp_path, 0, job_b, model=model2, optimizer=opt2, scheduler=None,
                          engine=fresh, batches=data2)
     assert step == 5 and data2.state_dict() == data.state_dict()
     got = fresh.scaler.read()

@@ -1,0 +1,83 @@
+"""Held-out evaluation of one rank's shard: under the engine's autocast, without gradients, on the bare
+module (DDP's forward may broadcast buffers, a collective that ranks with different numbers of held-out
+batches would wait on forever)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ampray.actors.checkpoint import unwrap
+
+
+@dataclass
+class EvalStats:
+    """One rank's evaluation: the aggregator weights ranks by `samples` for the cross-rank figures."""
+
+    loss: float
+    """Mean of the loss over the rank's held-out samples (NaN when it had none)."""
+    accuracy: float | None
+    """Share of classification targets the output's argmax got right (None for other targets)."""
+    samples: int
+    """Held-out samples this rank evaluated."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"val/loss": self.loss, "val/samples": self.samples}
+        if self.accuracy is not None:
+            out["val/accuracy"] = self.accuracy
+        return out
+
+
+def _classified(output: Any, target: torch.Tensor) -> bool:
+    """Integer targets with one class score per target in the output's last dimension."""
+    return (isinstance(output, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool
+            and output.dim() == target.dim() + 1 and output.shape[:-1] == target.shape)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: int = 0) -> EvalStats:
+    """The loss (weighted by batch size) and, for classification targets, the accuracy over `batches`;
+    `max_batches` > 0 stops after that many. Restores the module's train/eval mode afterwards."""
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    right = torch.zeros((), dtype=torch.float64, device=engine.device)
+    counted = torch.zeros((), dtype=torch.float64, device=engine.device)
+    samples, classified = 0, None
+    try:
+        for i, (x, y) in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            x, y = _to(x, engine.device), y.to(engine.device, non_blocking=True)
+            with engine.autocast():
+                output = module(x)
+                loss = criterion(output, y)
+            n = len(y)
+            loss_sum += loss.detach().double() * n
+            samples += n
+            if classified is None:
+                classified = _classified(output, y)
+            if classified:
+                valid = y >= 0  # negative targets are ignored, as cross_entropy's ignore_index=-100
+                right += ((output.argmax(-1) == y) & valid).sum()
+                counted += valid.sum()
+    finally:
+        module.train(was_training)
+    # One sync for the whole evaluation, not one per batch.
+    total, hits, count = torch.stack([loss_sum, right, counted]).tolist()
+    accuracy = (hits / count if count else math.nan) if classified else None
+    return EvalStats(total / samples if samples else math.nan, accuracy, samples)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value

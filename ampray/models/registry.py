@@ -1,0 +1,147 @@
+"""Model specs: what `ampray train` needs to know of a model, for the built-in zoo and the user's own.
+
+A `ModelSpec` is a factory (options -> nn.Module), a loss `criterion(output, target) -> 0-d tensor`, the
+data it takes by default (the columns of ampray's own Parquet schema and the built-in corpus) and, when
+known, a flops estimate. The built-in kinds (`mlp`, `cnn`, `gpt`) are named entries; a user's model is a
+spec built from import paths (`model.factory = "mynets:build"`, `model.loss = "mynets:loss"`), so the
+worker, the pre-flight checks and the faces never branch on the kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Criterion = Callable[[Any, Any], torch.Tensor]
+
+
+class ImportPathError(ValueError):
+    """An import path that names nothing importable (the message names the field and the fix)."""
+
+
+def split_import_path(path: str, field: str) -> tuple[str, str]:
+    """"package.module:attribute" -> (module, attribute); raises ImportPathError naming `field`."""
+    module, sep, attr = str(path).partition(":")
+    if not sep or not module or not attr or any(not part.isidentifier() for part in module.split(".") + attr.split(".")):
+        raise ImportPathError(f"{field}={path!r} is not allowed: expected an import path \"package.module:function\" "
+                              "(a module importable from the working folder or PYTHONPATH, a colon, then the name "
+                              "of a function in it)")
+    return module, attr
+
+
+def import_object(path: str, field: str) -> Any:
+    """The object `path` ("package.module:attribute", attributes may be dotted) names. The working folder is
+    searched first, as `python -m` would, so that a user's `mynets.py` beside the job file is found. Raises
+    ImportPathError naming `field`, what failed and how to fix it."""
+    module_name, attr = split_import_path(path, field)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise ImportPathError(f"{field}={path!r}: no module named {err.name!r} in the working folder "
+                                  f"({cwd}) or on PYTHONPATH; run from the folder that holds it, or add its "
+                                  "folder to PYTHONPATH") from None
+        raise ImportPathError(f"{field}={path!r}: importing {module_name!r} failed: {err} (a module it "
+                              "imports is missing: install it where the job runs)") from None
+    except Exception as err:  # the user's module raised at import time
+        raise ImportPathError(f"{field}={path!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None)))
+            raise ImportPathError(f"{field}={path!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+                                  f"has no {attr!r}; its callables: {names[:20]}") from None
+    if not callable(obj):
+        raise ImportPathError(f"{field}={path!r} names a {type(obj).__name__}, not a function or class")
+    return obj
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last dimension of `output`: classes for (N, C) logits, tokens for (N, T, V)."""
+    if output.dim() > 2:
+        return F.cross_entropy(output.reshape(-1, output.size(-1)), target.reshape(-1))
+    return F.cross_entropy(output, target)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ampray needs of a model; the same for a built-in kind and a user's factory."""
+
+    name: str
+    """The kind ("mlp", "cnn", "gpt") or the factory's import path."""
+    build: Callable[..., nn.Module]
+    """Called with `[model.options]` as keyword arguments; returns a freshly initialised nn.Module."""
+    loss: Criterion
+    """criterion(output, target) -> 0-d tensor."""
+    builtin: bool = False
+    """A zoo entry: its data may come from ampray's own schema and the built-in corpus."""
+    flops_per_sample: Callable[[nn.Module], int] | None = None
+    """Training flops of one sample, when known (throughput in flops and MFU)."""
+    synthetic: Callable[[dict[str, Any], int, int], tuple[Any, torch.Tensor]] | None = None
+    """(options, rows, seed) -> (inputs, targets) of the built-in corpus shaped for the model."""
+    tokens_per_sample: Callable[[Any], int] | None = None
+    """Tokens in one sample of a batch's inputs (language models: throughput in tokens/s)."""
+    check_data: Callable[[dict[str, Any], dict[str, Any], str], None] | None = None
+    """(options, summary of a Parquet dataset in ampray's schema, where) -> None or ConfigError: the data's
+    kind, shape, vocabulary and labels fit the model (checked from the footers, before Ray starts)."""
+
+    def build_model(self, options: dict[str, Any], field: str = "model.factory") -> nn.Module:
+        """The model, checked to be an nn.Module (the error names `field`)."""
+        model = self.build(**options)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{field}={self.name!r} returned a {type(model).__name__}, not a torch.nn.Module; "
+                            "expected a function that builds and returns the model")
+        return model
+
+
+def _builtin(kind: str) -> ModelSpec:
+    from ampray.models import build_criterion, build_model
+    from ampray.models.builtin_data import check_builtin_data, synthetic_corpus
+
+    flops = {"mlp": lambda m: m.flops_per_sample(), "cnn": lambda m: m.flops_per_sample(),
+             "gpt": lambda m: m.flops_per_token() * m.config.block_size}[kind]
+    return ModelSpec(kind, lambda **options: build_model(kind, **options), build_criterion(kind), True, flops,
+                     synthetic=lambda options, rows, seed: synthetic_corpus(kind, options, rows, seed),
+                     tokens_per_sample=(lambda x: int(x.shape[1])) if kind == "gpt" else None,
+                     check_data=lambda options, info, where: check_builtin_data(kind, options, info, where))
+
+
+BUILTIN_KINDS = ("mlp", "cnn", "gpt")
+
+
+def resolve_spec(kind: str, factory: str = "", loss: str = "", objects: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec of a job's model: a built-in kind, or the user's factory (and loss, default cross-entropy).
+    Imports the user's code, unless `objects` holds it already ({"model.factory": fn, "model.loss": fn}:
+    functions handed over by value, such as a notebook's); raises ImportPathError naming the field."""
+    objects = objects or {}
+
+    def get(field: str, path: str) -> Any:
+        return objects[field] if field in objects else import_object(path, field)
+
+    if factory:
+        criterion = get("model.loss", loss) if loss else cross_entropy
+        return ModelSpec(factory, get("model.factory", factory), criterion)
+    if kind not in BUILTIN_KINDS:
+        raise ImportPathError(f"model.kind={kind!r} is not allowed: expected one of {list(BUILTIN_KINDS)}, or "
+                              "model.factory = \"package.module:function\" for your own model")
+    spec = _builtin(kind)
+    return dataclasses.replace(spec, loss=get("model.loss", loss)) if loss else spec
+
+
+def import_path_of(obj: Any) -> str:
+    """The "module:qualname" that names `obj` (a module-level function or class)."""
+    return f"{obj.__module__}:{obj.__qualname__}"

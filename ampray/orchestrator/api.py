@@ -1,0 +1,168 @@
+"""The Python API: `ampray.fit(...)` and `ampray.search(...)`, the same runs as `ampray train` / `ampray tune`.
+
+    result = ampray.fit("job.toml", model="mynets:build", loss="mynets:loss",
+                        train_data="data/train", val_data="data/val",
+                        overrides={"run.steps": 400, "precision.dtype": "bf16"})
+    result.metrics["val/loss/mean"], result.checkpoint
+
+`model` and `loss` are import paths or the functions themselves: a function of an importable module is
+recorded by its path (shipped to the workers like a path given in a job file); one defined in a notebook
+or script (`__main__`) travels to the workers by value. Data is a Parquet path, a pyarrow Table or pandas
+DataFrame (written as Parquet into the run's folder, so that a rerun resumes on the same rows), or, for
+the training data, a `ray.data.Dataset`, which streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ampray.job import ConfigError, JobConfig
+
+
+@dataclass
+class FitResult:
+    """What a training run ended with."""
+
+    run_dir: Path
+    checkpoint: str | None
+    """The final checkpoint's folder (None when the run wrote none)."""
+    metrics: dict[str, float]
+    """The last cross-rank figures: `loss/mean`, `val/loss/mean`, `val/accuracy/mean`, `scaler/scale/min`, ..."""
+    per_rank: dict[int, dict[str, Any]]
+    """Each rank's last value of every record."""
+    job: JobConfig
+    """The resolved job, as saved in `run_dir/job.toml`."""
+
+
+def _job(job: JobConfig | str | Path | dict | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    if job is None or isinstance(job, (str, Path)):
+        return JobConfig.load(job, overrides).to_dict()
+    base = job.to_dict() if isinstance(job, JobConfig) else dict(job)
+    return JobConfig.load(None, {**_dotted(base), **(overrides or {})}).to_dict()
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix + key).endswith("options"):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _code(value: Any, field: str, job: dict[str, Any], objects: dict[str, Any]) -> None:
+    """Put the model or loss into the job: an import path as it is, an importable function by its path, a
+    `__main__` one by value (with its name recorded)."""
+    if value is None:
+        return
+    name = field.split(".")[1]
+    if isinstance(value, str):
+        job["model"][name] = value
+        return
+    if not callable(value):
+        raise ConfigError(f"{name}={value!r} is not allowed: expected an import path \"package.module:function\" "
+                          "or a function")
+    from ampray.models.registry import import_path_of
+
+    path = import_path_of(value)
+    job["model"][name] = path
+    if value.__module__ == "__main__" or "<locals>" in value.__qualname__:
+        objects[field] = value
+
+
+def _table_to_parquet(data: Any, folder: Path, name: str) -> str | None:
+    """A pyarrow Table or pandas DataFrame written as `<folder>/<name>.parquet`; None for other data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if type(data).__name__ == "DataFrame" and hasattr(data, "to_parquet"):
+        data = pa.Table.from_pandas(data, preserve_index=False)
+    if not isinstance(data, pa.Table):
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.parquet"
+    tmp = folder / f".{name}.parquet.tmp"
+    pq.write_table(data, tmp)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def _data(job: dict[str, Any], train_data: Any, val_data: Any, allow_stream: bool) -> Any:
+    """Put the data into the job; returns a ray.data.Dataset that streams the training rows, or None."""
+    run_dir = Path(job["run"]["storage_path"]).expanduser().resolve() / job["run"]["name"] / "data"
+    stream = None
+    for value, key, name in ((train_data, "path", "train"), (val_data, "val_path", "val")):
+        if value is None:
+            continue
+        if isinstance(value, (str, Path)):
+            job["data"][key] = str(value)
+        elif (path := _table_to_parquet(value, run_dir, name)) is not None:
+            job["data"][key] = path
+        elif type(value).__module__.startswith("ray.data"):
+            if name == "val":  # held-out sets are evaluated in memory: written out once, read by every rank
+                folder = run_dir / "val"
+                value.write_parquet(str(folder))
+                job["data"][key] = str(folder)
+            elif not allow_stream:
+                raise ConfigError("train_data as a ray.data.Dataset is not supported by ampray.search: every "
+                                  "trial would need its own stream; pass a Parquet path or a pyarrow Table")
+            else:
+                stream, job["data"]["streaming"] = value, "true"
+        else:
+            raise ConfigError(f"{name}_data={type(value).__name__} is not allowed: expected a Parquet path, a "
+                              "pyarrow Table, a pandas DataFrame or a ray.data.Dataset")
+    return stream
+
+
+def fit(job: JobConfig | str | Path | dict | None = None, *, model: Any = None, loss: Any = None,
+        train_data: Any = None, val_data: Any = None, options: dict[str, Any] | None = None,
+        overrides: dict[str, Any] | None = None) -> FitResult:
+    """Train like `ampray train`: `job` is a JobConfig, a job file, a dict of sections or None (defaults);
+    `model`/`loss` a function or import path; `options` the factory's keyword arguments; `overrides` dotted
+    fields ({"run.steps": 400}). Raises ConfigError for bad input (before any worker starts) and
+    RuntimeError when the run fails or learns nothing finite."""
+    from ampray.orchestrator.train import run_training
+
+    data = _job(job, overrides)
+    objects: dict[str, Any] = {}
+    _code(model, "model.factory", data, objects)
+    _code(loss, "model.loss", data, objects)
+    if options is not None:
+        data["model"]["options"] = dict(options)
+    stream = _data(data, train_data, val_data, allow_stream=True)
+    resolved = JobConfig.from_dict(data)
+    outcome = run_training(resolved, notify=print, stream=stream, objects=objects or None)
+    saved = JobConfig.load(outcome.run_dir / "job.toml") if (outcome.run_dir / "job.toml").is_file() else resolved
+    return FitResult(outcome.run_dir, outcome.checkpoint, outcome.aggregate, outcome.final, saved)
+
+
+def search(job: JobConfig | str | Path | dict | None = None, *, model: Any = None, loss: Any = None,
+           train_data: Any = None, val_data: Any = None, options: dict[str, Any] | None = None,
+           overrides: dict[str, Any] | None = None, resume: bool = False, **search_fields: Any) -> dict[str, Any]:
+    """Search like `ampray tune`; `search_fields` are SearchConfig's (space="scaler", samples=4,
+    scheduler="asha", ...). Returns {"folder", "rows", "best", "params"}: results.parquet and best.toml
+    are in `folder`. Functions defined in `__main__` cannot be searched over (each trial imports the model
+    by path): put them in a module."""
+    from ampray.orchestrator.search import SearchConfig, run_search
+
+    data = _job(job, overrides)
+    objects: dict[str, Any] = {}
+    _code(model, "model.factory", data, objects)
+    _code(loss, "model.loss", data, objects)
+    if objects:
+        raise ConfigError(f"{sorted(objects)}: functions defined in __main__ or inside a function cannot be "
+                          "used by ampray.search: define them in a module and pass them (or its import path)")
+    if options is not None:
+        data["model"]["options"] = dict(options)
+    _data(data, train_data, val_data, allow_stream=False)
+    try:
+        config = SearchConfig(**search_fields)
+    except TypeError as err:
+        names = [f.name for f in dataclasses.fields(SearchConfig)]
+        raise ConfigError(f"ampray.search: {err}; allowed search fields are {names}") from None
+    return run_search(JobConfig.from_dict(data), config, resume=resume)
