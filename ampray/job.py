@@ -160,8 +160,6 @@ class DataSection:
             value = getattr(self, name)
             if value and not Path(value).expanduser().exists():
                 _fail("data", name, value, "an existing Parquet file or folder (see `ampray data synth --out DIR`)")
-        if self.streaming == "true" and not self.path:
-            _fail("data", "streaming", "true", "false or auto without data.path (the built-in corpus is in memory)")
 
     @property
     def columns(self) -> bool:
@@ -439,8 +437,8 @@ def fields_help() -> str:
         flat = _flatten(values)
         text = " ".join(f"{key}={value!r}" for key, value in flat.items())
         if section == "model":
-            text += (" options: the model config's fields (--model.options.hidden 256; gpt: "
-                     "--model.options.preset nano|micro|small)")
+            text += (" options: the factory's keyword arguments, or the built-in model config's fields "
+                     "(--model.options.hidden 256; gpt: --model.options.preset nano|micro|small)")
         lines += textwrap.wrap(text, width=110, initial_indent=f"  [{section}] ", subsequent_indent="      ",
                                break_on_hyphens=False)
     return "\n".join(lines)

@@ -112,7 +112,7 @@ def _data(job: dict[str, Any], train_data: Any, val_data: Any, allow_stream: boo
                 raise ConfigError("train_data as a ray.data.Dataset is not supported by ampray.search: every "
                                   "trial would need its own stream; pass a Parquet path or a pyarrow Table")
             else:
-                stream, job["data"]["streaming"] = value, "true"
+                stream, job["data"]["streaming"], job["data"]["path"] = value, "true", ""
         else:
             raise ConfigError(f"{name}_data={type(value).__name__} is not allowed: expected a Parquet path, a "
                               "pyarrow Table, a pandas DataFrame or a ray.data.Dataset")

@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="job TOML file")
     train.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 (default: embedded)")
     train.add_argument("--name", default=None, help="run name (the same name resumes)")
-    train.add_argument("--model", default=None, help="model kind: mlp | cnn | gpt (= --model.kind)")
+    train.add_argument("--model", default=None, help="model kind: mlp | cnn | gpt (= --model.kind); your own model: "
+                       "--model.factory package.module:function")
     train.set_defaults(func=_train)
     tune = sub.add_parser("tune", help="search loss-scaler and adaptation settings with Ray Tune",
                           epilog="Job fields can be overridden as for train: --run.steps 100 ...")

@@ -103,8 +103,14 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     where = f"data.path={d.path!r}"
     rows, size, columns = d.num_samples, 0, []
     if stream is not None:
+        if not d.columns:
+            raise ConfigError("data.input and data.target are required with a ray.data.Dataset: name its columns "
+                              f"of the model's input and of the target (it has {list(stream.schema().names)})")
         rows, columns = -1, [*d.input, d.target]
         _check_stream_columns(job, stream)
+    elif d.streaming == "true" and not d.path:
+        raise ConfigError("data.streaming=true is not allowed without data.path: expected a Parquet folder to "
+                          "stream (the built-in corpus is generated in memory)")
     elif d.path and d.columns:
         summary = _columns_summary(job, d.path, "data.path")
         rows, size, columns = summary["rows"], summary["bytes"], [*d.input, d.target]
@@ -132,8 +138,7 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
                           "folder of your data, with data.input and data.target naming its columns")
     if d.val_fraction and rows > 0:
         rows -= max(1, round(rows * d.val_fraction))
-    if stream is None:
-        check_one_batch(job, spec)
+    check_one_batch(job, spec, stream)
     return DataPlan(spec, rows, size, columns)
 
 
@@ -171,7 +176,7 @@ def _check_stream_columns(job: JobConfig, stream) -> None:
                               f"(columns: {', '.join(names)}); expected one of those")
 
 
-def check_one_batch(job: JobConfig, spec: ModelSpec) -> None:
+def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> None:
     """Build the model and run two real rows through it and the loss, in fp32 on this machine's CPU: a model
     that rejects the data's shape, or a loss that is not a number, fails here with the fields to fix."""
     import torch
@@ -185,7 +190,14 @@ def check_one_batch(job: JobConfig, spec: ModelSpec) -> None:
     except TypeError as err:
         raise ConfigError(f"{label} with model.options={job.model.options!r}: {err}") from None
     try:
-        x, y = one_batch(job, spec, 2)
+        if stream is not None:  # the first rows only: Ray Data reads what that takes, not the whole dataset
+            from ampray.actors.data import column_spec
+            from ampray.data.columns import table_to_tensors
+
+            batch = stream.select_columns([*job.data.input, job.data.target]).take_batch(2, batch_format="numpy")
+            x, y = table_to_tensors(batch, column_spec(job))
+        else:
+            x, y = one_batch(job, spec, 2)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.path={job.data.path!r}: cannot read a batch: {err}") from None
     what = _describe(x), _describe(y)

@@ -371,10 +371,12 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
     from ampray.orchestrator.preflight import check_batch_fits, check_model_and_data, check_resume, streaming_mode
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
-    from ampray.orchestrator.shipping import probe_imports, worker_runtime_env
-
     code = user_code(job, objects)
-    runtime_env = worker_runtime_env(code) if code else {}
+    runtime_env = {}
+    if code:
+        from ampray.orchestrator.shipping import probe_imports, worker_runtime_env
+
+        runtime_env = worker_runtime_env(code)
     with run_lock(make_run_dir(job)):
         if init_ray(job.run.address, runtime_env=runtime_env):
             runtime_env = {}  # the job's own: the workers inherit it (uploaded once, by this driver)
