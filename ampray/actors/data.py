@@ -53,6 +53,11 @@ def load_train_and_val(job: JobConfig, spec: ModelSpec) -> tuple[tuple[Any, Any]
     return rows, (load_rows(job, spec, d.val_path) if d.val_path else None)
 
 
+def load_val(job: JobConfig, spec: ModelSpec) -> tuple[Any, Any] | None:
+    """The held-out rows of a streaming run (data.val_path; None without it), in memory."""
+    return load_rows(job, spec, job.data.val_path) if job.data.val_path else None
+
+
 def build_train_batches(job: JobConfig, spec: ModelSpec, rows: tuple[Any, Any] | None, rank: int, world: int,
                         device: torch.device):
     """The training batches of this rank: from `rows` in memory, or from Ray Data's stream (rows None)."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ampray.actors.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
-from ampray.actors.data import build_train_batches, build_val_batches, load_train_and_val
+from ampray.actors.data import build_train_batches, build_val_batches, load_train_and_val, load_val
 from ampray.actors.evaluate import evaluate
 from ampray.actors.reporting import (CHECKPOINT_TMP_PREFIX, Reporter, remove_stale_checkpoint_copies,
                                      write_progress)
@@ -187,7 +187,7 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     scheduler = build_scheduler(optimizer, opt, job.run.steps)
     if streaming:
-        train_rows, val_rows = None, (load_train_and_val(job, spec)[1] if job.data.val_path else None)
+        train_rows, val_rows = None, load_val(job, spec)
     else:
         train_rows, val_rows = load_train_and_val(job, spec)
     batches = build_train_batches(job, spec, train_rows, rank, world, device)

@@ -69,10 +69,12 @@ def _code(value: Any, field: str, job: dict[str, Any], objects: dict[str, Any]) 
                           "or a function")
     from ampray.models.registry import import_path_of
 
-    path = import_path_of(value)
-    job["model"][name] = path
     if value.__module__ == "__main__" or "<locals>" in value.__qualname__:
+        # Not importable by path on a worker: it travels by value, and the job records its name.
         objects[field] = value
+        job["model"][name] = f"{value.__module__}:{getattr(value, '__name__', 'function')}"
+    else:
+        job["model"][name] = import_path_of(value)
 
 
 def _table_to_parquet(data: Any, folder: Path, name: str) -> str | None:

@@ -256,6 +256,10 @@ def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, giv
                           "named columns: give data.input and data.target (or data.streaming = false"
                           + (f" and a data.max_in_memory_mb above {plan.bytes / 2**20:.0f}" if d.streaming == "auto"
                              else "") + ")")
+    if stream and d.val_fraction:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} is not allowed when the training data streams (a "
+                          "stream cannot be split the same way on every rank): expected data.val_path, a held-out "
+                          "Parquet file or folder")
     return stream
 
 
