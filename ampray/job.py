@@ -100,9 +100,9 @@ class DataSection:
     """A held-out Parquet file or folder with the same columns, evaluated every run.eval_every steps."""
     val_fraction: float = 0.0
     """Instead of val_path: this fraction of the rows (seeded by data.seed) is held out for evaluation."""
-    input: list = field(default_factory=list)
-    """Column(s) that make the model's input: one name (the model gets a tensor) or a list (the model gets a
-    dict {column: tensor}, or a tuple with input_format = "tuple")."""
+    input: str | list = ""
+    """Column(s) that make the model's input: one name (the model gets a tensor) or a list of names (the model
+    gets a dict {column: tensor}, or a tuple with input_format = "tuple"; also for a list of one)."""
     target: str = ""
     """The column the loss compares the model's output with."""
     input_format: str = "dict"
@@ -116,7 +116,8 @@ class DataSection:
     """auto, true or false: stream the rows through Ray Data (ray.data.read_parquet, one shard per worker)
     instead of loading them into every worker; auto streams data larger than data.max_in_memory_mb."""
     max_in_memory_mb: float = 0.0
-    """auto: data whose decoded size is above this streams; 0: an eighth of the smallest node's memory."""
+    """auto: data whose size as tensors is above this streams (every worker holds all of it in memory); 0: a
+    quarter of the smallest node's memory divided by the number of workers."""
     num_samples: int = 4096
     """Rows of the built-in corpus (ignored with a path)."""
     seed: int = 0
@@ -127,18 +128,16 @@ class DataSection:
     """Samples per evaluation batch; 0: the training micro-batch."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.input, str):
-            self.input = [self.input] if self.input else []
         if isinstance(self.streaming, bool):
             self.streaming = "true" if self.streaming else "false"
         _validate(self)
-        if not isinstance(self.input, list) or not all(isinstance(c, str) and c for c in self.input):
+        if not isinstance(self.input, (str, list)) or not all(isinstance(c, str) and c for c in self.input_columns):
             _fail("data", "input", self.input, "a column name or a list of column names")
-        if len(set(self.input)) != len(self.input):
+        if len(set(self.input_columns)) != len(self.input_columns):
             _fail("data", "input", self.input, "distinct column names")
-        if self.target and self.target in self.input:
+        if self.target and self.target in self.input_columns:
             _fail("data", "target", self.target, "a column that is not also an input column")
-        if bool(self.input) != bool(self.target):
+        if bool(self.input_columns) != bool(self.target):
             missing = "target" if self.input else "input"
             _fail("data", missing, "", "a column name: data.input and data.target go together")
         _check_choice("data", "input_format", self.input_format, ("dict", "tuple"))
@@ -162,9 +161,19 @@ class DataSection:
                 _fail("data", name, value, "an existing Parquet file or folder (see `ampray data synth --out DIR`)")
 
     @property
+    def input_columns(self) -> list[str]:
+        """data.input as a list of column names."""
+        return [self.input] if isinstance(self.input, str) and self.input else list(self.input or [])
+
+    @property
     def columns(self) -> bool:
         """Whether the data is read by named columns (your own schema) rather than ampray's."""
-        return bool(self.input)
+        return bool(self.input_columns)
+
+    @property
+    def read_columns(self) -> list[str]:
+        """Every column training reads: the inputs, then the target."""
+        return [*self.input_columns, self.target]
 
 
 @dataclass
@@ -214,16 +223,22 @@ class ScalingSection:
     bytes on the wire, gradients rounded to 8/11 significant bits before averaging; bf16 needs NCCL, i.e.
     GPUs). Gradient accumulation (precision.gradient_accumulation_steps) also cuts traffic: micro-steps
     skip the all-reduce."""
+    find_unused_parameters: str = "auto"
+    """auto, true or false: DDP looks for parameters the loss leaves without a gradient in each step (slower;
+    needed when some are, such as an auxiliary head the loss ignores); auto: when one real batch on the
+    driver leaves some without a gradient."""
     bind_cpus: bool = False
     """Bind each worker to its own block of whole physical cores of its node (ampray.actors.affinity):
     the busy threads of two workers then never share a core's hardware threads."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.use_gpu, bool):
-            self.use_gpu = "true" if self.use_gpu else "false"
+        for name in ("use_gpu", "find_unused_parameters"):
+            if isinstance(getattr(self, name), bool):
+                setattr(self, name, "true" if getattr(self, name) else "false")
         _validate(self)
         _check_choice("scaling", "use_gpu", self.use_gpu, ("auto", "true", "false"))
         _check_choice("scaling", "allreduce_dtype", self.allreduce_dtype, ("fp32", "bf16", "fp16"))
+        _check_choice("scaling", "find_unused_parameters", self.find_unused_parameters, ("auto", "true", "false"))
         if self.num_workers < 1 and self.num_workers != -1:
             _fail("scaling", "num_workers", self.num_workers, "an integer >= 1 (or -1: automatic)")
         if not self.cpus_per_worker > 0 or not self.gpus_per_worker > 0:

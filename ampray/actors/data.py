@@ -27,7 +27,8 @@ TRAIN, VAL = "train", "val"  # the names of Ray Data datasets handed to the Torc
 
 def column_spec(job: JobConfig) -> ColumnSpec:
     d = job.data
-    return ColumnSpec(tuple(d.input), d.target, d.input_format, d.pad_to, d.pad_value)
+    return ColumnSpec(tuple(d.input_columns), d.target, d.input_format, d.pad_to, d.pad_value,
+                      bare=isinstance(d.input, str))
 
 
 def load_rows(job: JobConfig, spec: ModelSpec, path: str, max_rows: int | None = None) -> tuple[Any, torch.Tensor]:
@@ -96,7 +97,7 @@ class StreamBatches:
         self._it: Iterator | None = None
 
     def _batches(self) -> Iterator:
-        names = list(self.columns.inputs) + [self.columns.target]
+        names = [*self.columns.inputs, self.columns.target]
         for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
                                              prefetch_batches=2):
             yield table_to_tensors({k: batch[k] for k in names}, self.columns)
@@ -129,7 +130,14 @@ class StreamBatches:
 
 
 def one_batch(job: JobConfig, spec: ModelSpec, n: int = 2) -> tuple[Any, torch.Tensor]:
-    """The first `n` rows of the training data (the driver's check of the model on real data)."""
+    """The first `n` rows of the training data (the driver's check of the model on real data), read from
+    the first file only."""
+    if job.data.path and not job.data.columns:
+        from ampray.data.columns import parquet_files
+
+        first = parquet_files(Path(job.data.path).expanduser())[0]
+        inputs, targets = read_dataset(first, spec.name)
+        return inputs[:n], targets[:n]
     if job.data.path:
         return load_rows(job, spec, job.data.path, max_rows=n)
     inputs, targets = spec.synthetic(job.model.options, n, job.data.seed)

@@ -181,7 +181,9 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     model = engine.prepare_model(spec.build_model(job.model.options))
     if job.model.compile:
         model.compile()  # in place, inside DDP's wrapper: dynamo splits the graph at DDP's buckets
-    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
+    # DDP when world > 1; one that must look for parameters without a gradient (resolved on the driver).
+    ddp = {"find_unused_parameters": True} if job.scaling.find_unused_parameters == "true" else None
+    model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp)
     compress_allreduce(model, job.scaling.allreduce_dtype)
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)

@@ -62,6 +62,9 @@ class ColumnSpec:
     """Variable-size list columns are padded (with pad_value) to this length; 0: the longest row read."""
     pad_value: float = 0.0
     """The value padding fills in."""
+    bare: bool = True
+    """One input column named alone reaches the model as a bare tensor; False: a one-entry dict or tuple too
+    (the column was given as a list)."""
 
     def __post_init__(self) -> None:
         inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
@@ -392,7 +395,7 @@ def _to_tensors(sources: dict[str, list], spec: ColumnSpec, from_arrow: bool) ->
     if len(set(counts.values())) > 1:
         raise ValueError(f"the columns have different numbers of rows: {counts}; expected one count")
     xs = [decoded[c] for c in spec.inputs]
-    if len(xs) == 1:
+    if len(xs) == 1 and spec.bare:
         inputs: Inputs = xs[0]
     else:
         inputs = tuple(xs) if spec.input_format == "tuple" else dict(zip(spec.inputs, xs))

@@ -24,6 +24,10 @@ from torch import nn
 Criterion = Callable[[Any, Any], torch.Tensor]
 
 
+BY_VALUE = "ampray_by_value"
+"""The module name a job records for a function handed to ampray.fit by value (never importable)."""
+
+
 class ImportPathError(ValueError):
     """An import path that names nothing importable (the message names the field and the fix)."""
 
@@ -43,6 +47,10 @@ def import_object(path: str, field: str) -> Any:
     searched first, as `python -m` would, so that a user's `mynets.py` beside the job file is found. Raises
     ImportPathError naming `field`, what failed and how to fix it."""
     module_name, attr = split_import_path(path, field)
+    if module_name == BY_VALUE:
+        raise ImportPathError(f"{field}={path!r} was handed to ampray.fit by value (a function of a notebook or "
+                              "script): pass it to ampray.fit again, or define it in a module and name it by its "
+                              "import path")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
@@ -120,9 +128,6 @@ def _builtin(kind: str) -> ModelSpec:
                      check_data=lambda options, info, where: check_builtin_data(kind, options, info, where))
 
 
-BUILTIN_KINDS = ("mlp", "cnn", "gpt")
-
-
 def resolve_spec(kind: str, factory: str = "", loss: str = "", objects: dict[str, Any] | None = None) -> ModelSpec:
     """The spec of a job's model: a built-in kind, or the user's factory (and loss, default cross-entropy).
     Imports the user's code, unless `objects` holds it already ({"model.factory": fn, "model.loss": fn}:
@@ -135,8 +140,10 @@ def resolve_spec(kind: str, factory: str = "", loss: str = "", objects: dict[str
     if factory:
         criterion = get("model.loss", loss) if loss else cross_entropy
         return ModelSpec(factory, get("model.factory", factory), criterion)
-    if kind not in BUILTIN_KINDS:
-        raise ImportPathError(f"model.kind={kind!r} is not allowed: expected one of {list(BUILTIN_KINDS)}, or "
+    from ampray.models import MODEL_KINDS
+
+    if kind not in MODEL_KINDS:
+        raise ImportPathError(f"model.kind={kind!r} is not allowed: expected one of {list(MODEL_KINDS)}, or "
                               "model.factory = \"package.module:function\" for your own model")
     spec = _builtin(kind)
     return dataclasses.replace(spec, loss=get("model.loss", loss)) if loss else spec

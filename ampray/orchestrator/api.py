@@ -15,7 +15,9 @@ the training data, a `ray.data.Dataset`, which streams.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,29 +58,44 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _code(value: Any, field: str, job: dict[str, Any], objects: dict[str, Any]) -> None:
-    """Put the model or loss into the job: an import path as it is, an importable function by its path, a
-    `__main__` one by value (with its name recorded)."""
+    """Put the model or loss into the job: an import path as it is, an importable function or class by its
+    path, anything else callable (a notebook's function, a lambda, `nn.MSELoss()`, a partial) by value, with
+    a name recorded in the job that says so."""
     if value is None:
         return
     name = field.split(".")[1]
+    arg = "model" if name == "factory" else "loss"
     if isinstance(value, str):
         job["model"][name] = value
         return
     if not callable(value):
-        raise ConfigError(f"{name}={value!r} is not allowed: expected an import path \"package.module:function\" "
-                          "or a function")
-    from ampray.models.registry import import_path_of
+        raise ConfigError(f"{arg}={value!r} is not allowed: expected an import path \"package.module:function\", "
+                          "a function or a callable object")
+    from ampray.models.registry import BY_VALUE, import_path_of
 
-    if value.__module__ == "__main__" or "<locals>" in value.__qualname__:
-        # Not importable by path on a worker: it travels by value, and the job records its name.
-        objects[field] = value
-        job["model"][name] = f"{value.__module__}:{getattr(value, '__name__', 'function')}"
-    else:
+    if _importable(value):
         job["model"][name] = import_path_of(value)
+        return
+    # Not importable by path on a worker: it travels by value; the job records what it was, under a module
+    # name that cannot be imported (a rerun from the job file alone is refused rather than run otherwise).
+    objects[field] = value
+    label = re.sub(r"\W+", "_", getattr(value, "__name__", "") or type(value).__name__).strip("_") or arg
+    job["model"][name] = f"{BY_VALUE}:{label}"
+
+
+def _importable(value: Any) -> bool:
+    """A module-level function or class of a module other than __main__ (found again by its path)."""
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not module or module == "__main__" or not isinstance(qualname, str):
+        return False
+    return all(part.isidentifier() for part in qualname.split("."))
 
 
 def _table_to_parquet(data: Any, folder: Path, name: str) -> str | None:
-    """A pyarrow Table or pandas DataFrame written as `<folder>/<name>.parquet`; None for other data."""
+    """A pyarrow Table or pandas DataFrame written as `<folder>/<name>-<digest>.parquet` (None for other data).
+    The name holds a digest of the file: a rerun with the same rows resumes on the same file, one with
+    other rows names another file, which a rerun's check against its checkpoint refuses (data.path), and a
+    file a running driver reads is never replaced."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -87,10 +104,32 @@ def _table_to_parquet(data: Any, folder: Path, name: str) -> str | None:
     if not isinstance(data, pa.Table):
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.parquet"
-    tmp = folder / f".{name}.parquet.tmp"
+    tmp = folder / f".{name}.{os.getpid()}.parquet.tmp"
     pq.write_table(data, tmp)
-    os.replace(tmp, target)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]
+    target = folder / f"{name}-{digest}.parquet"
+    if target.exists():
+        tmp.unlink()
+    else:
+        os.replace(tmp, target)
+    return str(target)
+
+
+def _dataset_to_parquet(dataset: Any, folder: Path, name: str) -> str:
+    """A ray.data.Dataset written into `<folder>/<name>-<digest>/` (the digest of its files, as above)."""
+    import shutil
+
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.write_parquet(str(tmp))
+    digest = hashlib.sha256()
+    for file in sorted(tmp.glob("*.parquet")):
+        digest.update(file.read_bytes())
+    target = folder / f"{name}-{digest.hexdigest()[:16]}"
+    if target.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
     return str(target)
 
 
@@ -107,9 +146,7 @@ def _data(job: dict[str, Any], train_data: Any, val_data: Any, allow_stream: boo
             job["data"][key] = path
         elif type(value).__module__.startswith("ray.data"):
             if name == "val":  # held-out sets are evaluated in memory: written out once, read by every rank
-                folder = run_dir / "val"
-                value.write_parquet(str(folder))
-                job["data"][key] = str(folder)
+                job["data"][key] = _dataset_to_parquet(value, run_dir, name)
             elif not allow_stream:
                 raise ConfigError("train_data as a ray.data.Dataset is not supported by ampray.search: every "
                                   "trial would need its own stream; pass a Parquet path or a pyarrow Table")

@@ -9,6 +9,7 @@ data position in the new batch size and train on silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -71,9 +72,15 @@ class DataPlan:
     rows: int
     """Training rows (after a val_fraction split is taken off); -1 when unknown (a Ray Dataset)."""
     bytes: int
-    """Decoded size of the training data, from the Parquet footers (0 for the built-in corpus)."""
+    """Size of the training rows once decoded into tensors, estimated from a sample (0: the built-in corpus
+    or ampray's schema, which are always read into memory)."""
     columns: list[str]
     """The Parquet columns training reads (empty: the built-in corpus or ampray's schema, read whole)."""
+    pad_to: int = 0
+    """The width variable-length columns are padded to (data.pad_to, or the longest row of the training and
+    held-out data), the same in every batch, in memory and streamed; 0 where no column is variable."""
+    unused_parameters: tuple[str, ...] = ()
+    """Parameters the loss of one real batch leaves without a gradient (DDP must then look for them)."""
 
 
 def check_data(job: JobConfig, num_workers: int) -> DataPlan:
@@ -106,14 +113,14 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
         if not d.columns:
             raise ConfigError("data.input and data.target are required with a ray.data.Dataset: name its columns "
                               f"of the model's input and of the target (it has {list(stream.schema().names)})")
-        rows, columns = -1, [*d.input, d.target]
+        rows, columns = -1, d.read_columns
         _check_stream_columns(job, stream)
     elif d.streaming == "true" and not d.path:
         raise ConfigError("data.streaming=true is not allowed without data.path: expected a Parquet folder to "
                           "stream (the built-in corpus is generated in memory)")
     elif d.path and d.columns:
         summary = _columns_summary(job, d.path, "data.path")
-        rows, size, columns = summary["rows"], summary["bytes"], [*d.input, d.target]
+        rows, size, columns = summary["rows"], summary["bytes"], d.read_columns
         if d.val_path:
             _check_same_columns(summary, _columns_summary(job, d.val_path, "data.val_path"), job)
     elif d.path:
@@ -131,15 +138,65 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
         spec.check_data(job.model.options, info, where)
         rows = info["rows"]
         if d.val_path:
-            val = parquet_summary(Path(d.val_path).expanduser())
+            try:
+                val = parquet_summary(Path(d.val_path).expanduser())
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"data.val_path={d.val_path!r}: not a readable Parquet dataset: {err}") from None
             spec.check_data(job.model.options, val, f"data.val_path={d.val_path!r}")
     elif spec.synthetic is None:
         raise ConfigError(f"data.path is required with model.factory={job.model.factory!r}: a Parquet file or "
                           "folder of your data, with data.input and data.target naming its columns")
     if d.val_fraction and rows > 0:
         rows -= max(1, round(rows * d.val_fraction))
-    check_one_batch(job, spec, stream)
-    return DataPlan(spec, rows, size, columns)
+    pad_to = d.pad_to
+    if d.columns and d.path and not pad_to:
+        pad_to = _longest_rows(job)
+        if pad_to:
+            job = dataclasses.replace(job, data=dataclasses.replace(d, pad_to=pad_to))
+    if d.columns and d.path:
+        size = _decoded_bytes(job, rows)
+    unused = () if spec.builtin else check_one_batch(job, spec, stream)
+    return DataPlan(spec, rows, size, columns, pad_to, unused)
+
+
+def _longest_rows(job: JobConfig) -> int:
+    """The longest row of the variable-length columns in the training and held-out files (0: none is)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ampray.data.columns import parquet_files
+
+    longest = 0
+    for path in (job.data.path, job.data.val_path):
+        if not path:
+            continue
+        for file in parquet_files(Path(path).expanduser()):
+            schema = pq.read_schema(file)
+            names = [n for n in job.data.read_columns
+                     if pa_is_variable_list(schema.field(n).type)]
+            if names:
+                table = pq.read_table(file, columns=names)
+                for name in names:
+                    lengths = pc.list_value_length(table.column(name))
+                    longest = max(longest, int(pc.max(lengths).as_py() or 0))
+    return longest
+
+
+def pa_is_variable_list(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _decoded_bytes(job: JobConfig, rows: int) -> int:
+    """The training rows' size as tensors (int64 for integers, padded lists), from the first rows."""
+    from ampray.actors.data import column_spec
+    from ampray.data.columns import leaves, read_columns
+
+    sample = min(max(rows, 1), 256)
+    x, y = read_columns(Path(job.data.path).expanduser(), column_spec(job), max_rows=sample)
+    per_row = sum(t.element_size() * t[0].numel() for t in [*leaves(x), y] if len(t)) if len(y) else 0
+    return int(per_row * rows)
 
 
 def _column_names(path: str) -> list[str]:
@@ -161,7 +218,7 @@ def _columns_summary(job: JobConfig, path: str, field: str) -> dict[str, Any]:
 
 
 def _check_same_columns(train: dict[str, Any], val: dict[str, Any], job: JobConfig) -> None:
-    for name in [*job.data.input, job.data.target]:
+    for name in job.data.read_columns:
         if train["columns"][name] != val["columns"][name]:
             raise ConfigError(f"data.val_path={job.data.val_path!r}: column {name!r} has type "
                               f"{val['columns'][name]}; expected {train['columns'][name]} as in data.path "
@@ -170,15 +227,16 @@ def _check_same_columns(train: dict[str, Any], val: dict[str, Any], job: JobConf
 
 def _check_stream_columns(job: JobConfig, stream) -> None:
     names = list(stream.schema().names)
-    for field, name in [*(("data.input", c) for c in job.data.input), ("data.target", job.data.target)]:
+    for field, name in [*(("data.input", c) for c in job.data.input_columns), ("data.target", job.data.target)]:
         if name not in names:
             raise ConfigError(f"{field}={name!r} is not allowed: the training dataset has no column {name!r} "
                               f"(columns: {', '.join(names)}); expected one of those")
 
 
-def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> None:
-    """Build the model and run two real rows through it and the loss, in fp32 on this machine's CPU: a model
-    that rejects the data's shape, or a loss that is not a number, fails here with the fields to fix."""
+def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, ...]:
+    """Build the model and run two real rows through it, the loss and its backward, in fp32 on this
+    machine's CPU: a model that rejects the data's shape, or a loss that is not a number, fails here with
+    the fields to fix. Returns the parameters left without a gradient (DDP must be told to look for them)."""
     import torch
 
     from ampray.actors.data import one_batch
@@ -188,35 +246,45 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> None:
         torch.manual_seed(job.run.seed)
         model = spec.build_model(job.model.options)
     except TypeError as err:
+        if "returned a" in str(err):
+            raise ConfigError(str(err)) from None
         raise ConfigError(f"{label} with model.options={job.model.options!r}: {err}") from None
+    except Exception as err:  # the user's factory raised on these options
+        raise ConfigError(f"{label} with model.options={job.model.options!r} raised {type(err).__name__}: "
+                          f"{err}") from None
     try:
         if stream is not None:  # the first rows only: Ray Data reads what that takes, not the whole dataset
             from ampray.actors.data import column_spec
             from ampray.data.columns import table_to_tensors
 
-            batch = stream.select_columns([*job.data.input, job.data.target]).take_batch(2, batch_format="numpy")
+            batch = stream.select_columns(job.data.read_columns).take_batch(2, batch_format="numpy")
             x, y = table_to_tensors(batch, column_spec(job))
         else:
             x, y = one_batch(job, spec, 2)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.path={job.data.path!r}: cannot read a batch: {err}") from None
+        where = "the training ray.data.Dataset" if stream is not None else f"data.path={job.data.path!r}"
+        raise ConfigError(f"{where}: cannot read a batch: {err}") from None
     what = _describe(x), _describe(y)
     try:
-        with torch.no_grad():
-            output = model(x)
+        output = model(x)
     except Exception as err:
         raise ConfigError(f"{label} rejects a batch of the data (input {what[0]}, from data.input="
                           f"{job.data.input or 'the ampray schema'}): {type(err).__name__}: {err}") from None
     loss_label = f"model.loss={job.model.loss!r}" if job.model.loss else "the default loss (cross-entropy)"
     try:
-        with torch.no_grad():
-            loss = spec.loss(output, y)
+        loss = spec.loss(output, y)
     except Exception as err:
         raise ConfigError(f"{loss_label} fails on the model's output {_describe(output)} and the target {what[1]} "
                           f"(data.target={job.data.target or 'the ampray schema'}): {type(err).__name__}: {err}") from None
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
         raise ConfigError(f"{loss_label} returned {_describe(loss)}; expected a 0-d floating-point tensor (reduce "
                           "the per-sample losses, e.g. with .mean())")
+    try:
+        loss.backward()
+    except RuntimeError as err:
+        raise ConfigError(f"{loss_label}: its backward fails ({err}); expected a loss computed from the model's "
+                          "output, so that its gradient reaches the parameters") from None
+    return tuple(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None)
 
 
 def _describe(value: Any) -> str:
@@ -243,13 +311,16 @@ def check_batch_fits(job: JobConfig, rows: int, num_workers: int) -> None:
             f"samples per rank; {where} gives {rows} training rows, {per_rank} for each of {num_workers} workers)")
 
 
-def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, given_stream: bool = False) -> bool:
+def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, num_workers: int = 1,
+                   given_stream: bool = False) -> bool:
     """Whether the training rows stream through Ray Data: asked for, or (auto) too large to load into every
-    worker. Raises ConfigError where the data cannot stream (ampray's schema is read whole)."""
+    worker: each worker holds all of them in memory, so by default they must fit a quarter of the smallest
+    node's memory shared by the workers that may land on it. Raises ConfigError where the data cannot
+    stream (ampray's schema and the built-in corpus are read whole)."""
     d = job.data
     if given_stream:
         return True
-    limit = d.max_in_memory_mb * 2**20 if d.max_in_memory_mb else node_memory_bytes / 8
+    limit = d.max_in_memory_mb * 2**20 if d.max_in_memory_mb else node_memory_bytes / (4 * max(1, num_workers))
     stream = d.streaming == "true" or (d.streaming == "auto" and plan.bytes > limit)
     if stream and not plan.columns:
         raise ConfigError(f"data.streaming: the data ({plan.bytes / 2**20:.0f} MiB decoded) would stream, which reads "
@@ -269,7 +340,7 @@ def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, giv
 # engine), would be overwritten by it on restore, or changes what the next step computes, and must match.
 # The world size is compared separately: the data position is counted per rank.
 _MAY_CHANGE = frozenset({
-    "model.compile",
+    "model.compile", "scaling.find_unused_parameters",
     "run.eval_every", "run.eval_batches", "data.eval_batch_size", "data.val_path", "data.max_in_memory_mb",
     "run.steps", "run.report_every", "run.checkpoint_every", "run.num_to_keep", "run.max_failures",
     "run.address", "run.storage_path", "run.name",

@@ -9,7 +9,7 @@ The objective (minimised) is explicit:
     objective = loss + skip_penalty * skip_rate
 
 where `loss` is the held-out loss over every rank's shard of the validation set (data.val_path or
-data.val_fraction) at the latest evaluation, or, without one, the cross-rank mean training loss over the
+data.val_fraction; a trial evaluates at every report, so that the schedulers compare held-out losses only), or, without one, the cross-rank mean training loss over the
 last report interval (at the end of the step budget `run.steps` for trials that finish), and `skip_rate` the fraction of optimizer steps skipped for
 overflow or NaN, summed over ranks. The penalty makes the search see scaling: two settings that reach
 the same loss are told apart by how many steps they threw away. Throughput and peak memory are
@@ -137,15 +137,8 @@ def _tune_callback(skip_penalty: float, results, acks=None):
 
         def __init__(self) -> None:
             self._queue, self._acks, self._penalty = results, acks, skip_penalty
-            self._held_out: list[dict[str, Any]] | None = None
 
         def after_report(self, run_context, metrics, checkpoint=None) -> None:
-            # Reports between evaluations (run.eval_every > report_every) carry the last evaluation's
-            # figures, so the objective never falls back to the training loss between them.
-            if any("val/loss" in m for m in metrics):
-                self._held_out = [{k: v for k, v in m.items() if k.startswith("val/")} for m in metrics]
-            elif self._held_out is not None and len(self._held_out) == len(metrics):
-                metrics = [{**m, **v} for m, v in zip(metrics, self._held_out)]
             result = trial_metrics(metrics, self._penalty)
             if checkpoint is not None:
                 result["checkpoint_path"] = checkpoint.path
@@ -374,7 +367,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     import ray.tune
 
     from ampray.job import absolute_paths
-    from ampray.orchestrator.preflight import check_data, check_model_and_data, streaming_mode
+    from ampray.orchestrator.preflight import check_batch_fits, check_model_and_data, streaming_mode
     from ampray.orchestrator.shipping import probe_imports, worker_runtime_env
     from ampray.orchestrator.train import init_ray, node_memory, resolved, user_code
     from ampray.tune_spaces import load_space
@@ -390,7 +383,8 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     base_dict = job.to_dict()
     if not resume:
         space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
-    check_model_and_data(job)  # the user's code and data, before Ray starts
+    # The user's code and data as the trials will see them (a space may fix data.path), before Ray starts.
+    plan = check_model_and_data(absolute_paths(apply_params(base_dict, space.fixed)))
     code = user_code(job)
     runtime_env = worker_runtime_env(code) if code else {}
     # Ray Train V2 releases a stopped trial's workers through a cleaner that asks the state API (served
@@ -406,9 +400,13 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
                                              "run.num_to_keep": max(2, job.run.num_to_keep)}).to_dict()
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
     trial_job = absolute_paths(trial_job)  # a data.path the space fixes, too
-    plan = check_data(trial_job, search.workers_per_trial)  # the data against the model and batch, before any trial
-    streaming = streaming_mode(trial_job, plan, node_memory())
-    trial_job = resolved(trial_job, search.workers_per_trial, search.gpus_per_trial > 0, streaming)
+    check_batch_fits(trial_job, plan.rows, search.workers_per_trial)  # before any trial starts
+    streaming = streaming_mode(trial_job, plan, node_memory(), search.workers_per_trial)
+    if trial_job.data.val_path or trial_job.data.val_fraction:
+        # Every report carries an evaluation: the schedulers compare held-out losses only, never a training
+        # loss of one trial against a held-out loss of another.
+        trial_job.run.eval_every = 0
+    trial_job = resolved(trial_job, search.workers_per_trial, search.gpus_per_trial > 0, streaming, plan)
     if search.scheduler == "pbt" and search.samples > concurrent:
         # PBT exploits among trials that run side by side; later waves could only clone each other.
         raise ConfigError(f"search.samples={search.samples} is not allowed with scheduler=pbt here: the whole "

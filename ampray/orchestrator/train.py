@@ -208,14 +208,20 @@ def cluster_capacity(address: str) -> tuple[dict[str, float], list[dict[str, flo
     return totals, nodes
 
 
-def resolved(job: JobConfig, num_workers: int, use_gpu: bool, streaming: bool | None = None) -> JobConfig:
-    """The job with the worker count, device and data mode it will run with and its data paths made absolute,
-    as saved beside the run and in its checkpoints (-1 and "auto" would say nothing about what ran)."""
+def resolved(job: JobConfig, num_workers: int, use_gpu: bool, streaming: bool | None = None, plan=None) -> JobConfig:
+    """The job with the worker count, device and data mode it will run with, its data paths made absolute, and
+    what the pre-flight `plan` found (the padded width, whether DDP must look for unused parameters), as
+    saved beside the run and in its checkpoints (-1 and "auto" would say nothing about what ran)."""
     scaling = dataclasses.replace(job.scaling, num_workers=num_workers, use_gpu="true" if use_gpu else "false")
+    if plan is not None and scaling.find_unused_parameters == "auto":
+        scaling.find_unused_parameters = "true" if plan.unused_parameters else "false"
     job = dataclasses.replace(absolute_paths(job), scaling=scaling)
+    data = job.data
     if streaming is not None:
-        job = dataclasses.replace(job, data=dataclasses.replace(job.data, streaming="true" if streaming else "false"))
-    return job
+        data = dataclasses.replace(data, streaming="true" if streaming else "false")
+    if plan is not None and plan.pad_to and not data.pad_to:
+        data = dataclasses.replace(data, pad_to=plan.pad_to)
+    return dataclasses.replace(job, data=data)
 
 
 def make_run_dir(job: JobConfig) -> Path:
@@ -344,7 +350,7 @@ def read_stream(job: JobConfig):
     """The training rows as a Ray Dataset (lazy: read as the workers consume them), only the named columns."""
     import ray.data
 
-    return ray.data.read_parquet(str(Path(job.data.path).expanduser()), columns=[*job.data.input, job.data.target],
+    return ray.data.read_parquet(str(Path(job.data.path).expanduser()), columns=job.data.read_columns,
                                  file_extensions=["parquet"])
 
 
@@ -383,7 +389,12 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
         if code:
             probe_imports(code, runtime_env)  # the workers import the user's code as the driver did
         num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
-        job = resolved(job, num_workers, use_gpu, streaming_mode(job, plan, node_memory(), stream is not None))
+        job = resolved(job, num_workers, use_gpu,
+                       streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
+        if plan.unused_parameters and job.scaling.find_unused_parameters == "true":
+            notify(f"{len(plan.unused_parameters)} parameter(s) get no gradient from the loss "
+                   f"({', '.join(plan.unused_parameters[:3])}{', ...' if len(plan.unused_parameters) > 3 else ''}): "
+                   "DDP looks for them in every step (scaling.find_unused_parameters)")
         check_batch_fits(job, plan.rows, num_workers)
         for note in check_resume(job, num_workers):
             notify(note)

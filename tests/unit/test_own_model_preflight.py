@@ -91,3 +91,131 @@ def test_validation_set_whose_columns_differ(project, capsys):
 def test_own_model_without_data_is_refused(project, capsys):
     err = _fails(capsys, "--data.path", "", "--data.val_path", "", "--data.input", "[]", "--data.target", "")
     assert "data.path is required with model.factory='mynets:build'" in err
+
+
+def test_unused_parameters_are_found_on_one_batch(project):
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import check_model_and_data
+    from ampray.orchestrator.train import resolved
+
+    (project / "mynets.py").write_text((project / "mynets.py").read_text() + textwrap.dedent('''
+        class WithAux(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net, self.aux = build(), nn.Linear(17, 3)
+
+            def forward(self, batch):
+                return self.net(batch)  # the auxiliary head takes no part in the loss
+
+        def with_aux():
+            return WithAux()
+    '''))
+    job = JobConfig.load("job.toml", {"model.factory": "mynets:with_aux", "model.options": {}})
+    plan = check_model_and_data(job)
+    assert plan.unused_parameters == ("aux.weight", "aux.bias")
+    assert resolved(job, 2, False, False, plan).scaling.find_unused_parameters == "true"
+    plan = check_model_and_data(JobConfig.load("job.toml"))
+    assert plan.unused_parameters == () and resolved(JobConfig.load("job.toml"), 2, False, False, plan) \
+        .scaling.find_unused_parameters == "false"
+
+
+def test_variable_length_columns_are_padded_to_one_width_everywhere(tmp_path, monkeypatch):
+    """Rows of 1 to 5 tokens in training, up to 7 in the held-out set: every batch, in memory or streamed,
+    and the driver's check, pad to 7 (the resolved data.pad_to), so a model of fixed width fits all."""
+    from ampray.actors.data import column_spec, one_batch
+    from ampray.data.columns import read_columns
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import check_model_and_data
+    from ampray.orchestrator.train import resolved
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seqnet.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(7 * 4, 2))
+    '''))
+    tokens = [[1] * (i % 5 + 1) for i in range(40)]
+    pq.write_table(pa.table({"tokens": tokens, "y": [i % 2 for i in range(40)]}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"tokens": [[2] * 7, [3]], "y": [0, 1]}), tmp_path / "val.parquet")
+    try:
+        job = JobConfig.load(None, {"model.factory": "seqnet:build", "data.path": "train.parquet",
+                                    "data.val_path": "val.parquet", "data.input": "tokens", "data.target": "y",
+                                    "data.batch_size": 8})
+        plan = check_model_and_data(job)  # the 2-row check batch is 7 wide too, or the Linear would refuse it
+        assert plan.pad_to == 7
+        job = resolved(job, 2, False, False, plan)
+        assert job.data.pad_to == 7
+        assert read_columns("train.parquet", column_spec(job))[0].shape == (40, 7)
+        assert one_batch(job, plan.spec)[0].shape == (2, 7)
+    finally:
+        sys.modules.pop("seqnet", None)
+
+
+def test_one_input_column_given_as_a_list_reaches_the_model_as_a_dict(project):
+    from ampray.actors.data import column_spec
+    from ampray.data.columns import read_columns
+    from ampray.job import JobConfig
+
+    as_list = JobConfig.load("job.toml", {"data.input": ["pixels"]})
+    x, _ = read_columns("data/train", column_spec(as_list), max_rows=3)
+    assert isinstance(x, dict) and x["pixels"].shape == (3, 16)
+    bare = JobConfig.load("job.toml", {"data.input": "pixels"})
+    assert read_columns("data/train", column_spec(bare), max_rows=3)[0].shape == (3, 16)
+
+
+def test_in_memory_size_counts_decoded_tensors_and_every_worker(tmp_path):
+    """uint8 pixels are 8 bytes each once decoded (int64): the size that decides streaming is the tensors',
+    and the automatic limit is shared by the workers (each holds all the rows)."""
+    import numpy as np
+
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import DataPlan, check_model_and_data, streaming_mode
+
+    flat = pa.array(np.zeros(100 * 64, dtype=np.uint8))
+    pq.write_table(pa.table({"px": pa.FixedSizeListArray.from_arrays(flat, 64), "y": pa.array([0] * 100)}),
+                   tmp_path / "d.parquet")
+    (tmp_path / "tiny.py").write_text("from torch import nn\ndef build():\n    return nn.Linear(64, 2)\n")
+    job = JobConfig.load(None, {"model.factory": "tiny:build", "data.path": str(tmp_path / "d.parquet"),
+                                "data.input": "px", "data.target": "y", "data.batch_size": 4})
+    sys.path.insert(0, str(tmp_path))
+    try:
+        plan = DataPlan(None, 100, 0, ["px", "y"])
+        from ampray.orchestrator.preflight import _decoded_bytes
+
+        assert _decoded_bytes(job, 100) == 100 * (64 * 8 + 8)
+        plan.bytes = 100 * (64 * 8 + 8)
+        assert not streaming_mode(job, plan, node_memory_bytes=4 * 2 * plan.bytes, num_workers=2)
+        assert streaming_mode(job, plan, node_memory_bytes=4 * 2 * plan.bytes, num_workers=3)
+        with pytest.raises(Exception):
+            check_model_and_data(job)  # uint8 -> int64 into nn.Linear: the driver's batch check refuses it
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tiny", None)
+
+
+def test_python_api_records_what_it_cannot_import_as_by_value(tmp_path):
+    import functools
+
+    import torch
+    from torch import nn
+
+    from ampray.orchestrator.api import _code, _table_to_parquet
+
+    for value, label in ((lambda o, t: o.sum(), "lambda"), (nn.MSELoss(), "MSELoss"),
+                         (functools.partial(torch.nn.functional.cross_entropy, label_smoothing=0.1), "partial")):
+        job, objects = {"model": {}}, {}
+        _code(value, "model.loss", job, objects)
+        assert job["model"]["loss"] == f"ampray_by_value:{label}" and objects["model.loss"] is value
+    job, objects = {"model": {}}, {}
+    _code(torch.nn.functional.cross_entropy, "model.loss", job, objects)
+    assert job["model"]["loss"] == "torch.nn.functional:cross_entropy" and not objects
+    # A table is stored under its content's digest: the same rows, the same file; other rows, another.
+    a = _table_to_parquet(pa.table({"x": [1, 2]}), tmp_path, "train")
+    assert a == _table_to_parquet(pa.table({"x": [1, 2]}), tmp_path, "train")
+    assert a != _table_to_parquet(pa.table({"x": [1, 3]}), tmp_path, "train")
+
+
+def test_a_by_value_path_in_a_job_file_is_refused_with_the_fix(project, capsys):
+    err = _fails(capsys, "--model.loss", "ampray_by_value:loss")
+    assert "was handed to ampray.fit by value" in err
