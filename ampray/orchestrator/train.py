@@ -350,8 +350,8 @@ def read_stream(job: JobConfig):
     """The training rows as a Ray Dataset (lazy: read as the workers consume them), only the named columns."""
     import ray.data
 
-    return ray.data.read_parquet(str(Path(job.data.path).expanduser()), columns=job.data.read_columns,
-                                 file_extensions=["parquet"])
+    return ray.data.read_parquet(str(Path(job.data.path).expanduser()),
+                                 file_extensions=["parquet"]).select_columns(job.data.read_columns)
 
 
 def node_memory() -> float:

@@ -119,3 +119,28 @@ def test_python_api_with_functions_and_a_table(ray_address, project):
     assert result.checkpoint is not None and Path(result.checkpoint, "state.pt").is_file()
     assert result.metrics["val/loss/mean"] < math.log(4) and set(result.per_rank) == {0, 1}
     assert Path(result.job.data.path).is_file()  # the table, written into the run's folder
+
+
+def test_a_model_with_parameters_the_loss_ignores_trains_under_ddp(ray_address, project):
+    """Without find_unused_parameters, DDP's second step fails ("Expected to have finished reduction"): the
+    driver finds the unused head on one batch and the two ranks train."""
+    (project / "mynets.py").write_text((project / "mynets.py").read_text() + '''
+
+class WithAux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.aux = build(), nn.Linear(17, 3)
+
+    def forward(self, batch):
+        return self.net(batch)
+
+
+def with_aux():
+    return WithAux()
+''')
+    job = JobConfig.load("job.toml", {"model.factory": "mynets:with_aux", "model.options": {}, "run.steps": 20,
+                                      "run.name": "aux", "run.storage_path": str(project / "runs"),
+                                      "run.address": ray_address})
+    outcome = run_training(job)
+    assert all(r["step"] == 20 for r in outcome.final.values()) and len(outcome.final) == 2
+    assert JobConfig.load(outcome.run_dir / "job.toml").scaling.find_unused_parameters == "true"
