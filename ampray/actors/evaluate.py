@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ampray.actors.checkpoint import unwrap
+from ampray.amp.trainer import to_device
 
 
 @dataclass
@@ -52,7 +53,7 @@ def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: in
         for i, (x, y) in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            x, y = _to(x, engine.device), y.to(engine.device, non_blocking=True)
+            x, y = to_device(x, engine.device), y.to(engine.device, non_blocking=True)
             with engine.autocast():
                 output = module(x)
                 loss = criterion(output, y)
@@ -72,12 +73,3 @@ def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: in
     accuracy = (hits / count if count else math.nan) if classified else None
     return EvalStats(total / samples if samples else math.nan, accuracy, samples)
 
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value

@@ -96,7 +96,7 @@ class MixedPrecisionTrainer(StepMixin):
         c, k = self.counters, self.config.gradient_accumulation_steps
         c.micro_in_window += 1
         boundary = c.micro_in_window == k
-        data, target = _to(data, self.device), _to(target, self.device)
+        data, target = to_device(data, self.device), to_device(target, self.device)
         try:
             loss = self._forward_backward(model, criterion, data, target, 1.0 / k, boundary)
             c.add_loss(loss, check=self.config.nonfinite_loss_policy != "ignore")
@@ -265,13 +265,14 @@ class MixedPrecisionTrainer(StepMixin):
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or the tensors of a tuple, list or dict batch, on `device` (other values as they are)."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 

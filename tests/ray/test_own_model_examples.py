@@ -41,6 +41,15 @@ def test_examples_own_model_learns_the_digits(ray_address, tmp_path, monkeypatch
     assert [s for s, _ in scalars["all/val/accuracy/mean"]] == [50, 100, 150]
     assert scalars["all/val/accuracy/mean"][-1][1] > 0.85  # real digits, 10 classes
     assert scalars["all/val/samples/total"][-1][1] == 359
+    # The same real data over a memory limit below its size (1438 rows of 64 float32 pixels and an int64
+    # label, 0.36 MiB as tensors): `auto` streams it through Ray Data, four files into two equal shards.
+    assert main(["train", "--config", "job.toml", "--address", ray_address, "--run.steps", "100",
+                 "--name", "digits-streamed", "--data.max_in_memory_mb", "0.25"]) == 0, capsys.readouterr().err[-3000:]
+    from ampray.job import JobConfig
+
+    assert JobConfig.load(project / "runs" / "digits-streamed" / "job.toml").data.streaming == "true"
+    streamed = read_scalars(str(project / "runs" / "digits-streamed" / "tensorboard"))
+    assert streamed["all/val/accuracy/mean"][-1][1] > 0.8
 
 
 def test_readme_job_file_and_python_block(ray_address, tmp_path, monkeypatch, clean_modules):
