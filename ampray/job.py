@@ -108,8 +108,11 @@ class DataSection:
     input_format: str = "dict"
     """With several input columns: dict (model(x) with x = {column: tensor}) or tuple (in data.input's order)."""
     pad_to: int = 0
-    """Variable-length list columns are padded with pad_value to this length; 0: to the longest row (of the
-    data in memory, of each batch when streaming)."""
+    """Variable-length list columns are padded with pad_value to this length; 0: each column to its longest
+    row in the training and held-out files (found before training, kept in data.pad_widths)."""
+    pad_widths: dict = field(default_factory=dict)
+    """Set by ampray when pad_to is 0: each variable-length column's width, saved with the run so that a
+    rerun pads as the run was trained."""
     pad_value: float = 0.0
     """The value padding fills in."""
     streaming: str = "auto"

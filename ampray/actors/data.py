@@ -28,7 +28,7 @@ TRAIN, VAL = "train", "val"  # the names of Ray Data datasets handed to the Torc
 def column_spec(job: JobConfig) -> ColumnSpec:
     d = job.data
     return ColumnSpec(tuple(d.input_columns), d.target, d.input_format, d.pad_to, d.pad_value,
-                      bare=isinstance(d.input, str))
+                      bare=isinstance(d.input, str), widths=tuple(sorted(d.pad_widths.items())))
 
 
 def load_rows(job: JobConfig, spec: ModelSpec, path: str, max_rows: int | None = None) -> tuple[Any, torch.Tensor]:

@@ -65,6 +65,9 @@ class ColumnSpec:
     bare: bool = True
     """One input column named alone reaches the model as a bare tensor; False: a one-entry dict or tuple too
     (the column was given as a list)."""
+    widths: tuple[tuple[str, int], ...] = ()
+    """(column, width) of variable-size columns when pad_to is 0: each padded to its own width (the longest
+    row of the training and held-out data, found before training) instead of the longest row read."""
 
     def __post_init__(self) -> None:
         inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
@@ -350,11 +353,12 @@ def _assemble(field: str, name: str, pieces: list[_Piece], spec: ColumnSpec) -> 
                              "variable-size rows in others; expected one type")
         lengths = np.concatenate([p.lengths for p in pieces])
         longest = int(lengths.max()) if len(lengths) else 0
-        if spec.pad_to and longest > spec.pad_to:
+        fixed = spec.pad_to or dict(spec.widths).get(name, 0)
+        if fixed and longest > fixed:
+            limit = f"data.pad_to={spec.pad_to}" if spec.pad_to else f"data.pad_widths[{name!r}]={fixed}"
             raise ValueError(f"{field}={name!r}: column {name!r} has a row of {longest} entries, longer than "
-                             f"data.pad_to={spec.pad_to}; expected data.pad_to >= {longest}, or 0 (pad to the "
-                             "longest row)")
-        width = spec.pad_to or longest
+                             f"{limit}; expected data.pad_to >= {longest}, or 0 (pad to the longest row)")
+        width = fixed or longest
         if not (lengths == width).all():
             return _pad(field, name, pieces, width, dtype, spec.pad_value)
         pieces = [_Piece(p.values.reshape(len(p.lengths), width, *p.values.shape[1:])) for p in pieces]

@@ -80,7 +80,12 @@ def _code(value: Any, field: str, job: dict[str, Any], objects: dict[str, Any]) 
     # name that cannot be imported (a rerun from the job file alone is refused rather than run otherwise).
     objects[field] = value
     label = re.sub(r"\W+", "_", getattr(value, "__name__", "") or type(value).__name__).strip("_") or arg
-    job["model"][name] = f"{BY_VALUE}:{label}"
+    # A digest of the pickled object tells two of one name apart (partial(f, a=0) and partial(f, a=0.3)):
+    # a rerun with another one is refused against its checkpoint, not resumed with a different loss.
+    from ray import cloudpickle  # the pickler that carries it to the workers
+
+    digest = hashlib.sha256(cloudpickle.dumps(value)).hexdigest()[:12]
+    job["model"][name] = f"{BY_VALUE}:{label}_{digest}"
 
 
 def _importable(value: Any) -> bool:

@@ -76,11 +76,11 @@ class DataPlan:
     or ampray's schema, which are always read into memory)."""
     columns: list[str]
     """The Parquet columns training reads (empty: the built-in corpus or ampray's schema, read whole)."""
-    pad_to: int = 0
-    """The width variable-length columns are padded to (data.pad_to, or the longest row of the training and
-    held-out data), the same in every batch, in memory and streamed; 0 where no column is variable."""
     unused_parameters: tuple[str, ...] = ()
     """Parameters the loss of one real batch leaves without a gradient (DDP must then look for them)."""
+    pad_widths: dict[str, int] = dataclasses.field(default_factory=dict)
+    """With data.pad_to 0: each variable-length column's longest row in the training and held-out files, the
+    width it is padded to in every batch, in memory and streamed."""
 
 
 def check_data(job: JobConfig, num_workers: int) -> DataPlan:
@@ -148,37 +148,54 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
                           "folder of your data, with data.input and data.target naming its columns")
     if d.val_fraction and rows > 0:
         rows -= max(1, round(rows * d.val_fraction))
-    pad_to = d.pad_to
-    if d.columns and d.path and not pad_to:
-        pad_to = _longest_rows(job)
-        if pad_to:
-            job = dataclasses.replace(job, data=dataclasses.replace(d, pad_to=pad_to))
+    widths: dict[str, int] = {}
+    if d.columns and d.path and not d.pad_to:
+        widths = _longest_rows(job)
+        job = dataclasses.replace(job, data=dataclasses.replace(d, pad_widths={**widths, **d.pad_widths}))
     if d.columns and d.path:
         size = _decoded_bytes(job, rows)
     unused = () if spec.builtin else check_one_batch(job, spec, stream)
-    return DataPlan(spec, rows, size, columns, pad_to, unused)
+    return DataPlan(spec, rows, size, columns, unused, widths)
 
 
-def _longest_rows(job: JobConfig) -> int:
-    """The longest row of the variable-length columns in the training and held-out files (0: none is)."""
+def keep_trained_widths(job: JobConfig, plan: DataPlan) -> None:
+    """A rerun pads as its checkpoint was trained: the widths found now (a new held-out set may be longer
+    or shorter) give way to the checkpoint's, unless a row no longer fits them (ConfigError)."""
+    checkpoint = latest_checkpoint(job.run_dir())
+    if checkpoint is None or job.data.pad_to or not plan.pad_widths:
+        return
+    try:
+        saved = tomllib.loads((checkpoint / "job.toml").read_text()).get("data", {}).get("pad_widths") or {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return  # check_resume reports an unreadable job.toml
+    for name, width in plan.pad_widths.items():
+        if name in saved and width > saved[name]:
+            raise ConfigError(f"column {name!r} now has rows of {width} entries (data.path / data.val_path); the "
+                              f"run was trained with them padded to {saved[name]} ({checkpoint.name}): expected "
+                              f"rows of at most {saved[name]}, or a new --name")
+    plan.pad_widths = {**plan.pad_widths, **saved}
+
+
+def _longest_rows(job: JobConfig) -> dict[str, int]:
+    """Each variable-length column's longest row in the training and held-out files. Reads those columns
+    whole: with large data of variable-length rows, setting data.pad_to skips this."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from ampray.data.columns import parquet_files
 
-    longest = 0
+    longest: dict[str, int] = {}
     for path in (job.data.path, job.data.val_path):
         if not path:
             continue
         for file in parquet_files(Path(path).expanduser()):
             schema = pq.read_schema(file)
-            names = [n for n in job.data.read_columns
-                     if pa_is_variable_list(schema.field(n).type)]
+            names = [n for n in job.data.read_columns if pa_is_variable_list(schema.field(n).type)]
             if names:
                 table = pq.read_table(file, columns=names)
                 for name in names:
-                    lengths = pc.list_value_length(table.column(name))
-                    longest = max(longest, int(pc.max(lengths).as_py() or 0))
+                    rows = int(pc.max(pc.list_value_length(table.column(name))).as_py() or 0)
+                    longest[name] = max(longest.get(name, 0), rows)
     return longest
 
 
@@ -282,8 +299,9 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
     try:
         loss.backward()
     except RuntimeError as err:
-        raise ConfigError(f"{loss_label}: its backward fails ({err}); expected a loss computed from the model's "
-                          "output, so that its gradient reaches the parameters") from None
+        raise ConfigError(f"the backward pass of {label} and {loss_label} fails on this machine's CPU ({err}); "
+                          "expected a loss computed from the model's output, whose gradient reaches the "
+                          "parameters") from None
     return tuple(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None)
 
 

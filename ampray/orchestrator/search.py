@@ -401,7 +401,8 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     trial_job, concurrent = _plan(apply_params(base_dict, space.fixed), search, ray.cluster_resources())
     trial_job = absolute_paths(trial_job)  # a data.path the space fixes, too
     check_batch_fits(trial_job, plan.rows, search.workers_per_trial)  # before any trial starts
-    streaming = streaming_mode(trial_job, plan, node_memory(), search.workers_per_trial)
+    # Every worker of every trial running at once holds the rows when they are loaded into memory.
+    streaming = streaming_mode(trial_job, plan, node_memory(), search.workers_per_trial * concurrent)
     if trial_job.data.val_path or trial_job.data.val_fraction:
         # Every report carries an evaluation: the schedulers compare held-out losses only, never a training
         # loss of one trial against a held-out loss of another.

@@ -219,8 +219,8 @@ def resolved(job: JobConfig, num_workers: int, use_gpu: bool, streaming: bool | 
     data = job.data
     if streaming is not None:
         data = dataclasses.replace(data, streaming="true" if streaming else "false")
-    if plan is not None and plan.pad_to and not data.pad_to:
-        data = dataclasses.replace(data, pad_to=plan.pad_to)
+    if plan is not None and plan.pad_widths and not data.pad_to:
+        data = dataclasses.replace(data, pad_widths={**plan.pad_widths, **data.pad_widths})
     return dataclasses.replace(job, data=data)
 
 
@@ -374,9 +374,11 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
     `stream`: a ray.data.Dataset of the training rows instead of data.path; `objects`: the user's factory
     and loss by value ({"model.factory": fn}) where they cannot be imported by path (the Python API's)."""
     from ampray.actors.aggregator import read_scalars
-    from ampray.orchestrator.preflight import check_batch_fits, check_model_and_data, check_resume, streaming_mode
+    from ampray.orchestrator.preflight import (check_batch_fits, check_model_and_data, check_resume,
+                                               keep_trained_widths, streaming_mode)
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
+    keep_trained_widths(job, plan)
     code = user_code(job, objects)
     runtime_env = {}
     if code:

@@ -120,8 +120,9 @@ def test_unused_parameters_are_found_on_one_batch(project):
 
 
 def test_variable_length_columns_are_padded_to_one_width_everywhere(tmp_path, monkeypatch):
-    """Rows of 1 to 5 tokens in training, up to 7 in the held-out set: every batch, in memory or streamed,
-    and the driver's check, pad to 7 (the resolved data.pad_to), so a model of fixed width fits all."""
+    """Rows of 1 to 5 tokens in training, up to 7 in the held-out set, and a second column of up to 3: every
+    batch, in memory or streamed, and the driver's check, pad each column to its own longest row (7 and 3,
+    kept in data.pad_widths), so a model of fixed widths fits all."""
     from ampray.actors.data import column_spec, one_batch
     from ampray.data.columns import read_columns
     from ampray.job import JobConfig
@@ -130,24 +131,37 @@ def test_variable_length_columns_are_padded_to_one_width_everywhere(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "seqnet.py").write_text(textwrap.dedent('''
+        import torch
         from torch import nn
 
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.out = nn.Embedding(10, 4), nn.Linear((7 + 3) * 4, 2)
+
+            def forward(self, x):
+                return self.out(torch.cat([self.emb(x["tokens"]).flatten(1), self.emb(x["query"]).flatten(1)], 1))
+
         def build():
-            return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(7 * 4, 2))
+            return Net()
     '''))
     tokens = [[1] * (i % 5 + 1) for i in range(40)]
-    pq.write_table(pa.table({"tokens": tokens, "y": [i % 2 for i in range(40)]}), tmp_path / "train.parquet")
-    pq.write_table(pa.table({"tokens": [[2] * 7, [3]], "y": [0, 1]}), tmp_path / "val.parquet")
+    query = [[2] * (i % 3 + 1) for i in range(40)]
+    pq.write_table(pa.table({"tokens": tokens, "query": query, "y": [i % 2 for i in range(40)]}),
+                   tmp_path / "train.parquet")
+    pq.write_table(pa.table({"tokens": [[2] * 7, [3]], "query": [[1], [1]], "y": [0, 1]}), tmp_path / "val.parquet")
     try:
         job = JobConfig.load(None, {"model.factory": "seqnet:build", "data.path": "train.parquet",
-                                    "data.val_path": "val.parquet", "data.input": "tokens", "data.target": "y",
-                                    "data.batch_size": 8})
-        plan = check_model_and_data(job)  # the 2-row check batch is 7 wide too, or the Linear would refuse it
-        assert plan.pad_to == 7
+                                    "data.val_path": "val.parquet", "data.input": ["tokens", "query"],
+                                    "data.target": "y", "data.batch_size": 8})
+        plan = check_model_and_data(job)  # the 2-row check batch has these widths too, or the Linear refuses it
+        assert plan.pad_widths == {"tokens": 7, "query": 3}
         job = resolved(job, 2, False, False, plan)
-        assert job.data.pad_to == 7
-        assert read_columns("train.parquet", column_spec(job))[0].shape == (40, 7)
-        assert one_batch(job, plan.spec)[0].shape == (2, 7)
+        assert job.data.pad_widths == {"tokens": 7, "query": 3}
+        x = read_columns("train.parquet", column_spec(job))[0]
+        assert x["tokens"].shape == (40, 7) and x["query"].shape == (40, 3)
+        assert one_batch(job, plan.spec)[0]["tokens"].shape == (2, 7)
+        assert JobConfig.from_dict(job.to_dict()).data.pad_widths == {"tokens": 7, "query": 3}  # saved, read back
     finally:
         sys.modules.pop("seqnet", None)
 
@@ -206,7 +220,14 @@ def test_python_api_records_what_it_cannot_import_as_by_value(tmp_path):
                          (functools.partial(torch.nn.functional.cross_entropy, label_smoothing=0.1), "partial")):
         job, objects = {"model": {}}, {}
         _code(value, "model.loss", job, objects)
-        assert job["model"]["loss"] == f"ampray_by_value:{label}" and objects["model.loss"] is value
+        assert job["model"]["loss"].startswith(f"ampray_by_value:{label}_") and objects["model.loss"] is value
+    # Two partials of one function record different names: a rerun with the other is refused, not resumed.
+    names = []
+    for smoothing in (0.0, 0.3):
+        job = {"model": {}}
+        _code(functools.partial(torch.nn.functional.cross_entropy, label_smoothing=smoothing), "model.loss", job, {})
+        names.append(job["model"]["loss"])
+    assert names[0] != names[1]
     job, objects = {"model": {}}, {}
     _code(torch.nn.functional.cross_entropy, "model.loss", job, objects)
     assert job["model"]["loss"] == "torch.nn.functional:cross_entropy" and not objects
@@ -219,3 +240,24 @@ def test_python_api_records_what_it_cannot_import_as_by_value(tmp_path):
 def test_a_by_value_path_in_a_job_file_is_refused_with_the_fix(project, capsys):
     err = _fails(capsys, "--model.loss", "ampray_by_value:loss")
     assert "was handed to ampray.fit by value" in err
+
+
+def test_a_rerun_pads_as_its_checkpoint_was_trained(tmp_path):
+    """A new held-out set with shorter rows keeps the trained width (a changed width would change the model's
+    input); one with longer rows than the run was trained with is refused, naming the column."""
+    import json
+
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import DataPlan, keep_trained_widths
+
+    job = JobConfig.load(None, {"run.name": "r", "run.storage_path": str(tmp_path)})
+    checkpoint = tmp_path / "r" / "checkpoint_000010"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "r" / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": checkpoint.name}}))
+    (checkpoint / "job.toml").write_text('[data]\npad_widths = { tokens = 9 }\n')
+    plan = DataPlan(None, 10, 0, ["tokens", "y"], (), {"tokens": 7})
+    keep_trained_widths(job, plan)
+    assert plan.pad_widths == {"tokens": 9}
+    with pytest.raises(Exception, match="column 'tokens' now has rows of 12 entries.*padded to 9"):
+        keep_trained_widths(job, DataPlan(None, 10, 0, ["tokens", "y"], (), {"tokens": 12}))
