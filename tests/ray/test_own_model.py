@@ -115,7 +115,7 @@ def test_python_api_with_functions_and_a_table(ray_address, project):
                                    "run.report_every": 10, "run.checkpoint_every": 30, "run.name": "api",
                                    "run.storage_path": str(project / "runs"), "run.address": ray_address,
                                    "data.batch_size": 32, "optimizer.lr": 0.01})
-    assert result.job.model.factory == "mynets:build" and result.job.model.loss == "ampray_by_value:loss"
+    assert result.job.model.factory == "mynets:build" and result.job.model.loss.startswith("ampray_by_value:loss_")
     assert result.checkpoint is not None and Path(result.checkpoint, "state.pt").is_file()
     assert result.metrics["val/loss/mean"] < math.log(4) and set(result.per_rank) == {0, 1}
     assert Path(result.job.data.path).is_file()  # the table, written into the run's folder
