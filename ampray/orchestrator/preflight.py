@@ -161,8 +161,13 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
 def keep_trained_widths(job: JobConfig, plan: DataPlan) -> None:
     """A rerun pads as its checkpoint was trained: the widths found now (a new held-out set may be longer
     or shorter) give way to the checkpoint's, unless a row no longer fits them (ConfigError)."""
-    checkpoint = latest_checkpoint(job.run_dir())
-    if checkpoint is None or job.data.pad_to or not plan.pad_widths:
+    if job.data.pad_to or not plan.pad_widths:
+        return
+    try:
+        checkpoint = latest_checkpoint(job.run_dir())
+    except ConfigError:
+        return  # check_resume reports an unreadable checkpoint list, after make_run_dir's own checks
+    if checkpoint is None:
         return
     try:
         saved = tomllib.loads((checkpoint / "job.toml").read_text()).get("data", {}).get("pad_widths") or {}
