@@ -51,7 +51,7 @@ def load_train_and_val(job: JobConfig, spec: ModelSpec) -> tuple[tuple[Any, Any]
         rows = spec.synthetic(job.model.options, d.num_samples, d.seed)
     if d.val_fraction:
         return holdout(*rows, d.val_fraction, d.seed)
-    return rows, (load_rows(job, spec, d.val_path) if d.val_path else None)
+    return rows, load_val(job, spec)
 
 
 def load_val(job: JobConfig, spec: ModelSpec) -> tuple[Any, Any] | None:

@@ -181,6 +181,11 @@ def _ray_value_type(t: pa.ExtensionType) -> pa.DataType:
     return storage["data"].type.value_type if pa.types.is_struct(storage) else storage.value_type
 
 
+def is_variable_list(t: pa.DataType) -> bool:
+    """A list column whose rows may differ in length (padded when decoded)."""
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
 def supported(t: pa.DataType) -> bool:
     """Whether a column of type `t` decodes into a tensor (see the module's table)."""
     if _is_ray_tensor(t):

@@ -187,7 +187,7 @@ def _longest_rows(job: JobConfig) -> dict[str, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from ampray.data.columns import parquet_files
+    from ampray.data.columns import is_variable_list, parquet_files
 
     longest: dict[str, int] = {}
     for path in (job.data.path, job.data.val_path):
@@ -195,19 +195,13 @@ def _longest_rows(job: JobConfig) -> dict[str, int]:
             continue
         for file in parquet_files(Path(path).expanduser()):
             schema = pq.read_schema(file)
-            names = [n for n in job.data.read_columns if pa_is_variable_list(schema.field(n).type)]
+            names = [n for n in job.data.read_columns if is_variable_list(schema.field(n).type)]
             if names:
                 table = pq.read_table(file, columns=names)
                 for name in names:
                     rows = int(pc.max(pc.list_value_length(table.column(name))).as_py() or 0)
                     longest[name] = max(longest.get(name, 0), rows)
     return longest
-
-
-def pa_is_variable_list(t) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
 def _decoded_bytes(job: JobConfig, rows: int) -> int:

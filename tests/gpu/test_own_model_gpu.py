@@ -11,15 +11,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def gpu_cluster():
-    from ampray.orchestrator.train import init_ray
-
-    init_ray("")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("dtype,streaming", [("fp16", "false"), ("bf16", "false"), ("fp16", "true")])
 def test_own_model_on_every_gpu(gpu_cluster, tmp_path, monkeypatch, dtype, streaming):
     from ampray.actors.aggregator import read_scalars

@@ -9,15 +9,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def gpu_cluster():
-    from ampray.orchestrator.train import init_ray
-
-    init_ray("")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("dtype,compile", [("bf16", False), ("fp16", False), ("fp16", True)])
 def test_train_gpt_on_every_gpu(gpu_cluster, tmp_path, dtype, compile):
     from ampray.actors.aggregator import read_scalars
