@@ -34,6 +34,7 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 OOMPolicy = Literal["raise", "skip", "split"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 CollapsePolicy = Literal["raise", "fallback_bf16"]
+HysteresisRefill = Literal["clean", "growth"]
 
 
 class ConfigError(ValueError):
@@ -163,7 +164,11 @@ class MixedPrecisionConfig:
     save_scaler_state: bool = True
     """Include the scaler in state_dict() so that a resumed run continues the same scale trajectory."""
     hysteresis: int = 1
-    """Consecutive overflowing steps before the scale backs off; 1 is GradScaler's behaviour."""
+    """Overflowing steps in a row before the scale backs off; once spent, every further overflow backs off
+    until the budget is refilled (see hysteresis_refill); 1 is GradScaler's behaviour."""
+    hysteresis_refill: HysteresisRefill = "clean"
+    """When a spent hysteresis budget is refilled: "clean" on the next clean step (DeepSpeed's
+    consecutive_hysteresis), or "growth" only when the scale grows (Megatron-LM's DynamicGradScaler)."""
     min_scale: float = 1.0
     """Floor of the loss scale; backoff never goes below it."""
     max_scale: float = 2.0**24
@@ -221,6 +226,7 @@ class MixedPrecisionConfig:
         _check_choice(owner, "oom_policy", self.oom_policy, ("raise", "skip", "split"))
         _check_choice(owner, "nonfinite_loss_policy", self.nonfinite_loss_policy, ("raise", "skip", "ignore"))
         _check_choice(owner, "collapse_policy", self.collapse_policy, ("raise", "fallback_bf16"))
+        _check_choice(owner, "hysteresis_refill", self.hysteresis_refill, ("clean", "growth"))
         for pattern in self.fp32_modules:
             if not isinstance(pattern, str) or not pattern:
                 _fail(owner, "fp32_modules", self.fp32_modules, "a list of non-empty name patterns or class names")

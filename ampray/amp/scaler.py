@@ -2,6 +2,10 @@
 
 What it adds to `torch.amp.GradScaler`:
 - hysteresis: the scale backs off only after `hysteresis` overflowing steps in a row (1 = GradScaler);
+  once that budget is spent, every further overflow backs off until a clean step refills it
+  (`hysteresis_refill="clean"`, DeepSpeed's rule) or until the scale grows ("growth", Megatron-LM's rule).
+  With hysteresis=2, refill "clean" and the pattern x x x . x x: 1024, 512, 256, 256, 256, 128;
+  refill "growth": 1024, 512, 256, 256, 128, 64;
 - `min_scale` / `max_scale`: backoff never goes below the floor, growth never above the ceiling;
 - settings (`growth_factor`, `backoff_factor`, `growth_interval`, `hysteresis`, floor, ceiling) can be
   changed while training without losing the growth tracker;
@@ -49,6 +53,7 @@ class LossScaler:
         self._hysteresis = int(config.hysteresis)
         self._min_scale = float(config.min_scale)
         self._max_scale = float(config.max_scale)
+        self.refill = config.hysteresis_refill
         self.use_graphs = self.device.type == "cuda" and os.environ.get("AMPRAY_SCALER_GRAPHS", "1") != "0"
         self._reset_tensors(self.init_scale)
 
@@ -65,6 +70,7 @@ class LossScaler:
         self._max_seen = torch.tensor(scale, **f32)
         self._found_inf = torch.zeros((), **f32)
         self._unscaled = False
+        self._done: set[int] = set()
         # The graph's inputs (copied in before each replay) and the captured updates, keyed by "has a
         # valid mask"; new state tensors mean new captures.
         self._in_found = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -139,25 +145,33 @@ class LossScaler:
     @torch.no_grad()
     def unscale_(self, grads: Iterable[torch.Tensor]) -> torch.Tensor:
         """Divide gradients by the scale in place; return `found_inf` (0-d float tensor, 1.0 if any
-        gradient is inf/NaN). Idempotent within one optimizer step."""
-        if not self.enabled or self._unscaled:
+        gradient unscaled since the last `update()` is inf/NaN).
+
+        A gradient already unscaled since the last update is not divided again, and calls with other
+        gradients (a second optimizer) unscale those and add to the same flag: one update then sees the
+        overflow of every optimizer. Sparse gradients are unscaled through their values, coalesced or
+        not (a view: the multiply distributes over duplicate indices)."""
+        if not self.enabled:
             return self._found_inf
-        self._found_inf.zero_()
+        if not self._unscaled:
+            self._found_inf.zero_()
+            self._done: set[int] = set()
         inv_scale = self._scale.double().reciprocal().float()
         by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         for g in grads:
-            if g.is_sparse:
-                g = g.coalesce()._values()
+            if id(g) in self._done:
+                continue
+            self._done.add(id(g))
             if g.dtype == torch.float16:
                 raise TypeError(
                     "LossScaler.unscale_: found an fp16 gradient; keep parameters in fp32 and let autocast "
                     "cast activations (call model.float() before training)")
-            by_device[(g.device, g.dtype)].append(g)
+            by_device[(g.device, g.dtype)].append(g._values() if g.is_sparse else g)
         for (device, _), group in by_device.items():
             found = self._found_inf if device == self.device else torch.zeros((), device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale.to(device))
             if found is not self._found_inf:
-                self._found_inf += found.to(self.device)
+                self._found_inf.copy_(torch.maximum(self._found_inf, found.to(self.device)))
         self._unscaled = True
         return self._found_inf
 
@@ -191,8 +205,9 @@ class LossScaler:
         if not self.dynamic:
             return
         scale = self._scale
-        left = self._hysteresis_left - found.long()
-        backoff = found & (left <= 0)
+        # The budget counts down on each overflow and stays spent (0): every further overflow backs off.
+        left = (self._hysteresis_left - found.long()).clamp(min=0)
+        backoff = found & (left == 0)
         tracker = torch.where(found, 0, self._growth_tracker + 1)
         grow = tracker >= self._growth_interval
         shrunk = (scale * self._backoff_factor).clamp(min=self._min_scale)
@@ -200,8 +215,8 @@ class LossScaler:
         new_scale = torch.where(backoff, shrunk, torch.where(grow, grown, scale))
         if valid is not None:
             grow = grow & valid
-        # A clean step or a backoff refills the hysteresis budget: only overflows *in a row* count.
-        _commit(self._hysteresis_left, torch.where(found & ~backoff, left, self._hysteresis), valid)
+        refill = grow if self.refill == "growth" else ~found
+        _commit(self._hysteresis_left, torch.where(refill, self._hysteresis, left), valid)
         _commit(self._growth_tracker, torch.where(grow, 0, tracker), valid)
         _commit(self._scale, new_scale, valid)
         self._backoffs += backoff
@@ -271,10 +286,12 @@ class LossScaler:
                            int(values[5]), values[6], values[7])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "dynamic": self.dynamic, **self.read().to_dict(), **self.settings()}
+        return {"enabled": self.enabled, "dynamic": self.dynamic, "hysteresis_refill": self.refill,
+                **self.read().to_dict(), **self.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.set(**{k: state[k] for k in SETTINGS if k in state})
+        self.refill = state.get("hysteresis_refill", self.refill)
         self._reset_tensors(float(state["scale"]))
         self._growth_tracker.fill_(int(state["growth_tracker"]))
         self._hysteresis_left.fill_(int(state["hysteresis_left"]))

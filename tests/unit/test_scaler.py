@@ -45,13 +45,80 @@ def test_hysteresis_one_matches_torch_gradscaler():
     assert ours_trackers == ref_trackers
 
 
-def test_hysteresis_backs_off_only_after_n_overflows_in_a_row():
+def test_hysteresis_backs_off_after_n_in_a_row_then_on_every_overflow_until_a_clean_step():
     s = LossScaler(MixedPrecisionConfig(init_scale=1024.0, hysteresis=3, growth_interval=100), "cpu")
-    # two overflows, a clean step (refills the budget), three overflows -> one backoff, then refilled
+    # two overflows, a clean step (refills the budget), three overflows -> the third backs off
     assert drive(s, "xx.xxx") == [1024.0, 1024.0, 1024.0, 1024.0, 1024.0, 512.0]
-    assert drive(s, "xxx") == [512.0, 512.0, 256.0]
+    # the budget is spent: every further overflow backs off (DeepSpeed's rule), not every third
+    assert drive(s, "xxx") == [256.0, 128.0, 64.0]
     st = s.read()
-    assert (st.overflows, st.backoffs, st.hysteresis_left) == (8, 2, 3)
+    assert (st.overflows, st.backoffs, st.hysteresis_left) == (8, 4, 0)
+    assert drive(s, ".xx") == [64.0, 64.0, 64.0]  # a clean step refilled all three
+    assert s.read().hysteresis_left == 1
+
+
+@pytest.mark.parametrize("refill, expected", [
+    ("clean", [1024.0, 512.0, 256.0, 256.0, 256.0, 128.0]),  # the README's example trajectories
+    ("growth", [1024.0, 512.0, 256.0, 256.0, 128.0, 64.0]),
+])
+def test_hysteresis_refill_rules(refill, expected):
+    s = LossScaler(MixedPrecisionConfig(init_scale=1024.0, hysteresis=2, hysteresis_refill=refill,
+                                        growth_interval=100), "cpu")
+    assert drive(s, "xxx.xx") == expected
+
+
+def test_megatron_rule_refills_on_growth_only():
+    s = LossScaler(MixedPrecisionConfig(init_scale=64.0, hysteresis=2, hysteresis_refill="growth",
+                                        growth_interval=2), "cpu")
+    # spend the budget; one clean step does not refill it; two make the scale grow, which does
+    assert drive(s, "xx.x") == [64.0, 32.0, 32.0, 16.0]
+    assert drive(s, "..x") == [16.0, 32.0, 32.0]  # grown, refilled: the next overflow is tolerated
+    assert s.read().hysteresis_left == 1
+
+
+def megatron_reference(pattern, scale, hysteresis, interval, growth=2.0, backoff=0.5, floor=1.0):
+    """Megatron-LM's DynamicGradScaler rule, written out from its documentation, for comparison."""
+    tracker, left, out = 0, hysteresis, []
+    for ch in pattern:
+        if ch == "x":
+            tracker, left = 0, left - 1
+            if left <= 0:
+                scale = max(scale * backoff, floor)
+        else:
+            tracker += 1
+            if tracker == interval:
+                tracker, left, scale = 0, hysteresis, scale * growth
+        out.append(scale)
+    return out
+
+
+def deepspeed_reference(pattern, scale, hysteresis, interval, growth=2.0, floor=1.0):
+    """DeepSpeed's DynamicLossScaler with consecutive_hysteresis=True, written out for comparison."""
+    cur_h, it, last_overflow, out = hysteresis, 0, -1, []
+    for ch in pattern:
+        if ch == "x":
+            if hysteresis == 1 or cur_h == 1:
+                scale = max(scale / growth, floor)
+            else:
+                cur_h -= 1
+            last_overflow = it
+        else:
+            cur_h = hysteresis
+            if (it - last_overflow) % interval == 0:
+                scale *= growth
+        it += 1
+        out.append(scale)
+    return out
+
+
+@pytest.mark.parametrize("hysteresis", [1, 2, 3])
+def test_trajectories_match_deepspeed_and_megatron_rules(hysteresis):
+    pattern = "..xxxx...x.x....xxx.xx..........x" * 2
+    ds = LossScaler(MixedPrecisionConfig(init_scale=2.0**10, hysteresis=hysteresis, growth_interval=4), "cpu")
+    assert drive(ds, pattern) == deepspeed_reference(pattern, 2.0**10, hysteresis, 4)
+    mg = LossScaler(MixedPrecisionConfig(init_scale=2.0**10, hysteresis=hysteresis, hysteresis_refill="growth",
+                                         growth_interval=4), "cpu")
+    assert drive(mg, pattern) == megatron_reference(pattern, 2.0**10, hysteresis, 4)
 
 
 def test_floor_and_ceiling_hold():
@@ -103,3 +170,23 @@ def test_unscale_divides_and_flags():
     found = s.unscale_([g])
     assert g.tolist() == [2.0, 1.0] and found.item() == 0.0
     assert s.unscale_([g]) is found and g.tolist() == [2.0, 1.0]  # idempotent within a step
+
+
+def test_unscale_for_a_second_optimizer_unscales_its_gradients_and_adds_its_overflow():
+    s = LossScaler(MixedPrecisionConfig(init_scale=4.0), "cpu")
+    a, b = torch.tensor([8.0]), torch.tensor([INF, 4.0])
+    assert s.unscale_([a]).item() == 0.0
+    found = s.unscale_([b, a])  # a second optimizer's gradients (and one shared, not divided twice)
+    assert a.tolist() == [2.0] and b[1].item() == 1.0 and found.item() == 1.0
+    s.update()
+    assert s.read().scale == 2.0
+
+
+def test_unscale_sparse_gradients_in_place_coalesced_or_not():
+    s = LossScaler(MixedPrecisionConfig(init_scale=4.0), "cpu")
+    idx = torch.tensor([[0, 2, 0]])  # index 0 twice: uncoalesced, as autograd makes embedding gradients
+    g = torch.sparse_coo_tensor(idx, torch.tensor([[4.0], [8.0], [12.0]]), (3, 1))
+    assert not g.is_coalesced()
+    assert s.unscale_([g]).item() == 0.0
+    assert g._values().flatten().tolist() == [1.0, 2.0, 3.0]  # the caller's tensor, not a copy
+    assert g.to_dense().flatten().tolist() == [4.0, 0.0, 2.0]
