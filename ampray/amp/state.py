@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 _HOST_FIELDS = ("training_steps", "optimizer_steps", "skipped_steps", "samples", "oom_events",
-                "oom_skipped_batches", "oom_split_retries", "max_chunk", "micro_in_window",
+                "oom_skipped_batches", "oom_split_retries", "pieces", "micro_in_window",
                 "overflows_at_floor")
 
 
@@ -24,6 +24,8 @@ class TrainerCounters:
         self.device = device
         for name in _HOST_FIELDS:
             setattr(self, name, 0)
+        self.pieces = 1  # the OOM policy's split of each micro-batch (a power of two)
+        self.present: list[int] | None = None  # agreed gradient presence (OOM-safe path under DDP)
         self.host_time_s = 0.0
         self.wall_time_before_s = 0.0  # wall time of earlier sessions of a resumed run
         self._t_start: float | None = None
@@ -96,7 +98,7 @@ class TrainerCounters:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in _HOST_FIELDS:
-            setattr(self, name, int(state[name]))
+            setattr(self, name, int(state.get(name, 1 if name == "pieces" else 0)))
         self.host_time_s = float(state["host_time_s"])
         self.wall_time_before_s = float(state.get("wall_time_s", 0.0))
         self._t_start = None

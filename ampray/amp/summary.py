@@ -43,7 +43,7 @@ def performance_summary(trainer: "MixedPrecisionTrainer") -> dict[str, Any]:
         mean_loss=c["loss_sum"] / c["loss_count"] if c["loss_count"] else float("nan"),
         wall_time_s=c["wall_time_s"],
         host_time_s=c["host_time_s"],
-        oom_max_chunk=c["max_chunk"] or None,
+        oom_pieces=c["pieces"],
     )
     scaler_info = scaler.to_dict()
     scaler_info.update(

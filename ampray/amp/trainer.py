@@ -1,11 +1,21 @@
 """MixedPrecisionTrainer: one `train_step` that does autocast, loss scaling, accumulation, clipping and the
 OOM / non-finite / scale-collapse policies, with counters and state that resume exactly.
 
-Host-device synchronisation (see `stepping.py`): none on accumulation micro-steps; none on optimizer
-steps with an optimizer that takes `found_inf` (fused Adam/AdamW/SGD: the skip happens on the device,
+The trainer is a composition: a `LossScaler` (the scale and its rules), `TrainerCounters`, an
+`OptimizerStep` (owns the optimizer step and the overflow attribution, `stepper.py`), the policies
+called at named events (`policies.py` lists them) and a `Consensus` over the model's process group
+(`consensus.py`: why every rank decides the same, and the two decisions that need a collective).
+
+Host-device synchronisation (see `stepper.py`): none on accumulation micro-steps; none on optimizer
+steps with optimizers that take `found_inf` (fused Adam/AdamW/SGD: the skip happens on the device,
 the bookkeeping one step later); one per optimizer step otherwise, the same one `GradScaler.step` makes,
 and none at all for unscaled runs with `nonfinite_loss_policy="ignore"` and no clipping. Loss sums and
-scaler counters stay on the device until a summary or `state_dict()` reads them."""
+scaler counters stay on the device until a summary or `state_dict()` reads them. Under a process group,
+`oom_policy="skip"`/`"split"` add two flag all-reduces per piece (see `consensus.py`).
+
+An OOM under "split" cuts the micro-batch into pieces: the failing piece is retried as two halves, and
+every later micro-batch is cut into as many pieces as the smallest one that was needed (a power of two,
+the same number on every rank whatever its batch size)."""
 
 from __future__ import annotations
 
@@ -21,23 +31,29 @@ from torch import nn
 
 from ampray.amp.autocast import Fp32Islands, autocast_supported, default_device
 from ampray.amp.config import MixedPrecisionConfig, dtype_name, parse_dtype
+from ampray.amp.consensus import Consensus
 from ampray.amp.memory import memory_stats
+from ampray.amp.policies import OOM, Collapse, NonFiniteLoss, NonFiniteLossError, ScaleCollapseError  # noqa: F401
 from ampray.amp.records import MemoryStats, ScalerState, StepStats
 from ampray.amp.scaler import LossScaler
-from ampray.amp.stepping import NonFiniteLossError, ScaleCollapseError, StepMixin  # noqa: F401
 from ampray.amp.state import TrainerCounters, atomic_save, count_params, estimate_memory_savings
+from ampray.amp.stepper import OptimizerStep, StepResult
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-class _WindowPoisoned(Exception):
-    """An OOM struck mid-backward after gradients had been accumulated: this window cannot be exact."""
+class _WindowDropped(Exception):
+    """The OOM policy dropped this accumulation window (on every rank): its optimizer step is skipped."""
 
 
-class MixedPrecisionTrainer(StepMixin):
-    """Mixed-precision training engine: `prepare_model`, then `train_step` per batch."""
+class MixedPrecisionTrainer:
+    """Mixed-precision training engine: `prepare_model`, then `train_step` per batch.
 
-    def __init__(self, config: MixedPrecisionConfig | None = None, device: torch.device | str | None = None):
+    `process_group`: the group whose ranks must decide alike; "auto" takes a DDP/FSDP-wrapped model's,
+    None means this process alone."""
+
+    def __init__(self, config: MixedPrecisionConfig | None = None, device: torch.device | str | None = None,
+                 process_group: Any = "auto"):
         # A copy: adaptation and retune change the engine's settings, never the caller's config object.
         self.config = copy.deepcopy(config) if config is not None else MixedPrecisionConfig()
         self.device = torch.device(device) if device is not None else default_device()
@@ -47,11 +63,28 @@ class MixedPrecisionTrainer(StepMixin):
                              f"device={self.device}; use fp16 on CUDA, bf16 on Ampere+/CPU, or fp32")
         self.scaler = LossScaler(self.config, self.device)
         self.counters = TrainerCounters(self.device)
-        self._init_stepping()
+        self.stepper = OptimizerStep(self)
+        self.scale_history: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self._build_policies()
+        self._process_group = process_group
+        self.consensus: Consensus | None = None  # resolved from the first model trained
+        self._engine_reduces = False
         self._islands = Fp32Islands(self.config.fp32_modules, self.device.type)
         self._prepared: set[int] = set()
         self._last_scale = self.scaler.init_scale
         self._num_params = 0
+        self._flags = {v: torch.tensor(v, device=self.device) for v in (False, True)}
+        self._scale_after = torch.tensor(self._last_scale, device=self.device)
+
+    def _build_policies(self) -> None:
+        self.oom = OOM(self.config.oom_policy)
+        self.nonfinite = NonFiniteLoss(self.config.nonfinite_loss_policy)
+        self.collapse = Collapse()
+
+    def booked_policies(self) -> list:
+        """The policies called at the `booked` event (see policies.py), in order."""
+        return [self.collapse]
 
     # -- setup ------------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -68,9 +101,21 @@ class MixedPrecisionTrainer(StepMixin):
         if id(model) not in self._prepared:
             self._prepared.add(id(model))
             self._num_params = count_params(model)
-            self._index_params(model)
+            self.stepper.attribution.index(model)
             if self.config.fp32_modules:
                 self._islands.attach(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Resolve the process group on the first step, and check what the OOM-safe path cannot do."""
+        self.consensus = Consensus.resolve(model, self._process_group)
+        self._engine_reduces = self.consensus.active and self.oom.collective and hasattr(model, "no_sync")
+        if self._engine_reduces and any(getattr(m, "sparse", False) for m in model.modules()
+                                        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))):
+            from ampray.amp.config import ConfigError
+
+            raise ConfigError(f"MixedPrecisionConfig.oom_policy={self.config.oom_policy!r} is not allowed with "
+                              "sparse embeddings under DDP (the engine all-reduces dense gradients on that "
+                              "path); use oom_policy='raise' or nn.Embedding(sparse=False)")
 
     def build_optimizer(self, model: nn.Module, name: str = "adamw", lr: float = 1e-3, **kwargs: Any):
         """Adam/AdamW/SGD; fused on CUDA when memory_efficient (one kernel per step, no per-param loop)."""
@@ -87,11 +132,16 @@ class MixedPrecisionTrainer(StepMixin):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     # -- the step --------------------------------------------------------------------------------
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
-                   data: Any, target: Any, scheduler: Any = None) -> dict[str, Any]:
-        """One micro-batch; the optimizer steps on every `gradient_accumulation_steps`-th call."""
+    def train_step(self, model: nn.Module, optimizer: Any, criterion: Callable, data: Any, target: Any,
+                   scheduler: Any = None) -> StepResult:
+        """One micro-batch; the optimizers step on every `gradient_accumulation_steps`-th call.
+
+        `optimizer` (and `scheduler`) may be one or a list: they share one skip decision and one scale."""
         t0 = time.perf_counter()
         self._attach(model)
+        if self.consensus is None:
+            self._bind(model)
+        optimizers, schedulers = _as_list(optimizer), _as_list(scheduler)
         self.counters.mark_start()
         c, k = self.counters, self.config.gradient_accumulation_steps
         c.micro_in_window += 1
@@ -99,74 +149,161 @@ class MixedPrecisionTrainer(StepMixin):
         data, target = to_device(data, self.device), to_device(target, self.device)
         try:
             loss = self._forward_backward(model, criterion, data, target, 1.0 / k, boundary)
-            c.add_loss(loss, check=self.config.nonfinite_loss_policy != "ignore")
-        except _WindowPoisoned:
+            c.add_loss(loss, check=self.nonfinite.checked)
+        except _WindowDropped:
             loss = torch.full((), math.nan, device=self.device)
             c.window_poisoned = True
         c.training_steps += 1
         c.samples += _batch_size(data)
-        out: dict[str, Any] = {"loss": loss, "scale": self._last_scale, "skipped": False,
-                               "optimizer_stepped": False, "is_boundary": boundary}
+        scale = self._scale_after
+        out = StepResult(loss=loss, is_boundary=boundary, optimizer_stepped=self._flags[False],
+                         skipped=self._flags[False], scale=scale, scale_used=scale)
         if boundary:
-            out.update(self._optimizer_step(model, optimizer, scheduler))
+            done = self.stepper(model, optimizers, schedulers)
+            self._scale_after = self.scaler.scale_tensor.clone() if self.scaler.enabled else self._flags_one()
+            done.setdefault("scale_used", scale)
+            for name, value in done.items():
+                setattr(out, name, value)
+            out.scale = self._scale_after
         c.mark_end()
-        out["step_time_s"] = time.perf_counter() - t0  # host time: launch time where nothing waited
-        c.host_time_s += out["step_time_s"]
+        out.step_time_s = time.perf_counter() - t0  # host time: launch time where nothing waited
+        c.host_time_s += out.step_time_s
         return out
 
-    def _forward_backward(self, model, criterion, data, target, weight: float, boundary: bool) -> torch.Tensor:
-        """Forward and backward over the micro-batch (in chunks once OOM splitting has been needed)."""
-        return self._span(model, criterion, data, target, 0, _batch_size(data), weight, boundary)
+    def flag(self, value: bool) -> torch.Tensor:
+        """A 0-d bool device tensor for a value known on the host (shared: read it, do not write it)."""
+        return self._flags[bool(value)]
 
-    def _span(self, model, criterion, data, target, start, stop, weight, sync) -> torch.Tensor:
-        """Rows [start, stop) in chunks of at most `max_chunk` rows (re-read after each chunk: an OOM
-        inside one shrinks the chunks that follow it too)."""
-        n, c, losses = _batch_size(data), self.counters, []
-        while start < stop:
-            end = min(stop, start + c.max_chunk) if c.max_chunk else stop
-            losses.append(self._chunk(model, criterion, data, target, start, end, n, weight, sync and end == stop))
-            start = end
+    def _flags_one(self) -> torch.Tensor:
+        return torch.ones((), device=self.device)
+
+    def end_window(self, optimizers: list) -> None:
+        self.counters.end_window()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=self.config.memory_efficient)
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """The OOM-safe path under DDP: backward ran under no_sync; average the gradients now."""
+        if self._engine_reduces:
+            module = model.module
+            self.consensus.average_gradients(module, self.counters.present)
+            if getattr(model, "broadcast_buffers", False):
+                self.consensus.broadcast_buffers(module)
+
+    def _forward_backward(self, model, criterion, data, target, weight: float, boundary: bool) -> torch.Tensor:
+        """Forward and backward over the micro-batch, piece by piece once the OOM policy has split it."""
+        n, c = _batch_size(data), self.counters
+        # Under a process group every rank cuts the same number of pieces (some may be empty).
+        empty_ok = self._agreeing()
+        queue = [(a, b, c.pieces) for a, b in piece_bounds(n, c.pieces, empty_ok)]
+        losses = []
+        while queue:
+            start, stop, level = queue.pop(0)
+            if level < c.pieces and stop - start > 1:  # a split learnt meanwhile applies to the rest too
+                queue[:0] = [(start + a, start + b, c.pieces)
+                             for a, b in piece_bounds(stop - start, c.pieces // level, empty_ok)]
+                continue
+            loss = self._piece(model, criterion, data, target, start, stop, n, weight, boundary and not queue,
+                               level)
+            if loss is None:  # split: retry as two halves, each its own piece
+                mid = (start + stop + 1) // 2
+                queue[:0] = [(start, mid, 2 * level), (mid, stop, 2 * level)]
+            else:
+                losses.append(loss)
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
-    def _chunk(self, model, criterion, data, target, start, stop, n, weight, sync) -> torch.Tensor:
-        """Run rows [start, stop); on OOM apply the policy (retry halves, skip, or raise)."""
-        c, policy = self.counters, self.config.oom_policy
+    def _piece(self, model, criterion, data, target, start, stop, n, weight, sync, level):
+        """Rows [start, stop): forward, agree, backward, agree. Returns the piece's weighted loss, or None
+        when the ranks agreed to split it; raises _WindowDropped when they agreed to drop the window."""
+        c, raising = self.counters, self.oom.kind == "raise"
         frac = (stop - start) / n
-        phase = "forward"
-        try:
-            x, y = _rows(data, start, stop), _rows(target, start, stop)
-            # Only the last chunk of the last micro-step all-reduces gradients under DDP.
-            no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with no_sync, self._islands.guard():
+        if stop == start:  # an empty piece (a smaller batch than another rank's): it only takes part
+            if self._agree(False, 0):
+                return self._after_oom(model, "forward", False, 0, level)
+            if self._agree_with_presence(model, False, 0) if sync and self._engine_reduces else self._agree(False, 0):
+                return self._after_oom(model, "backward", False, 0, level)
+            c.grads_dirty = True  # as on the ranks whose piece had rows: the same decisions follow
+            return torch.zeros((), device=self.device)
+        no_sync = model.no_sync() if hasattr(model, "no_sync") and (not sync or self._engine_reduces) \
+            else contextlib.nullcontext()
+        failed = False
+        with no_sync, self._islands.guard():
+            loss = None
+            try:
+                x, y = _rows(data, start, stop), _rows(target, start, stop)
                 with self.autocast():
                     loss = criterion(model(x), y)
-                phase = "backward"
-                w = weight * frac
-                self.scaler.scale(loss if w == 1.0 else loss.float() * w).backward()
-            c.grads_dirty = True
-            loss = loss.detach().float()
-            return loss if frac == 1.0 else loss * frac
-        except OutOfMemoryError:
-            c.oom_events += 1
-            if policy == "raise":
-                raise
-        # Out of the except block: the traceback (and the activations it pins) is released.
+            except OutOfMemoryError:
+                if raising:
+                    raise
+                failed = True
+            # Out of the except block: the traceback (and the activations it pins) is released.
+            if self._agree(failed, stop - start):
+                del loss
+                return self._after_oom(model, "forward", failed, stop - start, level)
+            factor = self.scaler.scale_tensor if self.scaler.enabled else 1.0
+            w = weight * frac
+            if w != 1.0:
+                factor = factor * w
+            try:
+                factor, _ = self.nonfinite.backward_factor(loss, factor)
+                (loss.float() * factor if torch.is_tensor(factor) or factor != 1.0 else loss).backward()
+            except OutOfMemoryError:
+                if raising:
+                    raise
+                failed = True
+            if sync and self._engine_reduces:
+                oom_any = self._agree_with_presence(model, failed, stop - start)
+            else:
+                oom_any = self._agree(failed, stop - start)
+            if oom_any:
+                del loss
+                return self._after_oom(model, "backward", failed, stop - start, level)
+        c.grads_dirty = True
+        loss = loss.detach().float()
+        return loss if frac == 1.0 else loss * frac
+
+    def _agreeing(self) -> bool:
+        return self.oom.collective and self.consensus.active
+
+    def _agree(self, failed: bool, rows: int) -> bool:
+        """Whether any rank ran out of memory in this piece; notes whether the failing pieces can split
+        (a piece of one row cannot)."""
+        if not self._agreeing():
+            self._splittable = rows > 1
+            return failed
+        any_failed, stuck = self.consensus.max([int(failed), int(failed and rows < 2)])
+        self._splittable = not stuck
+        return bool(any_failed)
+
+    def _agree_with_presence(self, model, failed: bool, rows: int) -> bool:
+        """_agree for the window's last piece on the OOM-safe DDP path, which also agrees on which
+        parameters have a gradient on some rank (the engine's all-reduce needs the same list everywhere)."""
+        present = [int(p.grad is not None) for p in model.parameters() if p.requires_grad]
+        flags = self.consensus.max([int(failed), int(failed and rows < 2)] + present)
+        self.counters.present, self._splittable = flags[2:], not flags[1]
+        return bool(flags[0])
+
+    def _after_oom(self, model, phase: str, here: bool, rows: int, level: int) -> None:
+        """Apply the OOM policy to a piece that failed (here or on another rank)."""
+        c = self.counters
+        c.oom_events += int(here)
         _free_memory(self.device)
-        if policy == "split" and stop - start > 1:
-            # Whatever happens to this window, later chunks are at most half the size that failed.
-            c.max_chunk = (stop - start + 1) // 2
+        decision = self.oom.decide(self._splittable)
+        if decision == "split":
+            c.pieces = max(c.pieces, 2 * level)  # later micro-batches start at the size that is retried
         if phase == "backward" and c.grads_dirty:
-            # Earlier chunks' gradients are mixed with partial sums of this one: not recoverable exactly.
+            # Earlier pieces' gradients are mixed with partial sums of this one: not recoverable exactly.
             c.oom_skipped_batches += 1
-            raise _WindowPoisoned()
+            raise _WindowDropped()
         if phase == "backward":
             for p in model.parameters():
                 p.grad = None  # a partial backward left partial sums; nothing else was accumulated yet
-        if policy == "skip" or stop - start == 1:
+        if decision == "drop":
             c.oom_skipped_batches += 1
-            raise _WindowPoisoned()
+            raise _WindowDropped()
         c.oom_split_retries += 1
-        return self._span(model, criterion, data, target, start, stop, weight, sync)
+        return None
 
     # -- settings changed while training (adaptation, PBT) ----------------------------------------
     def update_scaler_settings(self, **changes: Any) -> dict[str, tuple[Any, Any]]:
@@ -205,19 +342,45 @@ class MixedPrecisionTrainer(StepMixin):
                                 "reason": reason, "changes": {k: [b, a] for k, (b, a) in diff.items()}})
         return diff
 
+    # -- what the policies read and change ---------------------------------------------------------
+    @property
+    def last_scale(self) -> float:
+        """The scale of the latest booked optimizer step, on the host."""
+        return self._last_scale
+
+    @property
+    def offenders(self):
+        """Overflowing steps per parameter name (reads the device counters)."""
+        return self.stepper.attribution.read()
+
+    def note_scale(self, scale: float, step: int) -> None:
+        """Record a scale change seen at `step` (the update of the step before made it)."""
+        if scale != self._last_scale and self.config.log_scaling:
+            reason = "growth" if scale > self._last_scale else "backoff"
+            self.scale_history.append({"optimizer_step": step - 1, "old": self._last_scale, "new": scale,
+                                       "reason": reason})
+        self._last_scale = scale
+
+    def fall_back_to_bf16(self) -> None:
+        """The collapse policy's fallback: autocast to bf16 from the next step on, without loss scaling."""
+        self.amp_dtype = torch.bfloat16
+        self.scaler.disable()
+        self._last_scale = 1.0
+        self._scale_after = self._flags_one()
+
     # -- summaries and state ---------------------------------------------------------------------
     def get_performance_summary(self) -> dict[str, Any]:
         """Counters, scaler, memory and estimates; reads device counters (one sync)."""
         from ampray.amp.summary import performance_summary
 
-        self._settle()
+        self.stepper.settle()
         return performance_summary(self)
 
     def records(self) -> tuple["StepStats", "ScalerState", "MemoryStats"]:
         """The typed records a report sends: counters, scaler, memory (one sync)."""
         from ampray.amp.summary import step_stats
 
-        self._settle()
+        self.stepper.settle()
         return step_stats(self), self.scaler.read(), memory_stats(self.device)
 
     def memory(self) -> dict[str, Any]:
@@ -227,7 +390,7 @@ class MixedPrecisionTrainer(StepMixin):
         return estimate_memory_savings(self.amp_dtype, self._num_params)
 
     def state_dict(self) -> dict[str, Any]:
-        self._settle()
+        self.stepper.settle()
         state = {
             "config": self.config.to_dict(),
             "amp_dtype": dtype_name(self.amp_dtype),
@@ -252,10 +415,12 @@ class MixedPrecisionTrainer(StepMixin):
             self.scaler.dynamic = bool(state["scaler"]["dynamic"])
         self.scaler.enabled = bool(state["scaler_enabled"])
         self.counters.load_state_dict(state["counters"])
-        self._load_offenders(state["offenders"])
+        self.stepper.attribution.load(state["offenders"])
+        self._build_policies()
         self.scale_history = list(state["scale_history"])
         self.events = list(state["events"])
         self._last_scale = float(state["last_scale"])
+        self._scale_after = self.scaler.scale_tensor.clone() if self.scaler.enabled else self._flags_one()
 
     def save_scaler_state(self, path) -> None:
         """Write the engine state to `path`; `torch.load(path, weights_only=True)` reads it."""
@@ -263,6 +428,19 @@ class MixedPrecisionTrainer(StepMixin):
 
     def load_scaler_state(self, path) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def piece_bounds(n: int, pieces: int, empty_ok: bool = False) -> list[tuple[int, int]]:
+    """Rows [start, stop) of each of `pieces` near-equal pieces of an n-row batch (no empty piece unless
+    `empty_ok`: then always `pieces` of them, as every rank of a group must cut)."""
+    pieces = max(1, pieces if empty_ok else min(pieces, n))
+    return [(i * n // pieces, (i + 1) * n // pieces) for i in range(pieces)]
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def to_device(value: Any, device: torch.device) -> Any:

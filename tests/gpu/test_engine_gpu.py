@@ -10,7 +10,7 @@ from torch import nn
 
 from ampray import benchmark_mixed_precision
 from ampray.amp.config import MixedPrecisionConfig
-from ampray.amp.trainer import MixedPrecisionTrainer
+from ampray.amp.trainer import MixedPrecisionTrainer, piece_bounds
 from ampray.data.synthetic import SyntheticConfig, make_dataset
 from ampray.models import build_criterion, build_model, example_batch
 
@@ -86,21 +86,20 @@ def test_real_oom_is_split_and_training_continues():
     # gradients; that window is dropped (not applied wrongly). Later batches start at the learnt size.
     perf = eng.get_performance_summary()["performance"]
     assert perf["oom_events"] >= 1 and perf["oom_split_retries"] >= 1
-    chunk = perf["oom_max_chunk"]
-    assert chunk is not None and chunk < rows
+    assert perf["oom_pieces"] >= 2
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):  # every failure halves the chunk: a step applies within a few batches
         out = eng.train_step(model, opt, F.cross_entropy, x, y)
-        if not out["skipped"]:
+        if not out.skipped:
             break
-    assert out["skipped"] is False
+    assert not out.skipped
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    chunk, events = eng.counters.max_chunk, eng.counters.oom_events
+    pieces, events = eng.counters.pieces, eng.counters.oom_events
     with torch.no_grad(), eng.autocast():
-        ref = sum(F.cross_entropy(model[2](model[1](model[0](x[i:i + chunk]))), y[i:i + chunk]).float()
-                  * (min(chunk, rows - i) / rows) for i in range(0, rows, chunk))
+        ref = sum(F.cross_entropy(model[2](model[1](model[0](x[a:b]))), y[a:b]).float() * ((b - a) / rows)
+                  for a, b in piece_bounds(rows, pieces))
     out3 = eng.train_step(model, opt, F.cross_entropy, x, y)
-    assert out3["skipped"] is False and eng.counters.oom_events == events  # settled: no new OOM
+    assert not out3.skipped and eng.counters.oom_events == events  # settled: no new OOM
     assert float(out3["loss"]) == pytest.approx(float(ref), rel=1e-2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -116,9 +115,9 @@ def test_resume_on_gpu_is_bitwise(tmp_path):
     data = [(torch.randn(16, 32, generator=g).cuda() * 100, torch.randint(0, 8, (16,), generator=g).cuda())
             for _ in range(20)]
     e_full, m_full, o_full = fresh()
-    full = [e_full.train_step(m_full, o_full, F.cross_entropy, x, y)["scale"] for x, y in data]
+    full = [e_full.train_step(m_full, o_full, F.cross_entropy, x, y).scale.item() for x, y in data]
     e1, m1, o1 = fresh()
-    first = [e1.train_step(m1, o1, F.cross_entropy, x, y)["scale"] for x, y in data[:9]]
+    first = [e1.train_step(m1, o1, F.cross_entropy, x, y).scale.item() for x, y in data[:9]]
     e1.save_scaler_state(tmp_path / "engine.pt")
     torch.save({"m": m1.state_dict(), "o": o1.state_dict()}, tmp_path / "rest.pt")
     e2, m2, o2 = fresh()
@@ -126,7 +125,7 @@ def test_resume_on_gpu_is_bitwise(tmp_path):
     m2.load_state_dict(rest["m"])
     o2.load_state_dict(rest["o"])
     e2.load_scaler_state(tmp_path / "engine.pt")
-    second = [e2.train_step(m2, o2, F.cross_entropy, x, y)["scale"] for x, y in data[9:]]
+    second = [e2.train_step(m2, o2, F.cross_entropy, x, y).scale.item() for x, y in data[9:]]
     assert first + second == full
     for p, q in zip(m2.parameters(), m_full.parameters()):
         assert torch.equal(p, q)
@@ -171,7 +170,7 @@ def test_scale_collapse_falls_back_to_bf16_on_the_gpu():
     h.remove()
     assert eng.amp_dtype == torch.bfloat16 and eng.events[-1]["action"] == "fallback_bf16"
     out = eng.train_step(model, opt, F.cross_entropy, torch.randn(4, 8), torch.randint(0, 4, (4,)))
-    assert out["skipped"] is False
+    assert not out.skipped
 
 
 def test_benchmark_reports_every_precision_with_memory():

@@ -1,0 +1,242 @@
+"""The optimizer step of the engine: one object owns it and returns a typed `StepResult`.
+
+One read of the gradients (a foreach norm per parameter) gives everything: whether any gradient is
+inf/NaN, which parameters overflowed, and the global norm for clipping. Unscaling and clipping then
+happen in one multiply. The skip decision stays on the device when every optimizer accepts `found_inf`
+(fused Adam/AdamW/SGD, as `GradScaler.step` uses them); then the bookkeeping that needs host values
+(skipped-step count, scale history, the `booked` policies, schedulers) runs one step later, from flags
+copied to pinned memory without waiting. Other optimizers need the flags on the host before `step()`:
+one sync per optimizer step, the same one `GradScaler.step` makes.
+
+Several optimizers (a list) share one read of the gradients, one skip decision and one scale update,
+as they do with one `torch.amp.GradScaler`. Sparse gradients are coalesced in place (so the norm is the
+tensor's) and unscaled and clipped through their values; fused optimizers do not take them, so a step
+with a sparse gradient takes the host path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ampray.amp.trainer import MixedPrecisionTrainer
+
+
+@dataclass
+class StepResult:
+    """What one `train_step` did. The tensor fields are 0-d tensors on the engine's device, whichever
+    optimizer ran (reading one synchronises; logging them every N steps costs one sync per N steps).
+
+    `scale` is the loss scale after this step's update (what `GradScaler.get_scale()` returns after
+    `update()`); `scale_used` is the one this step's backward ran with."""
+
+    loss: torch.Tensor
+    is_boundary: bool
+    optimizer_stepped: torch.Tensor
+    skipped: torch.Tensor
+    scale: torch.Tensor
+    scale_used: torch.Tensor
+    grad_norm: torch.Tensor | None = None
+    step_time_s: float = 0.0
+
+    def __getitem__(self, key: str) -> Any:
+        """`result["loss"]`: the mapping access of earlier versions."""
+        if key not in _FIELDS:
+            raise KeyError(f"StepResult has no field {key!r}; fields are {sorted(_FIELDS)}")
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers (one sync)."""
+        out: dict[str, Any] = {}
+        for name in _FIELDS:
+            value = getattr(self, name)
+            out[name] = value.item() if torch.is_tensor(value) else value
+        return out
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(StepResult))
+
+
+class OverflowAttribution:
+    """Overflowing steps per parameter, counted on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] = []
+        self.slot: dict[int, int] = {}
+        self.counts = torch.zeros(0, dtype=torch.int64, device=device)
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def index(self, model) -> None:
+        for name, p in model.named_parameters():
+            if id(p) not in self.slot:
+                self.slot[id(p)] = len(self.names)
+                self.names.append(name.removeprefix("module."))  # DDP's wrapper prefix
+        self._grow()
+
+    def _grow(self) -> None:
+        extra = len(self.names) - self.counts.numel()
+        if extra > 0:
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+
+    def count(self, params, mask: torch.Tensor) -> None:
+        key = tuple(id(p) for p in params)
+        if self._cache is None or self._cache[0] != key:
+            for p in params:  # parameters the optimizer holds but the model did not name
+                if id(p) not in self.slot:
+                    self.slot[id(p)] = len(self.names)
+                    self.names.append(f"param{len(self.names)}")
+            self._grow()
+            self._cache = (key, torch.tensor([self.slot[i] for i in key], device=self.device))
+        self.counts.index_add_(0, self._cache[1], mask.long())
+
+    def read(self) -> Counter:
+        return Counter({n: k for n, k in zip(self.names, self.counts.tolist()) if k})
+
+    def load(self, offenders: dict[str, int]) -> None:
+        for name in offenders:
+            if name not in self.names:
+                self.names.append(name)
+        self._grow()
+        self.counts.zero_()
+        for name, count in offenders.items():
+            self.counts[self.names.index(name)] = int(count)
+
+
+class OptimizerStep:
+    """Unscale, clip, step or skip, update the scale, and book the step (now, or one step later)."""
+
+    def __init__(self, engine: "MixedPrecisionTrainer"):
+        self.engine = engine
+        self.attribution = OverflowAttribution(engine.device)
+        self._pending: tuple[list, int] | None = None
+        self._host_flags: torch.Tensor | None = None
+        self._event = torch.cuda.Event() if engine.device.type == "cuda" else None
+
+    def __call__(self, model, optimizers: list, schedulers: list) -> dict[str, Any]:
+        e = self.engine
+        cfg, c, scaler = e.config, e.counters, e.scaler
+        self.settle()
+        if c.window_poisoned:  # an OOM dropped the window (on every rank alike): nothing to read
+            return self._finish(optimizers, {}, [1.0, 0.0, 0.0, e.last_scale], schedulers, poisoned=True)
+        e.reduce_gradients(model)
+        params, seen = [], set()
+        for opt in optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None and id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+        sparse = False
+        for p in params:
+            if p.grad.is_sparse:
+                sparse = True
+                p.grad = p.grad.coalesce()  # duplicates summed: the norm is the gradient's own
+        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+        out: dict[str, Any] = {}
+        if not grads or not (scaler.enabled or cfg.max_grad_norm is not None or e.nonfinite.checked):
+            for opt in optimizers if grads else ():
+                opt.step()
+            return self._finish(optimizers, out, [0.0, 0.0, 0.0, e.last_scale], schedulers)
+        norms = torch.stack(torch._foreach_norm(grads))
+        nonfinite = ~torch.isfinite(norms)
+        found = nonfinite.any()
+        # A step whose every gradient is non-finite (a NaN loss, an overflow spread by backward) names
+        # no offender: it carries no information about where the overflow started.
+        self.attribution.count(params, nonfinite & ~nonfinite.all())
+        fused = not sparse and all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
+        grad_scale = self._unscale_and_clip(grads, norms, fused, out)
+        flags = torch.cat([torch.stack([found, found, c.window_bad_loss]).float(), scaler.scale_tensor.view(1)])
+        if fused and not e.nonfinite.gathers:
+            # The skip stays on the device: the fused kernels read found_inf (and unscale by grad_scale).
+            found_inf = found.float()
+            for opt in optimizers:
+                opt.grad_scale, opt.found_inf = grad_scale, found_inf
+                try:
+                    opt.step()
+                finally:
+                    del opt.grad_scale, opt.found_inf
+            scaler.update(found)
+            self._defer(flags, schedulers)
+            out.update(skipped=found, optimizer_stepped=~found, scale_used=flags[3])
+            return self._finish(optimizers, out, None, None)
+        values = flags.tolist()  # the one sync of the step: flags and scale in one copy
+        if e.nonfinite.gathers:
+            bad = e.consensus.ranks_where(values[2] > 0)
+            if bad:
+                e.end_window(optimizers)
+            e.nonfinite.check(bad, e.consensus.world, f"training step {c.training_steps} (optimizer step "
+                                                      f"{c.optimizer_steps + 1})")
+        if values[0] == 0:
+            for opt in optimizers:
+                opt.step()  # gradients were unscaled above: grad_scale is only for fused kernels
+        scaler.update(found)
+        out["scale_used"] = flags[3]
+        return self._finish(optimizers, out, values, schedulers)
+
+    def _unscale_and_clip(self, grads, norms, fused: bool, out: dict[str, Any]) -> torch.Tensor | None:
+        """Unscale (and clip) in one multiply; returns the scale a fused optimizer should divide by."""
+        scaler, max_norm = self.engine.scaler, self.engine.config.max_grad_norm
+        if max_norm is not None:
+            total = torch.linalg.vector_norm(norms)
+            inv = scaler.inv_scale() if scaler.enabled else None
+            if inv is not None:
+                total = total * inv  # the norm of the unscaled gradients: clipping sees true values
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef * inv if inv is not None else coef)
+            out["grad_norm"] = total
+            return None
+        if not scaler.enabled:
+            return None
+        if fused:
+            return scaler.scale_tensor
+        torch._foreach_mul_(grads, scaler.inv_scale())
+        return None
+
+    def _finish(self, optimizers, out, values, schedulers, poisoned: bool = False) -> dict[str, Any]:
+        e = self.engine
+        e.counters.optimizer_steps += 1
+        if values is not None:
+            skipped = values[0] > 0 or poisoned
+            out.update(skipped=e.flag(skipped), optimizer_stepped=e.flag(not skipped))
+            self._book(values, schedulers, e.counters.optimizer_steps, poisoned)
+        e.end_window(optimizers)
+        return out
+
+    # -- deferred bookkeeping ---------------------------------------------------------------------
+    def _defer(self, flags: torch.Tensor, schedulers: list) -> None:
+        if self._event is not None:
+            if self._host_flags is None:
+                self._host_flags = torch.empty(4, pin_memory=True)
+            self._host_flags.copy_(flags, non_blocking=True)
+            self._event.record()
+        else:
+            self._host_flags = flags
+        self._pending = (schedulers, self.engine.counters.optimizer_steps + 1)
+
+    def settle(self) -> None:
+        """Book the previous device-side step (its flags arrived long ago; the wait is normally zero)."""
+        if self._pending is None:
+            return
+        schedulers, step = self._pending
+        self._pending = None
+        if self._event is not None:
+            self._event.synchronize()
+        self._book(self._host_flags.tolist(), schedulers, step, False)
+
+    def _book(self, values: list[float], schedulers: list, step: int, poisoned: bool) -> None:
+        e = self.engine
+        skipped, overflow = values[0] > 0 or poisoned, values[1] > 0 and not poisoned
+        e.note_scale(values[3], step)
+        e.counters.skipped_steps += int(skipped)
+        if not skipped:
+            for scheduler in schedulers:
+                scheduler.step()
+        if not poisoned:  # a dropped window is neither clean nor an overflow
+            for policy in e.booked_policies():
+                policy.on_booked(e, step, overflow)
