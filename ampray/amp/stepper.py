@@ -8,8 +8,10 @@ happen in one multiply. The skip decision stays on the device when every optimiz
 copied to pinned memory without waiting. Other optimizers need the flags on the host before `step()`:
 one sync per optimizer step, the same one `GradScaler.step` makes.
 
-Several optimizers (a list) share one read of the gradients, one skip decision and one scale update,
-as they do with one `torch.amp.GradScaler`. Sparse gradients are coalesced in place (so the norm is the
+Several optimizers (a list) share one read of the gradients, one scale update and one skip decision:
+an overflow in any of them skips them all (they share the clipping norm and the window; torch's
+GradScaler skips each optimizer on its own gradients, and `ampray.GradScaler` keeps that rule). Every
+optimizer's gradients are unscaled before any steps. Sparse gradients are coalesced in place (so the norm is the
 tensor's) and unscaled and clipped through their values; fused optimizers do not take them, so a step
 with a sparse gradient takes the host path.
 """

@@ -293,3 +293,103 @@ def test_disabled_is_plain_fp32_with_the_same_api():
     ob.step()
     assert out.scale.item() == 1.0 and out.loss.item() == loss.item()
     assert_bitwise(params_of(a), params_of(b))
+
+
+def test_a_clean_step_resets_the_collapse_count():
+    # Overflows every other step at the floor are not "in a row": no collapse however long it runs.
+    model = tiny_mlp()
+    eng = engine(init_scale=1.0, min_scale=1.0, collapse_patience=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    poison = GradPoison(model[0].bias, steps=set(range(0, 20, 2)))
+    for x, y in batches(20):
+        eng.train_step(model, opt, F.cross_entropy, x, y)
+    poison.remove()
+    assert eng.scaler.read().overflows == 10 and not eng.events
+    poison = GradPoison(model[0].bias, always=True)
+    with pytest.raises(ScaleCollapseError, match="2 overflowing steps in a row"):
+        for x, y in batches(2):
+            eng.train_step(model, opt, F.cross_entropy, x, y)
+    poison.remove()
+
+
+def test_step_result_fields_have_the_same_types_whatever_the_optimizer():
+    x, y = batches(1)[0]
+    kinds = []
+    for fused in (False, True):
+        model, eng = tiny_mlp(), engine(init_scale=8.0, max_grad_norm=1.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        out = eng.train_step(model, opt, F.cross_entropy, x, y)
+        kinds.append({name: type(getattr(out, name)) for name in ("loss", "skipped", "optimizer_stepped",
+                                                                  "scale", "scale_used", "grad_norm")})
+        assert out.skipped.dtype == torch.bool and out.scale.item() == 8.0 and out.to_dict()["skipped"] is False
+    assert kinds[0] == kinds[1] and set(kinds[0].values()) == {torch.Tensor}
+
+
+def test_two_optimizers_share_one_skip_decision_and_one_scale():
+    model = tiny_mlp()
+    eng = engine(init_scale=2.0**8)
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.Adam(model[2].parameters(), lr=0.1)
+    ref = copy.deepcopy(model)
+    r1, r2 = torch.optim.SGD(ref[0].parameters(), lr=0.1), torch.optim.Adam(ref[2].parameters(), lr=0.1)
+    poison, ref_poison = GradPoison(model[2].weight, steps={1}), GradPoison(ref[2].weight, steps={1})
+    scale = 2.0**8
+    for x, y in batches(4):
+        out = eng.train_step(model, [first, second], F.cross_entropy, x, y)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(ref(x), y)
+        (loss.float() * scale).backward()
+        grads = [p.grad for p in ref.parameters()]
+        torch._foreach_div_(grads, scale)
+        if all(torch.isfinite(g).all() for g in grads):
+            r1.step(), r2.step()
+        else:
+            scale /= 2
+        r1.zero_grad(set_to_none=True), r2.zero_grad(set_to_none=True)
+        assert out.scale.item() == scale
+    poison.remove(), ref_poison.remove()
+    # the overflow in the second optimizer's parameters skipped the first optimizer's step too, and the
+    # second optimizer's gradients were unscaled as well (no step on x-scale gradients)
+    assert eng.counters.skipped_steps == 1
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def _sparse_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Flatten(), nn.Linear(8 * 3, 4))
+
+
+def _sparse_batches(n):
+    g = torch.Generator().manual_seed(3)
+    # repeated indices within a batch: autograd makes uncoalesced sparse gradients
+    return [(torch.randint(0, 50, (16, 3), generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+def test_sparse_embedding_gradients_train_like_grad_scaler():
+    model, ref = _sparse_model(), _sparse_model()
+    eng = engine(init_scale=2.0**8)
+    opt, ropt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for x, y in _sparse_batches(4):
+        eng.train_step(model, opt, F.cross_entropy, x, y)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(ref(x), y)
+        scaler.scale(loss.float()).backward()
+        scaler.step(ropt)
+        scaler.update()
+        ropt.zero_grad(set_to_none=True)
+    assert eng.counters.skipped_steps == 0
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_with_a_sparse_gradient_uses_its_true_norm():
+    model, ref = _sparse_model(), _sparse_model()
+    x, y = _sparse_batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        F.cross_entropy(ref(x), y).float().backward()
+    true = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.to_dense()) for p in ref.parameters()]))
+    eng = engine(init_scale=2.0**8, max_grad_norm=true.item() / 2)
+    out = eng.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), F.cross_entropy, x, y)
+    assert out.grad_norm.item() == pytest.approx(true.item(), rel=1e-3)
