@@ -297,14 +297,9 @@ def _restore_from(folder: Path, rank: int, job: JobConfig, *, model, optimizer, 
 
 def live_setting_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The live-changeable precision settings that differ between two precision sections."""
-    from ampray.amp.scaler import SETTINGS
+    from ampray.amp import settings
 
-    changes: dict[str, Any] = {k: after[k] for k in SETTINGS if after.get(k) != before.get(k)}
-    adaptation = {k: v for k, v in after.get("adaptation", {}).items()
-                  if before.get("adaptation", {}).get(k) != v}
-    if adaptation:
-        changes["adaptation"] = adaptation
-    return changes
+    return settings.changes(before, after)
 
 
 def _submit_checkpoint(w: Worker, reporter: Reporter, metrics: dict[str, Any], step: int,

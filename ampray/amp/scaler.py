@@ -33,8 +33,9 @@ import torch
 
 from ampray.amp.config import ConfigError, MixedPrecisionConfig
 from ampray.amp.records import ScalerState
+from ampray.amp.settings import SCALER
 
-SETTINGS = ("growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale")
+SETTINGS = SCALER  # the live settings (ampray.amp.settings defines them)
 _STATE = ("_scale", "_growth_tracker", "_hysteresis_left", "_overflows", "_backoffs", "_growths", "_min_seen",
           "_max_seen")
 

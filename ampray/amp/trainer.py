@@ -323,14 +323,15 @@ class MixedPrecisionTrainer:
         changed. Used by PBT (a trial restarted from another trial's checkpoint with mutated settings) and
         by a resumed run whose job file was edited.
         """
+        from ampray.amp import settings
         from ampray.amp.config import AdaptationConfig, ConfigError
-        from ampray.amp.scaler import SETTINGS
 
-        other = sorted(set(changes) - set(SETTINGS) - {"adaptation"})
+        other = sorted(k for k in changes if k != "adaptation" and not settings.is_live(k))
+        other += sorted(f"adaptation.{k}" for k in changes.get("adaptation") or {}
+                        if not settings.is_live(f"adaptation.{k}"))
         if other:
-            raise ConfigError(f"retune: {other} cannot change in a live run; allowed are {list(SETTINGS)} "
-                              "and adaptation.<threshold>")
-        diff = dict(self.update_scaler_settings(**{k: v for k, v in changes.items() if k in SETTINGS}))
+            raise ConfigError(f"retune: {other} cannot change in a live run; allowed are {settings.described()}")
+        diff = dict(self.update_scaler_settings(**{k: v for k, v in changes.items() if k in settings.SCALER}))
         if changes.get("adaptation"):
             old = self.config.adaptation
             new = AdaptationConfig(**{**dataclasses.asdict(old), **changes["adaptation"]})  # validated

@@ -367,12 +367,11 @@ _MAY_CHANGE = frozenset({
 
 
 def _may_change(key: str) -> bool:
-    from ampray.amp.scaler import SETTINGS
+    from ampray.amp import settings
 
     # The loss scaler's live settings and the adaptation's: the worker applies changes through the
     # engine's setters after the restore (what a PBT mutation does).
-    return (key in _MAY_CHANGE or key.startswith("precision.adaptation.")
-            or key.removeprefix("precision.") in SETTINGS and key.startswith("precision."))
+    return key in _MAY_CHANGE or key.startswith("precision.") and settings.is_live(key)
 
 
 # Ray Train's own list of the run's checkpoints, written once every rank's upload of one is complete.

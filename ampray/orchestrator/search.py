@@ -349,15 +349,12 @@ def pbt_interval(search: SearchConfig, job: JobConfig) -> int:
 def live_mutations(space) -> dict[str, Any]:
     """PBT's hyperparam_mutations: the space's parameters that a live run can change (scaler settings,
     adaptation thresholds). Others (dtype, init_scale) are drawn once and travel with the cloned state."""
-    from ampray.amp.scaler import SETTINGS
+    from ampray.amp import settings
 
-    live = {f"precision.{k}" for k in SETTINGS}
-    mutations = {p: m for p, m in space.mutations().items()
-                 if p in live or p.startswith("precision.adaptation.")}
+    mutations = {p: m for p, m in space.mutations().items() if p.startswith("precision.") and settings.is_live(p)}
     if not mutations:
-        raise ConfigError(f"search.scheduler=pbt needs parameters a live run can change (precision.{{"
-                          f"{', '.join(SETTINGS)}}} or precision.adaptation.*); the space {space.source!r} "
-                          f"has only {sorted(space.params)}")
+        raise ConfigError(f"search.scheduler=pbt needs parameters a live run can change (precision.* of "
+                          f"{settings.described()}); the space {space.source!r} has only {sorted(space.params)}")
     return mutations
 
 

@@ -91,3 +91,14 @@ def test_restore_under_changed_job_applies_only_the_changed_settings(tmp_path):
     assert fresh.events[-1]["changes"] == {"growth_interval": [100, 10]}
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_live_settings_are_defined_once_and_asked_everywhere():
+    from ampray.amp import settings
+    from ampray.orchestrator.preflight import _may_change
+
+    assert settings.is_live("precision.growth_factor") and settings.is_live("adaptation.window")
+    assert not settings.is_live("precision.init_scale") and not settings.is_live("adaptation.nope")
+    assert _may_change("precision.hysteresis") and not _may_change("precision.dtype")
+    with pytest.raises(ConfigError, match=r"adaptation.nope.*adaptation\.\{window"):
+        MixedPrecisionTrainer(MixedPrecisionConfig(), "cpu").retune({"adaptation": {"nope": 1}})
