@@ -190,3 +190,10 @@ def test_unscale_sparse_gradients_in_place_coalesced_or_not():
     assert s.unscale_([g]).item() == 0.0
     assert g._values().flatten().tolist() == [1.0, 2.0, 3.0]  # the caller's tensor, not a copy
     assert g.to_dense().flatten().tolist() == [4.0, 0.0, 2.0]
+
+
+def test_the_readme_trajectories():
+    growth = LossScaler(MixedPrecisionConfig(init_scale=1024.0, growth_interval=2), "cpu")
+    assert drive(growth, "....") == [1024.0, 2048.0, 2048.0, 4096.0]
+    floor = LossScaler(MixedPrecisionConfig(init_scale=1024.0, min_scale=512.0), "cpu")
+    assert drive(floor, "xx") == [512.0, 512.0]
