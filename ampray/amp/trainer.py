@@ -75,6 +75,7 @@ class MixedPrecisionTrainer:
         self._last_scale = self.scaler.init_scale
         self._num_params = 0
         self._flags = {v: torch.tensor(v, device=self.device) for v in (False, True)}
+        self._one = torch.ones((), device=self.device)  # the scale of an unscaled run
         self._scale_after = torch.tensor(self._last_scale, device=self.device)
 
     def _build_policies(self) -> None:
@@ -175,7 +176,7 @@ class MixedPrecisionTrainer:
         return self._flags[bool(value)]
 
     def _flags_one(self) -> torch.Tensor:
-        return torch.ones((), device=self.device)
+        return self._one
 
     def end_window(self, optimizers: list) -> None:
         self.counters.end_window()

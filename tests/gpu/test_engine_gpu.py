@@ -70,6 +70,26 @@ def test_syncs_per_step(dtype, policy, fused, expected):
     assert eng.get_performance_summary()["performance"]["optimizer_steps"] == 3
 
 
+def test_two_fused_optimizers_with_a_scheduler_make_no_sync_and_skip_together():
+    eng, model, _ = gpt_setup("fp16", gradient_accumulation_steps=2)
+    params = list(model.parameters())
+    opts = [torch.optim.AdamW(params[:4], lr=1e-3, fused=True), torch.optim.SGD(params[4:], lr=1e-3, fused=True)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, 0.9) for o in opts]
+    x, y = example_batch("gpt", {"preset": "micro"}, 8, torch.Generator().manual_seed(0))
+    x, y, crit = x.cuda(), y.cuda(), build_criterion("gpt")
+    for _ in range(8):
+        eng.train_step(model, opts, crit, x, y, scheds)
+    assert _count_syncs(lambda: [eng.train_step(model, opts, crit, x, y, scheds) for _ in range(4)]) == 0
+    h = params[-1].register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in params]
+    eng.train_step(model, opts, crit, x, y, scheds)
+    out = eng.train_step(model, opts, crit, x, y, scheds)
+    h.remove()
+    assert bool(out.skipped) and out.scale.item() == out.scale_used.item() / 2
+    assert all(torch.equal(a, b) for a, b in zip(before, params))  # the first optimizer skipped too
+    assert [s.last_epoch for s in scheds] == [6, 6]  # 6 clean optimizer steps; the skipped one is not counted
+
+
 def test_real_oom_is_split_and_training_continues():
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
