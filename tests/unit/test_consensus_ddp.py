@@ -86,6 +86,7 @@ SCENARIOS = {
     "clean": ({}, None, set(), 0, MixedPrecisionTrainer),
     "overflow": ({}, "grad_inf", {FAULT_STEP}, 0, MixedPrecisionTrainer),
     "nan_loss_skip": ({"nonfinite_loss_policy": "skip"}, "nan_loss", {FAULT_STEP}, 0, MixedPrecisionTrainer),
+    "nan_loss_skip_bf16": ({"dtype": "bf16"}, "nan_loss", {FAULT_STEP}, 0, MixedPrecisionTrainer),
     "nan_loss_raise": ({"nonfinite_loss_policy": "raise"}, "nan_loss", {FAULT_STEP}, 0, MixedPrecisionTrainer),
     "oom_forward_skip": ({"oom_policy": "skip"}, "oom_forward", {FAULT_STEP}, 0, MixedPrecisionTrainer),
     "oom_loss_skip": ({"oom_policy": "skip"}, "oom_loss", {FAULT_STEP}, 0, MixedPrecisionTrainer),
@@ -220,6 +221,12 @@ def test_nan_loss_on_one_rank_with_finite_gradients_is_skipped_by_both(ranks):
     assert_agree(a, b)
     assert a["skipped_steps"] == 1 and a["scale"] == 2.0**9  # carried as non-finite gradients: an overflow
     assert (a["nonfinite_losses"], b["nonfinite_losses"]) == (0, 1)  # each rank counts what it saw
+
+
+def test_nan_loss_on_one_rank_without_loss_scaling_is_skipped_by_both(ranks):
+    a, b = both(ranks, "nan_loss_skip_bf16")
+    assert_agree(a, b)
+    assert a["skipped_steps"] == 1 and a["dtype"] == "torch.bfloat16"
 
 
 def test_nan_loss_raise_ends_both_ranks_with_the_same_error(ranks):
