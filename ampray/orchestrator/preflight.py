@@ -301,6 +301,13 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
         raise ConfigError(f"the backward pass of {label} and {loss_label} fails on this machine's CPU ({err}); "
                           "expected a loss computed from the model's output, whose gradient reaches the "
                           "parameters") from None
+    sparse = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse]
+    if sparse and job.scaling.num_workers > 1 and job.precision.oom_policy != "raise":
+        raise ConfigError(
+            f"precision.oom_policy={job.precision.oom_policy!r} is not allowed with scaling.num_workers="
+            f"{job.scaling.num_workers} and sparse gradients ({', '.join(sparse[:3])} of {label}): under DDP that "
+            "policy makes the engine all-reduce dense gradients itself; expected precision.oom_policy='raise', "
+            "or dense embeddings (sparse=False)")
     return tuple(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None)
 
 

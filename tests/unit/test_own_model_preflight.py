@@ -261,3 +261,28 @@ def test_a_rerun_pads_as_its_checkpoint_was_trained(tmp_path):
     assert plan.pad_widths == {"tokens": 9}
     with pytest.raises(Exception, match="column 'tokens' now has rows of 12 entries.*padded to 9"):
         keep_trained_widths(job, DataPlan(None, 10, 0, ["tokens", "y"], (), {"tokens": 12}))
+
+
+def test_sparse_gradients_with_an_oom_policy_that_needs_dense_ones_under_ddp(project, capsys):
+    (project / "sparsenet.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        import torch.nn.functional as F
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bias = nn.Embedding(1, 4, sparse=True)
+                self.lin = nn.Linear(16, 4)
+
+            def forward(self, batch):
+                x = batch["pixels"]
+                return self.lin(x) + self.bias(torch.zeros(x.shape[0], dtype=torch.long))
+
+        def build(**options):
+            return Net()
+    '''))
+    err = _fails(capsys, "--model.factory", "sparsenet:build", "--precision.oom_policy", "skip",
+                 "--scaling.num_workers", "2")
+    assert "precision.oom_policy='skip' is not allowed with scaling.num_workers=2 and sparse gradients" in err
+    assert "bias.weight" in err
