@@ -14,6 +14,7 @@ from ampray.amp.advice import (
 from ampray.amp.autocast import mixed_precision_context
 from ampray.amp.bench import benchmark_mixed_precision
 from ampray.amp.config import AdaptationConfig, ConfigError, MixedPrecisionConfig
+from ampray.amp.grad_scaler import GradScaler
 from ampray.amp.loop import train_with_mixed_precision
 from ampray.amp.records import BenchResult, MemoryStats, ScalerState, StepStats
 from ampray.amp.scaler import LossScaler
@@ -44,6 +45,7 @@ __all__ = [
     "BenchResult",
     "ConfigError",
     "FitResult",
+    "GradScaler",
     "LossScaler",
     "MemoryStats",
     "MixedPrecisionConfig",

@@ -137,6 +137,24 @@ class LossScaler:
         """The current scale as a 0-d device tensor (no sync)."""
         return self._scale
 
+    @property
+    def growth_tracker_tensor(self) -> torch.Tensor:
+        """Clean steps since the last overflow or growth, as a 0-d int64 device tensor (no sync)."""
+        return self._growth_tracker
+
+    @property
+    def refill(self) -> str:
+        """When a spent hysteresis budget is refilled: "clean" (DeepSpeed) or "growth" (Megatron-LM)."""
+        return self._refill
+
+    @refill.setter
+    def refill(self, value: str) -> None:
+        if value not in ("clean", "growth"):
+            raise ConfigError(f"LossScaler.hysteresis_refill={value!r} is not allowed: expected one of "
+                              "['clean', 'growth']")
+        self._refill = value
+        self._graphs = {}  # the captured update holds it as a constant
+
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return loss
@@ -211,8 +229,10 @@ class LossScaler:
         backoff = found & (left == 0)
         tracker = torch.where(found, 0, self._growth_tracker + 1)
         grow = tracker >= self._growth_interval
-        shrunk = (scale * self._backoff_factor).clamp(min=self._min_scale)
-        grown = (scale * self._growth_factor).clamp(max=self._max_scale)
+        # In float64, rounded once to float32: torch's GradScaler kernel does the same, so the trajectories
+        # agree to the bit for factors that are not powers of two too.
+        shrunk = (scale.double() * self._backoff_factor).float().clamp(min=self._min_scale)
+        grown = (scale.double() * self._growth_factor).float().clamp(max=self._max_scale)
         new_scale = torch.where(backoff, shrunk, torch.where(grow, grown, scale))
         if valid is not None:
             grow = grow & valid
