@@ -19,7 +19,8 @@ with a sparse gradient takes the host path.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+import os
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,15 +117,25 @@ class OptimizerStep:
     def __init__(self, engine: "MixedPrecisionTrainer"):
         self.engine = engine
         self.attribution = OverflowAttribution(engine.device)
-        self._pending: tuple[list, int] | None = None
-        self._host_flags: torch.Tensor | None = None
-        self._event = torch.cuda.Event() if engine.device.type == "cuda" else None
+        # Device-side steps not yet booked, oldest first: (host flags, event, schedulers, step).
+        self._pending: deque[tuple[torch.Tensor, Any, list, int]] = deque()
+        self._free: list[tuple[torch.Tensor, Any]] = []  # pinned buffers and events ready for reuse
+        self._cuda = engine.device.type == "cuda"
+        # How many device-side steps may wait for their booking. With a scheduler or the adaptation
+        # policy the previous step is booked before the next one steps (its learning rate, its scaler
+        # settings depend on it); otherwise up to `depth` steps, so that the host never waits on the
+        # device while it has steps to launch (AMPRAY_DEFER_DEPTH=1 restores the tight coupling).
+        self.depth = max(1, int(os.environ.get("AMPRAY_DEFER_DEPTH", "4")))
 
     def __call__(self, model, optimizers: list, schedulers: list) -> dict[str, Any]:
         e = self.engine
         cfg, c, scaler = e.config, e.counters, e.scaler
-        self.settle()
-        if c.window_poisoned:  # an OOM dropped the window (on every rank alike): nothing to read
+        if schedulers or len(e.booked_policies()) > 1:
+            self.settle()  # this step's learning rate and settings follow from the last one's booking
+        else:
+            self._book_ready()
+        if c.window_poisoned:
+            self.settle()  # an OOM dropped the window (on every rank alike): nothing to read
             return self._finish(optimizers, {}, [1.0, 0.0, 0.0, e.last_scale], schedulers, poisoned=True)
         e.reduce_gradients(model)
         params, seen = [], set()
@@ -142,6 +153,7 @@ class OptimizerStep:
         grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
         out: dict[str, Any] = {}
         if not grads or not (scaler.enabled or cfg.max_grad_norm is not None or e.nonfinite.checked):
+            self.settle()
             for opt in optimizers if grads else ():
                 opt.step()
             return self._finish(optimizers, out, [0.0, 0.0, 0.0, e.last_scale], schedulers)
@@ -167,6 +179,7 @@ class OptimizerStep:
             self._defer(flags, schedulers)
             out.update(skipped=found, optimizer_stepped=~found, scale_used=flags[3])
             return self._finish(optimizers, out, None, None)
+        self.settle()  # booked in order: the earlier device-side steps first
         values = flags.tolist()  # the one sync of the step: flags and scale in one copy
         if e.nonfinite.gathers:
             bad = e.consensus.ranks_where(values[2] > 0)
@@ -212,24 +225,35 @@ class OptimizerStep:
 
     # -- deferred bookkeeping ---------------------------------------------------------------------
     def _defer(self, flags: torch.Tensor, schedulers: list) -> None:
-        if self._event is not None:
-            if self._host_flags is None:
-                self._host_flags = torch.empty(4, pin_memory=True)
-            self._host_flags.copy_(flags, non_blocking=True)
-            self._event.record()
-        else:
-            self._host_flags = flags
-        self._pending = (schedulers, self.engine.counters.optimizer_steps + 1)
+        step = self.engine.counters.optimizer_steps + 1
+        if not self._cuda:
+            self._pending.append((flags, None, schedulers, step))
+            return
+        host, event = self._free.pop() if self._free else (torch.empty(4, pin_memory=True), torch.cuda.Event())
+        host.copy_(flags, non_blocking=True)
+        event.record()
+        self._pending.append((host, event, schedulers, step))
+
+    def _book_ready(self) -> None:
+        """Book the device-side steps whose flags have arrived, in order; wait for the oldest only when
+        `depth` of them are pending (the wait is then for a step launched `depth` steps ago)."""
+        while self._pending:
+            event = self._pending[0][1]
+            if len(self._pending) < self.depth and event is not None and not event.query():
+                return
+            self._book_oldest()
 
     def settle(self) -> None:
-        """Book the previous device-side step (its flags arrived long ago; the wait is normally zero)."""
-        if self._pending is None:
-            return
-        schedulers, step = self._pending
-        self._pending = None
-        if self._event is not None:
-            self._event.synchronize()
-        self._book(self._host_flags.tolist(), schedulers, step, False)
+        """Book every pending device-side step (their flags arrived long ago; the wait is normally zero)."""
+        while self._pending:
+            self._book_oldest()
+
+    def _book_oldest(self) -> None:
+        host, event, schedulers, step = self._pending.popleft()
+        if event is not None:
+            event.synchronize()
+            self._free.append((host, event))
+        self._book(host.tolist(), schedulers, step, False)
 
     def _book(self, values: list[float], schedulers: list, step: int, poisoned: bool) -> None:
         e = self.engine

@@ -232,3 +232,32 @@ def test_scale_update_as_a_cuda_graph_equals_the_eager_update():
     assert graphed == eager
     assert s.use_graphs and s._graphs  # the graph path was taken, not silently dropped
     assert {st["scale"] for st in eager} >= {4.0, 4096.0}  # the floor and the ceiling were both reached
+
+
+def test_deferred_booking_of_several_steps_equals_booking_each_at_once():
+    """Without a scheduler up to `depth` device-side steps wait for their booking (the host never waits
+    on the device while it has work to launch); the history, counters and collapse are the same."""
+    def run(depth):
+        torch.manual_seed(0)
+        eng = MixedPrecisionTrainer(MixedPrecisionConfig(init_scale=2.0**6, min_scale=4.0, growth_interval=3,
+                                                         hysteresis=2, collapse_patience=3,
+                                                         collapse_policy="fallback_bf16"), CUDA)
+        eng.stepper.depth = depth
+        model = eng.prepare_model(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)))
+        opt = eng.build_optimizer(model, "adamw", lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        bad = {3, 4, 5, 9, 14, 15, 16, 17, 18, 19, 20, 21}
+        for i in range(40):
+            h = model[2].weight.register_hook(lambda g: torch.full_like(g, float("inf"))) if i in bad else None
+            eng.train_step(model, opt, F.cross_entropy, torch.randn(16, 32, generator=g).cuda(),
+                           torch.randint(0, 8, (16,), generator=g).cuda())
+            if h is not None:
+                h.remove()
+        summary = eng.get_performance_summary()
+        return (summary["performance"]["skipped_steps"], summary["scaler_info"]["scale_history"],
+                [e["kind"] for e in eng.events], str(eng.amp_dtype), [p.detach().cpu() for p in model.parameters()])
+
+    tight, deep = run(1), run(4)
+    assert tight[:4] == deep[:4] and "scale_collapse" in tight[2]
+    for p, q in zip(tight[4], deep[4]):
+        assert torch.equal(p, q)
