@@ -357,6 +357,8 @@ class MixedPrecisionTrainer:
 
     def note_scale(self, scale: float, step: int) -> None:
         """Record a scale change seen at `step` (the update of the step before made it)."""
+        if not self.scaler.enabled:
+            return  # after the bf16 fallback: steps launched before it still carry the old scale
         if scale != self._last_scale and self.config.log_scaling:
             reason = "growth" if scale > self._last_scale else "backoff"
             self.scale_history.append({"optimizer_step": step - 1, "old": self._last_scale, "new": scale,

@@ -246,7 +246,7 @@ def test_deferred_booking_of_several_steps_equals_booking_each_at_once():
         model = eng.prepare_model(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)))
         opt = eng.build_optimizer(model, "adamw", lr=1e-2)
         g = torch.Generator().manual_seed(1)
-        bad = {3, 4, 5, 9, 14, 15, 16, 17, 18, 19, 20, 21}
+        bad = {3, 4, 5, 9, *range(14, 31)}  # the collapse (step 22) is booked before the overflows end
         for i in range(40):
             h = model[2].weight.register_hook(lambda g: torch.full_like(g, float("inf"))) if i in bad else None
             eng.train_step(model, opt, F.cross_entropy, torch.randn(16, 32, generator=g).cuda(),
