@@ -2,9 +2,10 @@
 
 Events of one `train_step`, in order, and who answers them:
 
-- `piece_loss`   NonFiniteLoss.backward_factor(loss, factor): the factor the piece's backward multiplies
-                 the loss by (the loss scale times the piece's weight), made NaN when the loss is not
-                 finite, so that the rank's gradients carry the skip through DDP's all-reduce.
+- `piece_loss`   NonFiniteLoss.backward_factor(loss, factor), under a process group: the factor the
+                 piece's backward multiplies the loss by (the loss scale times the piece's weight), made
+                 NaN when the loss is not finite, so that the rank's gradients carry the skip through
+                 DDP's all-reduce (one process reads its own loss flag at the optimizer step instead).
 - `oom`          OOM.decide(rows_left_to_split): after the ranks agreed that some rank ran out of memory
                  in a piece's forward or backward: "split" it into halves (and every later micro-batch into
                  as many pieces), or "drop" the window (its optimizer step is skipped). "raise" never gets

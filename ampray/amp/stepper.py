@@ -160,6 +160,11 @@ class OptimizerStep:
         norms = torch.stack(torch._foreach_norm(grads))
         nonfinite = ~torch.isfinite(norms)
         found = nonfinite.any()
+        if e.nonfinite.checked and not e.poisons:
+            # One process: a non-finite loss is known here, so it joins the skip directly (under a group
+            # it made this rank's gradients non-finite instead, and the all-reduce carried it). Either way
+            # it is skipped and counted by the scaler as an overflow, as torch's GradScaler would.
+            found = found | c.window_bad_loss
         # A step whose every gradient is non-finite (a NaN loss, an overflow spread by backward) names
         # no offender: it carries no information about where the overflow started.
         self.attribution.count(params, nonfinite & ~nonfinite.all())

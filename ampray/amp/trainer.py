@@ -69,6 +69,7 @@ class MixedPrecisionTrainer:
         self._build_policies()
         self._process_group = process_group
         self.consensus: Consensus | None = None  # resolved from the first model trained
+        self.poisons = False
         self._engine_reduces = False
         self._islands = Fp32Islands(self.config.fp32_modules, self.device.type)
         self._prepared: set[int] = set()
@@ -109,6 +110,9 @@ class MixedPrecisionTrainer:
     def _bind(self, model: nn.Module) -> None:
         """Resolve the process group on the first step, and check what the OOM-safe path cannot do."""
         self.consensus = Consensus.resolve(model, self._process_group)
+        # Under a group a non-finite loss makes this rank's gradients non-finite, so that DDP's own
+        # all-reduce takes the skip to every rank; one process just reads its loss flag at the step.
+        self.poisons = self.consensus.active and self.nonfinite.checked
         self._engine_reduces = self.consensus.active and self.oom.collective and hasattr(model, "no_sync")
         if self._engine_reduces and any(getattr(m, "sparse", False) for m in model.modules()
                                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag))):
@@ -247,7 +251,8 @@ class MixedPrecisionTrainer:
             if w != 1.0:
                 factor = factor * w
             try:
-                factor, _ = self.nonfinite.backward_factor(loss, factor)
+                if self.poisons:
+                    factor, _ = self.nonfinite.backward_factor(loss, factor)
                 (loss.float() * factor if torch.is_tensor(factor) or factor != 1.0 else loss).backward()
             except OutOfMemoryError:
                 if raising:
