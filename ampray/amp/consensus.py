@@ -102,7 +102,8 @@ class Consensus:
     @torch.no_grad()
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers to every rank (DDP does this before each synchronised forward)."""
-        buffers = [b for b in module.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
+        # bool buffers travel as bytes (not every backend takes bool tensors)
+        buffers = [b.view(torch.uint8) if b.dtype == torch.bool else b for b in module.buffers()]
         src = dist.get_global_rank(self.group, 0) if self.group is not dist.group.WORLD else 0
         for bucket in _buckets(buffers, 25 << 20):
             flat = torch.cat([b.reshape(-1) for b in bucket])

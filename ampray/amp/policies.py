@@ -92,6 +92,8 @@ class Collapse:
 
     def on_booked(self, engine: "MixedPrecisionTrainer", step: int, overflow: bool) -> None:
         c = engine.counters
+        if engine.fallback_due:
+            return  # decided: the steps booked until it applies change nothing
         at_floor = overflow and engine.scaler.enabled and engine.last_scale <= engine.scaler.min_scale
         c.overflows_at_floor = c.overflows_at_floor + 1 if at_floor else 0
         if c.overflows_at_floor >= engine.config.collapse_patience:

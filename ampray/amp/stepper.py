@@ -73,7 +73,7 @@ class OverflowAttribution:
         self.names: list[str] = []
         self.slot: dict[int, int] = {}
         self.counts = torch.zeros(0, dtype=torch.int64, device=device)
-        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}  # slots per set of parameters with a gradient
 
     def index(self, model) -> None:
         for name, p in model.named_parameters():
@@ -89,14 +89,17 @@ class OverflowAttribution:
 
     def count(self, params, mask: torch.Tensor) -> None:
         key = tuple(id(p) for p in params)
-        if self._cache is None or self._cache[0] != key:
+        slots = self._cache.get(key)
+        if slots is None:  # a new set (a branch that did not run): one upload, then cached
             for p in params:  # parameters the optimizer holds but the model did not name
                 if id(p) not in self.slot:
                     self.slot[id(p)] = len(self.names)
                     self.names.append(f"param{len(self.names)}")
             self._grow()
-            self._cache = (key, torch.tensor([self.slot[i] for i in key], device=self.device))
-        self.counts.index_add_(0, self._cache[1], mask.long())
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            slots = self._cache[key] = torch.tensor([self.slot[i] for i in key], device=self.device)
+        self.counts.index_add_(0, slots, mask.long())
 
     def read(self) -> Counter:
         return Counter({n: k for n, k in zip(self.names, self.counts.tolist()) if k})
@@ -128,14 +131,24 @@ class OptimizerStep:
         self.depth = max(1, int(os.environ.get("AMPRAY_DEFER_DEPTH", "4")))
 
     def __call__(self, model, optimizers: list, schedulers: list) -> dict[str, Any]:
+        try:
+            return self._step(model, optimizers, schedulers)
+        except BaseException:
+            if self.engine.counters.micro_in_window:  # a raising policy never leaves a window open
+                self.engine.end_window(optimizers)
+            raise
+
+    def _step(self, model, optimizers: list, schedulers: list) -> dict[str, Any]:
         e = self.engine
         cfg, c, scaler = e.config, e.counters, e.scaler
         if schedulers or len(e.booked_policies()) > 1:
             self.settle()  # this step's learning rate and settings follow from the last one's booking
         else:
-            self._book_ready()
+            self._book_due()
         if c.window_poisoned:
-            self.settle()  # an OOM dropped the window (on every rank alike): nothing to read
+            # An OOM dropped the window (on every rank alike): nothing to read, nothing to average.
+            e.reduce_gradients(model, poisoned=True)
+            self.settle()
             return self._finish(optimizers, {}, [1.0, 0.0, 0.0, e.last_scale], schedulers, poisoned=True)
         e.reduce_gradients(model)
         params, seen = [], set()
@@ -168,10 +181,13 @@ class OptimizerStep:
         # A step whose every gradient is non-finite (a NaN loss, an overflow spread by backward) names
         # no offender: it carries no information about where the overflow started.
         self.attribution.count(params, nonfinite & ~nonfinite.all())
-        fused = not sparse and all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
+        # The device-side skip: fused optimizers take found_inf (and unscale by grad_scale themselves),
+        # unless the step must read its flags first (nonfinite_loss_policy="raise").
+        fused = not sparse and not e.nonfinite.gathers and \
+            all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
         grad_scale = self._unscale_and_clip(grads, norms, fused, out)
         flags = torch.cat([torch.stack([found, found, c.window_bad_loss]).float(), scaler.scale_tensor.view(1)])
-        if fused and not e.nonfinite.gathers:
+        if fused:
             # The skip stays on the device: the fused kernels read found_inf (and unscale by grad_scale).
             found_inf = found.float()
             for opt in optimizers:
@@ -221,11 +237,11 @@ class OptimizerStep:
     def _finish(self, optimizers, out, values, schedulers, poisoned: bool = False) -> dict[str, Any]:
         e = self.engine
         e.counters.optimizer_steps += 1
+        e.end_window(optimizers)
         if values is not None:
             skipped = values[0] > 0 or poisoned
             out.update(skipped=e.flag(skipped), optimizer_stepped=e.flag(not skipped))
             self._book(values, schedulers, e.counters.optimizer_steps, poisoned)
-        e.end_window(optimizers)
         return out
 
     # -- deferred bookkeeping ---------------------------------------------------------------------
@@ -239,13 +255,11 @@ class OptimizerStep:
         event.record()
         self._pending.append((host, event, schedulers, step))
 
-    def _book_ready(self) -> None:
-        """Book the device-side steps whose flags have arrived, in order; wait for the oldest only when
-        `depth` of them are pending (the wait is then for a step launched `depth` steps ago)."""
-        while self._pending:
-            event = self._pending[0][1]
-            if len(self._pending) < self.depth and event is not None and not event.query():
-                return
+    def _book_due(self) -> None:
+        """Book the oldest device-side steps while `depth` of them are pending (the wait is then for a
+        step launched `depth` steps ago). On a fixed schedule, never on whether the device happens to be
+        done: every rank books, and so decides (collapse, fallback), at the same step."""
+        while len(self._pending) >= self.depth:
             self._book_oldest()
 
     def settle(self) -> None:

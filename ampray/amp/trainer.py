@@ -70,6 +70,7 @@ class MixedPrecisionTrainer:
         self._process_group = process_group
         self.consensus: Consensus | None = None  # resolved from the first model trained
         self.poisons = False
+        self.fallback_due = False
         self._engine_reduces = False
         self._islands = Fp32Islands(self.config.fp32_modules, self.device.type)
         self._prepared: set[int] = set()
@@ -110,6 +111,13 @@ class MixedPrecisionTrainer:
     def _bind(self, model: nn.Module) -> None:
         """Resolve the process group on the first step, and check what the OOM-safe path cannot do."""
         self.consensus = Consensus.resolve(model, self._process_group)
+        if self.consensus.active and self.oom.collective and not hasattr(model, "no_sync"):
+            from ampray.amp.config import ConfigError
+
+            raise ConfigError(f"MixedPrecisionConfig.oom_policy={self.config.oom_policy!r} is not allowed for a "
+                              f"{type(model).__name__} under a process group: the ranks can agree on an OOM "
+                              "only around a DDP-wrapped model's no_sync(); use oom_policy='raise' (sharded "
+                              "models: issue 19)")
         # Under a group a non-finite loss makes this rank's gradients non-finite, so that DDP's own
         # all-reduce takes the skip to every rank; one process just reads its loss flag at the step.
         self.poisons = self.consensus.active and self.nonfinite.checked
@@ -149,6 +157,8 @@ class MixedPrecisionTrainer:
         optimizers, schedulers = _as_list(optimizer), _as_list(scheduler)
         self.counters.mark_start()
         c, k = self.counters, self.config.gradient_accumulation_steps
+        if self.fallback_due and c.micro_in_window == 0:
+            self._apply_fallback()
         c.micro_in_window += 1
         boundary = c.micro_in_window == k
         data, target = to_device(data, self.device), to_device(target, self.device)
@@ -187,11 +197,13 @@ class MixedPrecisionTrainer:
         for opt in optimizers:
             opt.zero_grad(set_to_none=self.config.memory_efficient)
 
-    def reduce_gradients(self, model: nn.Module) -> None:
-        """The OOM-safe path under DDP: backward ran under no_sync; average the gradients now."""
+    def reduce_gradients(self, model: nn.Module, poisoned: bool = False) -> None:
+        """The OOM-safe path under DDP: backward ran under no_sync; average the gradients now (not those
+        of a dropped window) and, as DDP would before the next forward, take rank 0's buffers."""
         if self._engine_reduces:
             module = model.module
-            self.consensus.average_gradients(module, self.counters.present)
+            if not poisoned:
+                self.consensus.average_gradients(module, self.counters.present)
             if getattr(model, "broadcast_buffers", False):
                 self.consensus.broadcast_buffers(module)
 
@@ -204,7 +216,7 @@ class MixedPrecisionTrainer:
         losses = []
         while queue:
             start, stop, level = queue.pop(0)
-            if level < c.pieces and stop - start > 1:  # a split learnt meanwhile applies to the rest too
+            if level < c.pieces and (empty_ok or stop - start > 1):  # a split learnt meanwhile applies too
                 queue[:0] = [(start + a, start + b, c.pieces)
                              for a, b in piece_bounds(stop - start, c.pieces // level, empty_ok)]
                 continue
@@ -221,7 +233,6 @@ class MixedPrecisionTrainer:
         """Rows [start, stop): forward, agree, backward, agree. Returns the piece's weighted loss, or None
         when the ranks agreed to split it; raises _WindowDropped when they agreed to drop the window."""
         c, raising = self.counters, self.oom.kind == "raise"
-        frac = (stop - start) / n
         if stop == start:  # an empty piece (a smaller batch than another rank's): it only takes part
             if self._agree(False, 0):
                 return self._after_oom(model, "forward", False, 0, level)
@@ -229,6 +240,7 @@ class MixedPrecisionTrainer:
                 return self._after_oom(model, "backward", False, 0, level)
             c.grads_dirty = True  # as on the ranks whose piece had rows: the same decisions follow
             return torch.zeros((), device=self.device)
+        frac = (stop - start) / n
         no_sync = model.no_sync() if hasattr(model, "no_sync") and (not sync or self._engine_reduces) \
             else contextlib.nullcontext()
         failed = False
@@ -371,7 +383,12 @@ class MixedPrecisionTrainer:
         self._last_scale = scale
 
     def fall_back_to_bf16(self) -> None:
-        """The collapse policy's fallback: autocast to bf16 from the next step on, without loss scaling."""
+        """The collapse policy's fallback: autocast to bf16 without loss scaling from the next window on
+        (the one in progress, if any, keeps the scale its backward ran with)."""
+        self.fallback_due = True
+
+    def _apply_fallback(self) -> None:
+        self.fallback_due = False
         self.amp_dtype = torch.bfloat16
         self.scaler.disable()
         self._last_scale = 1.0
@@ -409,6 +426,7 @@ class MixedPrecisionTrainer:
             "scale_history": list(self.scale_history),
             "events": list(self.events),
             "last_scale": self._last_scale,
+            "fallback_due": self.fallback_due,
         }
         if self.config.save_scaler_state:
             state["scaler"] = self.scaler.state_dict()
@@ -417,7 +435,9 @@ class MixedPrecisionTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the whole engine, its config included (settings changed by adaptation survive); to
         change settings of a resumed run (a PBT mutation), call `update_scaler_settings` afterwards."""
+        self.stepper.settle()
         self.config = MixedPrecisionConfig.from_dict(state["config"])
+        self.consensus, self.fallback_due = None, False  # bound again (with the loaded policies) on the next step
         self.amp_dtype = parse_dtype(state["amp_dtype"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -429,6 +449,7 @@ class MixedPrecisionTrainer:
         self.scale_history = list(state["scale_history"])
         self.events = list(state["events"])
         self._last_scale = float(state["last_scale"])
+        self.fallback_due = bool(state.get("fallback_due", False))
         self._scale_after = self.scaler.scale_tensor.clone() if self.scaler.enabled else self._flags_one()
 
     def save_scaler_state(self, path) -> None:

@@ -92,6 +92,8 @@ SCENARIOS = {
     "oom_loss_skip": ({"oom_policy": "skip"}, "oom_loss", {FAULT_STEP}, 0, MixedPrecisionTrainer),
     "oom_backward_skip": ({"oom_policy": "skip"}, "oom_backward", {FAULT_STEP}, 0, MixedPrecisionTrainer),
     "oom_forward_split": ({"oom_policy": "split"}, "oom_forward", {FAULT_STEP}, 4, MixedPrecisionTrainer),
+    # two splits in a row (8 rows -> 4 -> 2): with uneven batches every rank must still cut alike
+    "oom_forward_split_twice": ({"oom_policy": "split"}, "oom_forward", {FAULT_STEP}, 2, MixedPrecisionTrainer),
     "oom_loss_split": ({"oom_policy": "split"}, "oom_loss", {FAULT_STEP}, 4, MixedPrecisionTrainer),
     "oom_backward_split": ({"oom_policy": "split"}, "oom_backward", {FAULT_STEP}, 4, MixedPrecisionTrainer),
     # the second micro-batch of a window fails in backward after the first added its gradients: dropped
@@ -298,6 +300,16 @@ def _raise_main(rank: int, world: int, port: int, names: list[str], out_dir: str
         message = f"{type(err).__name__}: {err}"
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"oom_raise": {"error": message}}))
     os._exit(1 if message != "finished" else 0)  # as a launcher ends a failed worker: no clean shutdown
+
+
+def test_two_splits_with_uneven_batches_cut_the_same_pieces_on_both(tmp_path):
+    # rank 0 has 2 rows, rank 1 has 8 and runs out of memory above 2: 8 -> 4 -> 2, and rank 0's rows are
+    # cut into as many pieces (some empty), so the two ranks make the same collectives
+    codes, results = run_two_ranks(tmp_path, ["oom_forward_split_twice"], rows=(2, 8))
+    assert codes == [0, 0]
+    a, b = results[0]["oom_forward_split_twice"], results[1]["oom_forward_split_twice"]
+    assert_agree(a, b)
+    assert a["oom_split_retries"] == 2 and a["pieces"] == 4 and a["skipped_steps"] == 0
 
 
 def test_oom_raise_on_one_rank_ends_both_within_the_deadline(tmp_path):

@@ -95,3 +95,68 @@ def test_pending_step_is_settled_into_the_saved_state(tmp_path):
     state = eng.state_dict()  # the overflow was still pending on the device: it must be in the state
     assert state["counters"]["skipped_steps"] == 1 and state["offenders"] == {"0.bias": 1}
     assert state["scaler"]["scale"] == 32.0
+
+
+def _weights_after(policy: str, fused: bool, steps: int = 3, **cfg):
+    torch.manual_seed(0)
+    model, eng = tiny_mlp(), engine(init_scale=1024.0, nonfinite_loss_policy=policy, **cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+    for x, y in batches(steps):
+        eng.train_step(model, opt, F.cross_entropy, x, y)
+    return [p.detach().clone() for p in model.parameters()], eng
+
+
+def test_a_fused_optimizer_under_the_raise_policy_steps_on_unscaled_gradients():
+    # "raise" reads the flags on the host before stepping: the fused kernel then gets no grad_scale, so
+    # the engine must unscale itself (a 1024x step otherwise)
+    ref, _ = _weights_after("skip", fused=False)
+    for policy in ("skip", "raise"):
+        got, _ = _weights_after(policy, fused=True)
+        for p, q in zip(got, ref):
+            torch.testing.assert_close(p, q)
+
+
+def test_the_bf16_fallback_applies_from_the_next_window_on_the_device_side_path():
+    # At min_scale 64 a step whose gradients were scaled by 64 but not unscaled would move 64x too far.
+    def run(fused):
+        torch.manual_seed(0)
+        model = tiny_mlp()
+        eng = engine(init_scale=256.0, min_scale=64.0, collapse_patience=2, collapse_policy="fallback_bf16")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+        poison = GradPoison(model[0].bias, steps={0, 1, 2, 3})
+        moves = []
+        for x, y in batches(10):
+            before = [p.detach().clone() for p in model.parameters()]
+            eng.train_step(model, opt, F.cross_entropy, x, y)
+            moves.append(max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before)))
+        poison.remove()
+        eng.stepper.settle()
+        return moves, eng
+
+    (sync_moves, sync_eng), (fused_moves, fused_eng) = run(False), run(True)
+    assert sync_eng.events[0]["action"] == fused_eng.events[0]["action"] == "fallback_bf16"
+    assert max(fused_moves) < 2 * max(sync_moves)  # no step on gradients still scaled by 64
+    assert max(sync_moves) < 0.5
+
+
+def test_a_caught_collapse_error_leaves_the_engine_able_to_step():
+    from ampray.amp.trainer import ScaleCollapseError
+
+    model, eng = tiny_mlp(), engine(init_scale=1.0, min_scale=1.0, collapse_patience=2)
+    opt = fused_adam(model)
+    poison = GradPoison(model[0].bias, always=True)
+    caught = 0
+    for x, y in batches(12):
+        try:
+            eng.train_step(model, opt, F.cross_entropy, x, y)
+        except ScaleCollapseError:
+            caught += 1
+    poison.remove()
+    assert caught >= 1 and eng.counters.micro_in_window == 0
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in batches(6, seed=5):
+        try:
+            eng.train_step(model, opt, F.cross_entropy, x, y)
+        except ScaleCollapseError:
+            pass  # the booking of the poisoned steps still pending
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
