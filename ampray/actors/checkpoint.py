@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ampray.amp.state import atomic_save
+from ampray.actors.manifest import Files, verify
 
 STATE_FILE = "state.pt"
 
@@ -55,10 +55,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, scheduler, engine, step: int,
-                    data_state: dict[str, Any], job: dict[str, Any], job_toml: str = "") -> Path:
-    """Write the whole training state into `directory` (created); returns the state file."""
+                    data_state: dict[str, Any], job: dict[str, Any], job_toml: str = "",
+                    files: Files | None = None) -> Path:
+    """Write the whole training state into `directory` (created); returns the state file. With `files`
+    (rank 0's manifest in the making) the files are hashed as they are written and the caller seals the
+    manifest once every file of the rank is in; without, this writes and seals a one-rank checkpoint."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    own = files is None
+    files = files if files is not None else Files(directory, 0)
     # The engine first: its state_dict settles a deferred optimizer step (and the scheduler step that goes
     # with it), which the optimizer's and scheduler's states below must include.
     engine_state = engine.state_dict()
@@ -73,18 +77,24 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, sched
         "data": dict(data_state),
         "job": job,
     }
-    path = directory / STATE_FILE
-    atomic_save(state, path)
+    path = files.save(STATE_FILE, state)
     if job_toml:
-        (directory / "job.toml").write_text(job_toml)
+        files.text("job.toml", job_toml)
+    if own:
+        files.seal(world=1)
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not verify against its manifest."""
+
+
 def load_checkpoint(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {directory}: no {STATE_FILE} in it")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state of a checkpoint, verified first (every rank's manifest, every file's size and SHA-256)."""
+    reason = verify(directory)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {directory} does not verify: {reason}")
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, engine) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ampray.actors.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
+from ampray.actors.manifest import Files
 from ampray.actors.data import build_train_batches, build_val_batches, load_train_and_val, load_val
 from ampray.actors.evaluate import evaluate
 from ampray.actors.reporting import (CHECKPOINT_TMP_PREFIX, Reporter, remove_stale_checkpoint_copies,
@@ -306,14 +307,16 @@ def _submit_checkpoint(w: Worker, reporter: Reporter, metrics: dict[str, Any], s
                        config: dict[str, Any]) -> None:
     # The state is written now (it is this step's); only handing it to Ray happens in the background.
     folder = tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_TMP_PREFIX}{os.getpid()}-")
+    # Every file is hashed as it is written; the rank's manifest goes in last (manifest.py).
+    files = Files(folder.name, w.rank)
     if w.rank == 0:
         save_checkpoint(folder.name, model=w.model, optimizer=w.optimizer, scheduler=w.scheduler, engine=w.engine,
                         step=step, data_state=w.batches.state_dict(), job=w.job.to_dict(),
-                        job_toml=config.get("job_toml", ""))
+                        job_toml=config.get("job_toml", ""), files=files)
     else:
-        torch.save(w.engine.state_dict(), Path(folder.name) / f"engine_rank{w.rank}.pt")
-    torch.save(rng_state(), Path(folder.name) / f"rng_rank{w.rank}.pt")
+        files.save(f"engine_rank{w.rank}.pt", w.engine.state_dict())
+    files.save(f"rng_rank{w.rank}.pt", rng_state())
     # This rank's report, kept with the state: a rerun that finds the run complete reports it again.
-    (Path(folder.name) / f"report_rank{w.rank}.json").write_text(
-        json.dumps({k: v for k, v in metrics.items() if k != "hparams"}))
+    files.text(f"report_rank{w.rank}.json", json.dumps({k: v for k, v in metrics.items() if k != "hparams"}))
+    files.seal(world=w.world if w.rank == 0 else None)
     reporter.submit(metrics, folder, f"checkpoint_{step:06d}")

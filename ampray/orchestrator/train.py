@@ -398,6 +398,10 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
                    f"({', '.join(plan.unused_parameters[:3])}{', ...' if len(plan.unused_parameters) > 3 else ''}): "
                    "DDP looks for them in every step (scaling.find_unused_parameters)")
         check_batch_fits(job, plan.rows, num_workers)
+        from ampray.orchestrator.checkpoints import settle_checkpoints
+
+        for note in settle_checkpoints(job.run_dir()):  # resume only from a checkpoint that verifies
+            notify(note)
         for note in check_resume(job, num_workers):
             notify(note)
         stale = set_aside_stale_events(job.run_dir())
