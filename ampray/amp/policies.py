@@ -73,11 +73,10 @@ class NonFiniteLoss:
         return self.kind == "raise"
 
     def backward_factor(self, loss: torch.Tensor, factor: torch.Tensor | float):
-        """(factor or NaN, bad) for the piece's backward; `bad` is None when unchecked."""
+        """The piece's backward factor, NaN where the loss is not finite (unchanged when unchecked)."""
         if not self.checked:
-            return factor, None
-        bad = ~torch.isfinite(loss.detach())
-        return torch.where(bad, torch.nan, factor), bad
+            return factor
+        return torch.where(torch.isfinite(loss.detach()), factor, torch.nan)
 
     def check(self, bad_ranks: list[int], world: int, where: str) -> None:
         if self.kind == "raise" and bad_ranks:

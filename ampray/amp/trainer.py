@@ -231,83 +231,75 @@ class MixedPrecisionTrainer:
 
     def _piece(self, model, criterion, data, target, start, stop, n, weight, sync, level):
         """Rows [start, stop): forward, agree, backward, agree. Returns the piece's weighted loss, or None
-        when the ranks agreed to split it; raises _WindowDropped when they agreed to drop the window."""
-        c, raising = self.counters, self.oom.kind == "raise"
-        if stop == start:  # an empty piece (a smaller batch than another rank's): it only takes part
-            if self._agree(False, 0):
-                return self._after_oom(model, "forward", False, 0, level)
-            if self._agree_with_presence(model, False, 0) if sync and self._engine_reduces else self._agree(False, 0):
-                return self._after_oom(model, "backward", False, 0, level)
-            c.grads_dirty = True  # as on the ranks whose piece had rows: the same decisions follow
-            return torch.zeros((), device=self.device)
-        frac = (stop - start) / n
+        when the ranks agreed to split it; raises _WindowDropped when they agreed to drop the window. An
+        empty piece (a smaller batch than another rank's) computes nothing but takes part in both."""
+        c, raising, rows = self.counters, self.oom.kind == "raise", stop - start
         no_sync = model.no_sync() if hasattr(model, "no_sync") and (not sync or self._engine_reduces) \
             else contextlib.nullcontext()
-        failed = False
+        failed, loss = False, None
         with no_sync, self._islands.guard():
-            loss = None
-            try:
-                x, y = _rows(data, start, stop), _rows(target, start, stop)
-                with self.autocast():
-                    loss = criterion(model(x), y)
-            except OutOfMemoryError:
-                if raising:
-                    raise
-                failed = True
+            if rows:
+                try:
+                    x, y = _rows(data, start, stop), _rows(target, start, stop)
+                    with self.autocast():
+                        loss = criterion(model(x), y)
+                except OutOfMemoryError:
+                    if raising:
+                        raise
+                    failed = True
             # Out of the except block: the traceback (and the activations it pins) is released.
-            if self._agree(failed, stop - start):
-                del loss
-                return self._after_oom(model, "forward", failed, stop - start, level)
-            factor = self.scaler.scale_tensor if self.scaler.enabled else 1.0
-            w = weight * frac
-            if w != 1.0:
-                factor = factor * w
-            try:
-                if self.poisons:
-                    factor, _ = self.nonfinite.backward_factor(loss, factor)
-                (loss.float() * factor if torch.is_tensor(factor) or factor != 1.0 else loss).backward()
-            except OutOfMemoryError:
-                if raising:
-                    raise
-                failed = True
-            if sync and self._engine_reduces:
-                oom_any = self._agree_with_presence(model, failed, stop - start)
-            else:
-                oom_any = self._agree(failed, stop - start)
+            oom_any, splittable = self._agree(model, failed, rows)
             if oom_any:
                 del loss
-                return self._after_oom(model, "backward", failed, stop - start, level)
-        c.grads_dirty = True
+                return self._after_oom(model, "forward", failed, splittable, level)
+            if rows:
+                factor = self.scaler.scale_tensor if self.scaler.enabled else 1.0
+                w = weight * rows / n
+                if w != 1.0:
+                    factor = factor * w
+                try:
+                    if self.poisons:
+                        factor = self.nonfinite.backward_factor(loss, factor)
+                    (loss.float() * factor if torch.is_tensor(factor) or factor != 1.0 else loss).backward()
+                except OutOfMemoryError:
+                    if raising:
+                        raise
+                    failed = True
+            oom_any, splittable = self._agree(model, failed, rows, presence=sync and self._engine_reduces)
+            if oom_any:
+                del loss
+                return self._after_oom(model, "backward", failed, splittable, level)
+        c.grads_dirty = True  # an empty piece too: every rank then makes the same decisions
+        if not rows:
+            return torch.zeros((), device=self.device)
         loss = loss.detach().float()
-        return loss if frac == 1.0 else loss * frac
+        return loss if rows == n else loss * (rows / n)
 
     def _agreeing(self) -> bool:
         return self.oom.collective and self.consensus.active
 
-    def _agree(self, failed: bool, rows: int) -> bool:
-        """Whether any rank ran out of memory in this piece; notes whether the failing pieces can split
-        (a piece of one row cannot)."""
+    def _agree(self, model, failed: bool, rows: int, presence: bool = False) -> tuple[bool, bool]:
+        """(whether any rank ran out of memory in this piece, whether the pieces that failed can split: one
+        of a single row cannot). With `presence` (the window's last piece on the OOM-safe DDP path) the
+        ranks also agree on which parameters have a gradient on some rank: the engine's all-reduce needs
+        the same list everywhere."""
+        stuck = int(failed and rows < 2)
         if not self._agreeing():
-            self._splittable = rows > 1
-            return failed
-        any_failed, stuck = self.consensus.max([int(failed), int(failed and rows < 2)])
-        self._splittable = not stuck
-        return bool(any_failed)
+            return failed, not stuck
+        flags = [int(failed), stuck]
+        if presence:
+            flags += [int(p.grad is not None) for p in model.parameters() if p.requires_grad]
+        flags = self.consensus.max(flags)
+        if presence:
+            self.counters.present = flags[2:]
+        return bool(flags[0]), not flags[1]
 
-    def _agree_with_presence(self, model, failed: bool, rows: int) -> bool:
-        """_agree for the window's last piece on the OOM-safe DDP path, which also agrees on which
-        parameters have a gradient on some rank (the engine's all-reduce needs the same list everywhere)."""
-        present = [int(p.grad is not None) for p in model.parameters() if p.requires_grad]
-        flags = self.consensus.max([int(failed), int(failed and rows < 2)] + present)
-        self.counters.present, self._splittable = flags[2:], not flags[1]
-        return bool(flags[0])
-
-    def _after_oom(self, model, phase: str, here: bool, rows: int, level: int) -> None:
+    def _after_oom(self, model, phase: str, here: bool, splittable: bool, level: int) -> None:
         """Apply the OOM policy to a piece that failed (here or on another rank)."""
         c = self.counters
         c.oom_events += int(here)
         _free_memory(self.device)
-        decision = self.oom.decide(self._splittable)
+        decision = self.oom.decide(splittable)
         if decision == "split":
             c.pieces = max(c.pieces, 2 * level)  # later micro-batches start at the size that is retried
         if phase == "backward" and c.grads_dirty:
