@@ -20,11 +20,30 @@ from typing import Any
 from ampray.actors.manifest import verify
 from ampray.amp.config import ConfigError
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"
 SET_ASIDE = "unverified"
 
+# Ray Train's own list of the run's checkpoints, written once every rank's upload of one is complete.
+SNAPSHOT = "checkpoint_manager_snapshot.json"
 
-def _step(folder: Path) -> int:
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder a rerun resumes from: the one Ray Train registered last in its snapshot.
+    A folder it did not register (every rank copies its files in on its own; a crash during that copy
+    leaves a part) is never resumed from by Ray, so it is not compared against either; without a
+    snapshot Ray starts the run over, and so None."""
+    try:
+        latest = json.loads((run_dir / SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"run {run_dir.name!r}: Ray's checkpoint list {run_dir / SNAPSHOT} cannot be read "
+                          f"({err}); give this run a new --name") from None
+    name = latest.get("checkpoint_dir_name")
+    return run_dir / name if name else None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder holds, from its name (checkpoint_000040); -1 for another name."""
     try:
         return int(folder.name.removeprefix("checkpoint_"))
     except ValueError:
@@ -66,7 +85,7 @@ def settle_checkpoints(run_dir: Path) -> list[str]:
     snapshot at the newest one that does. Returns notes for the user (empty when all is well); raises
     ConfigError when checkpoints exist and none verifies."""
     snapshot_path = run_dir / SNAPSHOT
-    folders = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir() and _step(p) >= 0), key=_step)
+    folders = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
     snapshot: dict[str, Any] | None = None
     unreadable = None
     if snapshot_path.exists():
@@ -97,7 +116,7 @@ def settle_checkpoints(run_dir: Path) -> list[str]:
         where = _set_aside(run_dir, folder)
         notes.append(f"{folder.name} does not verify ({reason}): set aside in {where.relative_to(run_dir)}")
     if snapshot is None:
-        kept = [f for f in folders if _step(f) <= _step(good) and verify(f) is None]
+        kept = [f for f in folders if checkpoint_step(f) < checkpoint_step(good) and verify(f) is None] + [good]
         _write_json(snapshot_path, _rebuilt_snapshot(kept))
         notes.append(f"Ray's checkpoint list could not be read ({unreadable}): rebuilt from the {len(kept)} "
                      "checkpoint(s) that verify")

@@ -19,6 +19,7 @@ from typing import Any
 
 from ampray.data.columns import check_columns, schema_summary
 from ampray.models.registry import ModelSpec
+from ampray.orchestrator.checkpoints import SNAPSHOT, checkpoint_step, latest_checkpoint  # noqa: F401
 
 from ampray.job import ConfigError, JobConfig, _flatten, absolute_data_path
 
@@ -379,34 +380,6 @@ def _may_change(key: str) -> bool:
     # The loss scaler's live settings and the adaptation's: the worker applies changes through the
     # engine's setters after the restore (what a PBT mutation does).
     return key in _MAY_CHANGE or key.startswith("precision.") and settings.is_live(key)
-
-
-# Ray Train's own list of the run's checkpoints, written once every rank's upload of one is complete.
-SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint folder a rerun resumes from: the one Ray Train registered last in its snapshot.
-    A folder it did not register (every rank copies its files in on its own; a crash during that copy
-    leaves a part) is never resumed from by Ray, so it is not compared against either; without a
-    snapshot Ray starts the run over, and so None."""
-    try:
-        latest = json.loads((run_dir / SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"run {run_dir.name!r}: Ray's checkpoint list {run_dir / SNAPSHOT} cannot be read "
-                          f"({err}); give this run a new --name") from None
-    name = latest.get("checkpoint_dir_name")
-    return run_dir / name if name else None
-
-
-def checkpoint_step(folder: Path) -> int:
-    """The step a checkpoint folder holds, from its name (checkpoint_000040); -1 for another name."""
-    try:
-        return int(folder.name.removeprefix("checkpoint_"))
-    except ValueError:
-        return -1
 
 
 def check_resume(job: JobConfig, num_workers: int) -> list[str]:
