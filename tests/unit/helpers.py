@@ -67,3 +67,23 @@ class _OOMInBackward(torch.autograd.Function):
             ctx.owner.raised += 1
             raise OutOfMemoryError("CUDA out of memory in backward (test)")
         return grad, None
+
+
+def spawn_ranks(target, args_of_rank, world: int, deadline_s: float) -> tuple[list, list[int]]:
+    """Start `world` spawned processes `target(*args_of_rank(r))`, wait up to `deadline_s` for them, kill
+    the ones still running; returns their exit codes and the ranks that had to be killed (a hung
+    collective fails the test on its own deadline instead of hanging the suite)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of_rank(r)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(deadline_s)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs], hung

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import socket
 import traceback
@@ -23,6 +22,7 @@ from torch import nn
 from ampray.amp.adaptive import AdaptiveMixedPrecisionTrainer
 from ampray.amp.config import MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer, OutOfMemoryError
+from tests.unit.helpers import spawn_ranks
 
 DEADLINE_S = 120
 STEPS = 6
@@ -167,22 +167,12 @@ def _free_port() -> int:
 
 def run_two_ranks(tmp_path: Path, names: list[str], rows=8, target=_rank_main) -> tuple[list, list[dict]]:
     """Run `names` in two spawned ranks; returns their exit codes and their results (kills on deadline)."""
-    ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, 2, port, names, str(tmp_path), rows)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(DEADLINE_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    codes, hung = spawn_ranks(target, lambda r: (r, 2, port, names, str(tmp_path), rows), 2, DEADLINE_S)
     assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) if (tmp_path / f"rank{r}.json").exists()
                else {} for r in range(2)]
-    return [p.exitcode for p in procs], results
+    return codes, results
 
 
 @pytest.fixture(scope="module")

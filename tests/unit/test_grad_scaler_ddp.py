@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from ampray import GradScaler
+from tests.unit.helpers import spawn_ranks
 
 DEADLINE_S = 90
 STEPS, FAULT_STEP, FAULT_RANK = 6, 2, 1
@@ -66,20 +66,10 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grad_scaler_ddp")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp / "init"), str(tmp))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(DEADLINE_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    codes, hung = spawn_ranks(_rank_main, lambda r: (r, str(tmp / "init"), str(tmp)), 2, DEADLINE_S)
     errors = {r: (tmp / f"rank{r}.err").read_text() for r in range(2) if (tmp / f"rank{r}.err").exists()}
     assert not hung, f"ranks {hung} still running after {DEADLINE_S} s; errors: {errors}"
-    assert [p.exitcode for p in procs] == [0, 0], errors
+    assert codes == [0, 0], errors
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
