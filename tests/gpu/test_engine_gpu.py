@@ -189,8 +189,10 @@ def test_scale_collapse_falls_back_to_bf16_on_the_gpu():
     for _ in range(2):
         eng.train_step(model, opt, F.cross_entropy, torch.randn(4, 8), torch.randint(0, 4, (4,)))
     h.remove()
-    assert eng.amp_dtype == torch.bfloat16 and eng.events[-1]["action"] == "fallback_bf16"
+    # Decided at the collapse, applied at the next window's start (the same step on every rank).
+    assert eng.fallback_due and eng.events[-1]["action"] == "fallback_bf16"
     out = eng.train_step(model, opt, F.cross_entropy, torch.randn(4, 8), torch.randint(0, 4, (4,)))
+    assert eng.amp_dtype == torch.bfloat16 and not eng.fallback_due
     assert not out.skipped
 
 
