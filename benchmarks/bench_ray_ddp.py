@@ -48,6 +48,34 @@ def plain(n: int, dtype: str, args, runner: str = "plain") -> dict:
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
+ANCHOR_CODE = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("anchor_gpt", sys.argv[1]); a = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(a)
+B, steps, warmup, prec, comp = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1"
+gen = lambda: (torch.randint(0, 50304, (B, 1024), device="cuda"), torch.randint(0, 50304, (B, 1024), device="cuda"))
+print(json.dumps(a.run_case("gpt2-124M", a.GPT, gen, steps, warmup, prec, compile_=comp)))
+"""
+
+
+def anchor(n: int, dtype: str, args) -> dict:
+    """The plain-PyTorch reference (`../shared/gpu/anchor_gpt.py`, imported from --anchor, not copied): its
+    nanoGPT-style GPT-2 124M and loop at the same batch and precision, one GPU, in its own process."""
+    if n != 1 or args.accum != 1 or args.preset != "small":
+        raise SystemExit("--runners anchor: one worker, --accum 1 and --preset small only (the reference is "
+                         "GPT-2 124M on one GPU)")
+    cmd = [sys.executable, "-c", ANCHOR_CODE, str(args.anchor), str(args.batch_size), str(args.steps - args.warmup),
+           str(args.warmup), dtype, "1" if args.compile else "0"]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    if out.returncode:
+        raise SystemExit(f"the reference failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    r = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    return {"runner": "anchor", "world_size": 1, "dtype": dtype, "mean_step_s": r["step_s"],
+            "peak_gib": r["peak_gib"], "samples_per_s": args.batch_size / r["step_s"], "wall_s": time.time() - t0,
+            "final_loss": r["loss"]}
+
+
 def _nccl_env(args, tag: str) -> dict | None:
     """With --nccl-debug DIR: NCCL's INFO log of every rank into DIR/<tag>-<host>-<pid>.log (transport,
     channels, algorithm and protocol choices), the same for torchrun and for Ray's workers, which inherit
@@ -94,7 +122,10 @@ def ray(n: int, dtype: str, args, storage: Path, runner: str = "ray") -> dict:
     return {"runner": runner, "world_size": n, "dtype": dtype, "mean_step_s": mean,
             "median_interval_s": statistics.median(v for _, v in points), "intervals": points,
             "samples_per_s": args.batch_size * args.accum * n / mean, "wall_s": time.time() - t0,
-            "final_loss": scalars["all/loss/mean"][-1][1]}
+            "final_loss": scalars["all/loss/mean"][-1][1],
+            "mfu": statistics.fmean(v for s, v in scalars.get("rank0/perf/mfu", []) if s > args.warmup)
+            if any(s > args.warmup for s, _ in scalars.get("rank0/perf/mfu", [])) else None,
+            "peak_gib": max((v for _, v in scalars.get("rank0/memory/peak_allocated_bytes", [])), default=0) / 2**30}
 
 
 def main() -> None:
@@ -106,7 +137,8 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--allreduce-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--runners", default="plain,engine,ray",
-                   help="engine: the worker's step and reports under torchrun; rayvar: ray with --variant-env")
+                   help="engine: the worker's step and reports under torchrun; rayvar: ray with --variant-env; "
+                        "anchor: the plain-PyTorch reference model and loop (one GPU)")
     p.add_argument("--variant-env", default="", help="KEY=VAL,...: the environment of runner 'rayvar' "
                    "(`ampray train` with these set), e.g. RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2")
     p.add_argument("--repeats", type=int, default=1, help="runs of every configuration, interleaved")
@@ -122,6 +154,8 @@ def main() -> None:
     p.add_argument("--smi", type=Path, default=None,
                    help="an nvidia-smi --query-gpu=timestamp,index,utilization.gpu,clocks.sm,power.draw "
                         "--format=csv,noheader -lms 200 log taken during the run: each run's GPU conditions")
+    p.add_argument("--anchor", type=Path, default=ROOT / ".gpukit" / "anchor_gpt.py",
+                   help="the plain-PyTorch reference that runner 'anchor' imports (the kit copies it there)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.smoke:
@@ -145,6 +179,7 @@ def main() -> None:
                     for runner in order:
                         t0 = time.time()
                         r[runner] = (ray(n, dtype, args, Path(storage), runner) if runner.startswith("ray")
+                                     else anchor(n, dtype, args) if runner == "anchor"
                                      else plain(n, dtype, args, runner))
                         r[runner]["window"] = (t0, time.time())
                     rows.append({k: r[k] for k in runners} | {"repeat": rep})
@@ -214,6 +249,14 @@ def summarise(rows: list[dict], runners: list[str], args) -> None:
             print((f"| {dtype} | {n} | " + "".join(f"{c} | " for c in cells + ratios)).rstrip())
     for dtype in args.dtypes.split(","):
         for n in map(int, args.workers.split(",")):
+            peaks = {k: max((r[k].get("peak_gib") or 0) for r in rows
+                            if r[base]["dtype"] == dtype and r[base]["world_size"] == n) for k in runners}
+            mfus = [r[k]["mfu"] for r in rows for k in runners if r[k].get("mfu")
+                    and r[base]["dtype"] == dtype and r[base]["world_size"] == n]
+            if mfus:
+                print(f"{dtype} x{n} MFU reported by `ampray train` (rank 0): median {statistics.median(mfus):.3f}")
+            if any(peaks.values()):
+                print(f"{dtype} x{n} peak GiB (rank 0): " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items() if v))
             if n > 1 and (dtype, 1) in samples:
                 for k in runners:
                     speedup = samples[dtype, n][k] / samples[dtype, 1][k]

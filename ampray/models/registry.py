@@ -97,8 +97,9 @@ class ModelSpec:
     """criterion(output, target) -> 0-d tensor."""
     builtin: bool = False
     """A zoo entry: its data may come from ampray's own schema and the built-in corpus."""
-    flops_per_sample: Callable[[nn.Module], int] | None = None
-    """Training flops of one sample, when known (throughput in flops and MFU)."""
+    flops_per_sample: Callable[[nn.Module, Any], int] | None = None
+    """(model, a batch's inputs) -> training flops of one sample, when known (throughput in flops and MFU).
+    For a user's model: its `flops_per_sample()` method, when it has one (see `model_flops_per_sample`)."""
     synthetic: Callable[[dict[str, Any], int, int], tuple[Any, torch.Tensor]] | None = None
     """(options, rows, seed) -> (inputs, targets) of the built-in corpus shaped for the model."""
     tokens_per_sample: Callable[[Any], int] | None = None
@@ -120,8 +121,8 @@ def _builtin(kind: str) -> ModelSpec:
     from ampray.models import build_criterion, build_model
     from ampray.models.builtin_data import check_builtin_data, synthetic_corpus
 
-    flops = {"mlp": lambda m: m.flops_per_sample(), "cnn": lambda m: m.flops_per_sample(),
-             "gpt": lambda m: m.flops_per_token() * m.config.block_size}[kind]
+    flops = {"mlp": lambda m, x: m.flops_per_sample(), "cnn": lambda m, x: m.flops_per_sample(int(x.shape[-1])),
+             "gpt": lambda m, x: m.flops_per_token(int(x.shape[1])) * int(x.shape[1])}[kind]
     return ModelSpec(kind, lambda **options: build_model(kind, **options), build_criterion(kind), True, flops,
                      synthetic=lambda options, rows, seed: synthetic_corpus(kind, options, rows, seed),
                      tokens_per_sample=(lambda x: int(x.shape[1])) if kind == "gpt" else None,
@@ -147,6 +148,26 @@ def resolve_spec(kind: str, factory: str = "", loss: str = "", objects: dict[str
                               "model.factory = \"package.module:function\" for your own model")
     spec = _builtin(kind)
     return dataclasses.replace(spec, loss=get("model.loss", loss)) if loss else spec
+
+
+def model_flops_per_sample(spec: ModelSpec, model: nn.Module, x: Any) -> int | None:
+    """Training flops of one sample of `x` for `model` (unwrapped from DDP or torch.compile): the spec's
+    formula for a built-in model, else the model's own `flops_per_sample()` method (no argument, or the
+    batch's inputs), else None; a formula that fails gives None rather than stopping the run."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    try:
+        if spec.flops_per_sample is not None:
+            return int(spec.flops_per_sample(inner, x))
+        method = getattr(inner, "flops_per_sample", None)
+        if callable(method):
+            try:
+                return int(method(x))
+            except TypeError:
+                return int(method())
+    except Exception:
+        return None
+    return None
 
 
 def import_path_of(obj: Any) -> str:
