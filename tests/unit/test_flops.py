@@ -1,14 +1,9 @@
 """Throughput in flops and MFU: the model's flops per sample (built-in formula, or a user model's own
 method) and the device's peak for the precision in use."""
 
-import math
-
 import torch
 from torch import nn
 
-from ampray.actors.worker import report_metrics
-from ampray.amp.config import MixedPrecisionConfig
-from ampray.amp.trainer import MixedPrecisionTrainer
 from ampray.amp.flops import peak_flops, precision_name
 from ampray.models import build_model
 from ampray.models.registry import model_flops_per_sample, resolve_spec
@@ -48,19 +43,3 @@ def test_peaks(monkeypatch):
     assert precision_name(torch.float16) == "fp16" and precision_name(None) in ("fp32", "tf32")
     monkeypatch.setenv("AMPRAY_PEAK_TFLOPS", "2.5")
     assert peak_flops(torch.device("cpu"), torch.bfloat16) == 2.5e12
-
-
-def test_reports_carry_tflops_and_mfu_when_the_peak_is_known(monkeypatch):
-    monkeypatch.setenv("AMPRAY_PEAK_TFLOPS", "0.001")  # 1 GFLOP/s
-    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=torch.bfloat16), torch.device("cpu"))
-    model = eng.prepare_model(Own(8, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        eng.train_step(model, opt, nn.functional.mse_loss, torch.randn(16, 8), torch.randn(16, 4))
-    m = report_metrics(eng, 3, 0, 1, 0.5, 0, flops_per_sample=192)
-    sps = m["perf/samples_per_s"]
-    assert math.isclose(m["perf/tflops_per_s"], sps * 192 / 1e12)
-    assert math.isclose(m["perf/mfu"], sps * 192 / 1e9)
-    monkeypatch.delenv("AMPRAY_PEAK_TFLOPS")
-    m = report_metrics(eng, 3, 0, 1, 0.5, 0, flops_per_sample=192)
-    assert "perf/tflops_per_s" in m and "perf/mfu" not in m  # no peak known for a CPU
