@@ -18,7 +18,8 @@ from ampray.amp.grad_scaler import GradScaler
 from ampray.amp.loop import train_with_mixed_precision
 from ampray.amp.records import BenchResult, MemoryStats, ScalerState, StepStats
 from ampray.amp.scaler import LossScaler
-from ampray.amp.trainer import MixedPrecisionTrainer, NonFiniteLossError, ScaleCollapseError
+from ampray.amp.trainer import (EngineStateError, MixedPrecisionTrainer, NonFiniteLossError, ScaleCollapseError,
+                                TrainingStalledError)
 
 _INTERFACE = ("benchmark_mixed_precision_interface", "train_model_with_mixed_precision_interface")
 _API = ("fit", "search", "FitResult")
@@ -44,6 +45,7 @@ __all__ = [
     "AdaptiveMixedPrecisionTrainer",
     "BenchResult",
     "ConfigError",
+    "EngineStateError",
     "FitResult",
     "GradScaler",
     "LossScaler",
@@ -54,6 +56,7 @@ __all__ = [
     "ScaleCollapseError",
     "ScalerState",
     "StepStats",
+    "TrainingStalledError",
     "benchmark_mixed_precision",
     "benchmark_mixed_precision_interface",
     "create_mixed_precision_config",

@@ -129,6 +129,10 @@ class DataSection:
     """Samples per worker per optimizer step (micro-batches are batch_size / accumulation steps)."""
     eval_batch_size: int = 0
     """Samples per evaluation batch; 0: the training micro-batch."""
+    check: str = "full"
+    """full, schema or off: what the driver checks of every shard of data.path and data.val_path before any
+    worker starts. schema: the footers (schema version, columns, types, shapes); full: also every value, streamed
+    (nulls, non-finite floats, token ids and labels in the model's range, page checksums); off: neither."""
 
     def __post_init__(self) -> None:
         if isinstance(self.streaming, bool):
@@ -145,6 +149,7 @@ class DataSection:
             _fail("data", missing, "", "a column name: data.input and data.target go together")
         _check_choice("data", "input_format", self.input_format, ("dict", "tuple"))
         _check_choice("data", "streaming", self.streaming, ("auto", "true", "false"))
+        _check_choice("data", "check", self.check, ("full", "schema", "off"))
         for name in ("num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 _fail("data", name, getattr(self, name), "an integer >= 1")
@@ -276,6 +281,12 @@ class RunSection:
     """Batches per rank per evaluation; 0: the rank's whole share of the held-out set."""
     adaptive: bool = True
     """Use AdaptiveMixedPrecisionTrainer."""
+    on_divergence: str = "stop"
+    """When the engine raises ScaleCollapseError, TrainingStalledError or NonFiniteLossError: "stop" the run
+    with the reason, or "rollback": every rank reloads the newest verified checkpoint, eases the precision
+    (fp16 -> bf16, else gentler loss scaling), skips the batches that diverged and goes on (README)."""
+    max_rollbacks: int = 2
+    """Rollbacks a run may make with on_divergence="rollback"; the next divergence stops it."""
     address: str = ""
     """Ray cluster address ("auto", "ray://host:10001"); empty: an embedded local cluster."""
 
@@ -292,8 +303,10 @@ class RunSection:
                   "every report)")
         if self.max_failures < -1:
             _fail("run", "max_failures", self.max_failures, "an integer >= 0 (or -1: unlimited)")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            _fail("run", "name", self.name, "a non-empty folder name without '/'")
+        _check_choice("run", "on_divergence", self.on_divergence, ("stop", "rollback"))
+        if self.max_rollbacks < 0:
+            _fail("run", "max_rollbacks", self.max_rollbacks, "an integer >= 0")
+        check_folder_name("run", "name", self.name)
         _check_seed("run", self.seed)
         if self.address and not _address_form(self.address):
             _fail("run", "address", self.address, "auto, host:port of a running cluster's head (such as "
@@ -304,6 +317,19 @@ class RunSection:
 
 
 MAX_SEED = 2**32 - 1
+MAX_NAME_BYTES = 200
+"""Longest run or search name: file systems take 255 bytes per folder name, and ampray adds suffixes
+(`<search>-best`, a trial's `-g<n>`)."""
+
+
+def check_folder_name(section: str, name: str, value: str) -> None:
+    """A run or search name is one folder under storage_path: not empty, no '/', not hidden, not too long
+    (a 300-character name would otherwise fail as an unwritable storage_path)."""
+    if not value or "/" in value or "\0" in value or value.startswith("."):
+        _fail(section, name, value, "a non-empty folder name without '/', not starting with '.'")
+    if len(value.encode()) > MAX_NAME_BYTES:
+        _fail(section, name, f"{value[:20]}...", f"a name of at most {MAX_NAME_BYTES} bytes (this one has "
+              f"{len(value.encode())}; a folder name may have 255, and ampray adds suffixes)")
 
 
 def _address_form(address: str) -> bool:
@@ -387,7 +413,13 @@ class JobConfig:
             if not p.is_file():
                 raise ConfigError(f"--config {str(path)!r}: no such file")
             try:
-                data = tomllib.loads(p.read_text())
+                data = tomllib.loads(p.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as err:  # a binary file (a checkpoint, a Parquet file) given by mistake
+                raise ConfigError(f"--config {str(path)!r}: not a TOML text file (byte {err.object[err.start]:#04x} at "
+                                  f"offset {err.start} is not UTF-8); expected a job file such as a run's "
+                                  "job.toml") from None
+            except OSError as err:
+                raise ConfigError(f"--config {str(path)!r}: cannot be read ({err.strerror or err})") from None
             except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"--config {str(path)!r}: not valid TOML: {err}") from None
         from_file = copy.deepcopy(data)
@@ -506,3 +538,72 @@ def _literal(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def given_fields(path: str | Path | None, overrides: dict[str, Any]) -> set[str]:
+    """The dotted fields that the job file and the overrides set; the others keep their defaults. Call it
+    after `JobConfig.load` has accepted the same file."""
+    data = tomllib.loads(Path(path).expanduser().read_bytes().decode("utf-8")) if path else {}
+    return set(_flatten(data)) | set(overrides)
+
+
+SCALER_SETTINGS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "hysteresis",
+                   "hysteresis_refill", "min_scale", "max_scale", "use_dynamic_loss_scaling")
+"""The loss scaler's settings: they act only where loss scaling runs (fp16, or bf16 with bf16_grad_scaling)."""
+
+
+def precision_notes(job: JobConfig) -> list[str]:
+    """Settings that contradict the precision and so do nothing (a note, not an error: the run is valid)."""
+    p, default = job.precision, MixedPrecisionConfig()
+    notes = []
+    if p.autocast_enabled and _dtype_label(p.dtype) == "fp16" and p.bf16_grad_scaling:
+        notes.append("precision.bf16_grad_scaling=true has no effect with precision.dtype='fp16': it asks for "
+                     "loss scaling under bf16 (fp16 is loss-scaled unless precision.use_grad_scaling=false)")
+    if not p.scaling_enabled:
+        changed = [f"precision.{k}={getattr(p, k)!r}" for k in SCALER_SETTINGS if getattr(p, k) != getattr(default, k)]
+        if changed:
+            why = ("precision.enabled=false" if not p.enabled else
+                   "precision.use_grad_scaling=false" if not p.use_grad_scaling else
+                   f"precision.dtype={_dtype_label(p.dtype)!r} runs without loss scaling")
+            notes.append(f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect: {why} (the "
+                         "loss scaler runs for fp16, or for bf16 with precision.bf16_grad_scaling=true)")
+    return notes
+
+
+def _dtype_label(dtype: Any) -> str:
+    from ampray.amp.config import dtype_name, parse_dtype
+
+    name = dtype_name(parse_dtype(dtype))
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(name, name)
+
+
+CPU_FP16_NOTE = ("fp16 autocast is emulated on CPU: the models run 15-30x slower than under bf16 or fp32 "
+                 "(`ampray recommend` says which to use)")
+
+
+def choose_precision(job: JobConfig, use_gpu: bool, given: set[str], trained: str | None = None
+                     ) -> tuple[JobConfig, str | None]:
+    """The job's precision on its workers, and a note saying what was chosen. On GPUs the default (fp16)
+    stands. On CPU workers a precision the user did not set becomes bf16, except where that would change
+    what the user asked for: a run trained before (`trained`, its saved dtype) keeps its own, and loss-scaler
+    settings the user set keep fp16 (bf16 runs unscaled, so they would do nothing)."""
+    if use_gpu or not job.precision.enabled:
+        return job, None
+    if "precision.dtype" in given:
+        label = _dtype_label(job.precision.dtype)
+        return job, (f"precision.dtype='fp16' on CPU workers: {CPU_FP16_NOTE}" if label == "fp16" else None)
+    if trained is not None:
+        return _with_dtype(job, trained), f"precision.dtype={_dtype_label(trained)!r}: as the run was trained"
+    scaler = [f"precision.{k}" for k in (*SCALER_SETTINGS, "bf16_grad_scaling") if f"precision.{k}" in given]
+    if job.scaling.allreduce_dtype == "fp16":  # needs loss-scaled gradients (JobConfig refuses it unscaled)
+        scaler.append("scaling.allreduce_dtype='fp16'")
+    if scaler:
+        return job, (f"precision.dtype='fp16' (the default) kept on CPU workers, since {', '.join(scaler)} "
+                     "act only with loss scaling, which bf16 does not run; "
+                     f"{CPU_FP16_NOTE}; --precision.dtype bf16 to train faster unscaled")
+    return _with_dtype(job, "bf16"), ("precision.dtype='bf16' chosen for CPU workers (none was set): "
+                                      f"{CPU_FP16_NOTE}; --precision.dtype fp16 or fp32 to choose another")
+
+
+def _with_dtype(job: JobConfig, dtype: Any) -> JobConfig:
+    return dataclasses.replace(job, precision=job.precision.replace(dtype=dtype))

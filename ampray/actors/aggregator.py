@@ -1,7 +1,8 @@
 """Per-rank reports -> TensorBoard, per rank and across ranks (a Ray Train `UserCallback`).
 
 Each worker reports a flat dict (`step`, `rank`, `world_size`, `final`, `loss`, `scaler/*`, `perf/*`,
-`memory/*`; the last report also carries `hparams`). The callback runs on the Train controller and writes
+`memory/*`, `optim/lr` and, where the engine measures it, `optim/grad_norm`; the last report also carries
+`hparams`). The callback runs on the Train controller and writes
 into one run directory:
 
 - `rank{r}/<key>`: every numeric key of rank r's report, at that rank's `step`.

@@ -98,7 +98,9 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, engine) -> int:
-    """Load a checkpoint's state into live objects; returns the step to continue from."""
+    """Load a checkpoint's state into live objects; returns the step to continue from. The engine's state
+    is checked before anything is loaded: one it cannot take changes nothing."""
+    engine.check_state(state["engine"])
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
@@ -106,3 +108,55 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, en
     engine.load_state_dict(state["engine"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def restore_folder(folder: Path, rank: int, *, model: nn.Module, optimizer, scheduler, engine,
+                   batches=None) -> tuple[int, dict[str, Any]]:
+    """Restore a verified checkpoint folder into one rank's live objects: the shared state, then the rank's
+    own RNG and engine files. `batches` None leaves the data where it is (a rollback skips the batches
+    that diverged). Returns (the step to continue from, the shared state)."""
+    state = load_checkpoint(folder)
+    own_engine = folder / f"engine_rank{rank}.pt"
+    # The engine's state is each rank's own: the scale and hysteresis agree across ranks under DDP, but the
+    # counters, the OOM policy's learned chunk size and the adaptation's measurements are the rank's.
+    if own_engine.is_file():
+        state["engine"] = torch.load(own_engine, weights_only=True)
+    step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
+    if batches is not None:
+        batches.load_state_dict(state["data"])
+    own_rng = folder / f"rng_rank{rank}.pt"
+    if own_rng.is_file():
+        set_rng_state(torch.load(own_rng, weights_only=True))
+    return step, state
+
+
+def newest_verified(run_dir: Path, at_most: int) -> Path | None:
+    """The run's newest checkpoint folder (checkpoint_<step>) at a step <= `at_most` that verifies against
+    its manifests, or None."""
+    folders = []
+    for path in Path(run_dir).glob("checkpoint_*"):
+        try:
+            step = int(path.name.removeprefix("checkpoint_"))
+        except ValueError:
+            continue
+        if path.is_dir() and step <= at_most:
+            folders.append((step, path))
+    for _, path in sorted(folders, reverse=True):
+        if verify(path) is None:
+            return path
+    return None
+
+
+def snapshot(*, model: nn.Module, optimizer, scheduler, engine, step: int) -> dict[str, Any]:
+    """The state `restore` takes, in memory (on the CPU): what a rollback returns to when the run has no
+    checkpoint yet."""
+    import copy
+
+    return {
+        "step": int(step),
+        "engine": engine.state_dict(),  # first: it settles a deferred step (see save_checkpoint)
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+        "rng": rng_state(),
+    }

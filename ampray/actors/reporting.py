@@ -124,3 +124,15 @@ def _ray_report(metrics: dict[str, Any], folder: str | None, name: str) -> None:
         ray.train.report(metrics)
     else:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+
+def optimizer_records(scheduler, step) -> dict[str, float]:
+    """The optimizer's side of a report: `optim/lr`, the learning rate the next step uses (first param
+    group), and `optim/grad_norm`, the global norm of the last step's unscaled gradients where the engine
+    measures it (loss scaling or precision.max_grad_norm on; inf for a step that overflowed). Reading the
+    norm is one sync, once per report."""
+    out = {"optim/lr": float(scheduler.get_last_lr()[0])}
+    norm = getattr(step, "grad_norm", None)
+    if norm is not None:
+        out["optim/grad_norm"] = float(norm)
+    return out

@@ -6,7 +6,8 @@ Tune can replace any value; the first thing it does is turn the job back into a 
 throughput, loss and, every `eval_every` steps, held-out loss and accuracy) through `ray.train.report`;
 the aggregator callback on the controller receives all ranks. Every `checkpoint_every` steps and at the
 end, rank 0 writes the full state and every rank its RNG and engine state into one checkpoint (Ray merges
-the ranks' folders).
+the ranks' folders). A divergence of the engine stops the run or, with run.on_divergence = "rollback",
+rolls every rank back to the newest verified checkpoint (`rollback.py`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from typing import Any
 
 import torch
 
-from ampray.actors.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
+from ampray.actors.checkpoint import restore_folder, rng_state, save_checkpoint
 from ampray.actors.manifest import Files
 from ampray.actors.data import build_train_batches, build_val_batches, load_train_and_val, load_val
 from ampray.actors.evaluate import evaluate
-from ampray.actors.reporting import (CHECKPOINT_TMP_PREFIX, Reporter, remove_stale_checkpoint_copies,
-                                     write_progress)
+from ampray.actors.reporting import (CHECKPOINT_TMP_PREFIX, Reporter, optimizer_records,
+                                     remove_stale_checkpoint_copies, write_progress)
+from ampray.actors.rollback import DIVERGENCE, Rollback, event_counts
 from ampray.amp.adaptive import AdaptiveMixedPrecisionTrainer
 from ampray.amp.bench import StepProfiler
+from ampray.amp.flops import peak_flops
 from ampray.amp.trainer import MixedPrecisionTrainer
 from ampray.job import JobConfig, OptimizerSection
-from ampray.models.registry import ModelSpec, resolve_spec
+from ampray.models.registry import ModelSpec, model_flops_per_sample, resolve_spec
 
 __all__ = ["CHECKPOINT_TMP_PREFIX", "IntervalLoss", "Reporter", "build_engine", "build_scheduler",
            "compress_allreduce", "live_setting_changes", "remove_stale_checkpoint_copies", "report_metrics",
@@ -79,6 +82,26 @@ def report_metrics(engine: MixedPrecisionTrainer, step: int, rank: int, world: i
     out.update({f"memory/{k}": v for k, v in memory.to_dict().items()})
     if tokens_per_sample:
         out["perf/tokens_per_s"] = stats.samples_per_s * tokens_per_sample
+    out.update(event_counts(engine.events))
+    return out
+
+
+def interval_throughput(engine: MixedPrecisionTrainer, step_time_s: float, samples_per_step: int,
+                        tokens_per_sample: int, flops_per_sample: int) -> dict[str, float]:
+    """One rank's throughput over a report interval (the steady state: no start-up or compilation in it):
+    samples/s, tokens/s for a language model, and with the model's flops per sample known TFLOP/s and, on a
+    device whose peak is known for the precision in use, `perf/mfu` (achieved / peak, 0-1)."""
+    if not (step_time_s > 0 and math.isfinite(step_time_s)):
+        return {}
+    samples = samples_per_step / step_time_s
+    out = {"perf/interval_samples_per_s": samples}
+    if tokens_per_sample:
+        out["perf/interval_tokens_per_s"] = samples * tokens_per_sample
+    if flops_per_sample:
+        out["perf/tflops_per_s"] = samples * flops_per_sample / 1e12
+        peak = peak_flops(engine.device, engine.amp_dtype)
+        if peak:
+            out["perf/mfu"] = samples * flops_per_sample / peak
     return out
 
 
@@ -124,6 +147,13 @@ def placement() -> dict[str, str]:
 
     gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     return {"placement/node": socket.gethostname(), "placement/gpu": ",".join(map(str, gpus)) or "cpu"}
+
+
+def _resumed() -> bool:
+    """Whether this session restored the run's own checkpoint (then a rollback has one to return to)."""
+    import ray.train
+
+    return ray.train.get_checkpoint() is not None
 
 
 def _log_start(run_dir: Path, rank: int, step: int) -> None:
@@ -229,7 +259,7 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
     reporter = Reporter(w.run_dir, w.rank)
     # AMPRAY_PROFILE=START:COUNT profiles those steps of this session into run_dir/profile/rank<r>.txt.
     profiler = StepProfiler(os.environ.get("AMPRAY_PROFILE", ""), w.run_dir / "profile" / f"rank{w.rank}.txt")
-    criterion, tokens = w.spec.loss, 0
+    criterion, tokens, flops = w.spec.loss, 0, None
     if step >= run.steps:
         # Restored from the final checkpoint (a rerun whose caller never saw the end, such as a resumed
         # search): nothing to train, but the final records are reported again for the caller to see.
@@ -242,13 +272,25 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
             metrics["hparams"] = hparams
         reporter.submit(metrics, None, "")
     eval_every = run.eval_every or run.report_every
+    rollback = Rollback(w, step, restored=_resumed())
     while step < run.steps:
-        for _ in range(k):
-            x, y = w.batches.next_batch()
-            out = w.engine.train_step(w.model, w.optimizer, criterion, x, y, w.scheduler)
-            interval_loss.add(out["loss"])
+        try:
+            for _ in range(k):
+                x, y = w.batches.next_batch()
+                out = w.engine.train_step(w.model, w.optimizer, criterion, x, y, w.scheduler)
+                interval_loss.add(out["loss"])
+            done = step + 1
+            if done % run.report_every == 0 or done % run.checkpoint_every == 0 or done == run.steps:
+                w.engine.stepper.settle()  # a policy raising at a deferred booking does so here, not in a report
+        except DIVERGENCE as err:
+            step = rollback.recover(w, err, step, reporter)  # every rank, at the same step; or raises
+            reporter, interval_loss = Reporter(w.run_dir, w.rank), IntervalLoss(w.device)
+            last = (step, w.engine.counters.wall_time_s())
+            continue
         if not tokens and w.spec.tokens_per_sample is not None:
             tokens = w.spec.tokens_per_sample(x)
+        if flops is None:
+            flops = model_flops_per_sample(w.spec, w.model, x) or 0
         step += 1
         profiler.step()
         final = step == run.steps
@@ -257,11 +299,14 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
             continue
         metrics = report_metrics(w.engine, step, w.rank, w.world, interval_loss.take(), tokens)
         metrics.update(w.placement)
+        metrics.update(optimizer_records(w.scheduler, out))
         if w.job.model.compile:
             metrics["compile/graphs"] = compiled_graphs()
         wall = w.engine.counters.wall_time_s()
         # Step time over this report interval alone: the steady-state figure (no warm-up in it).
         metrics["perf/interval_step_time_s"] = (wall - last[1]) / max(step - last[0], 1)
+        metrics.update(interval_throughput(w.engine, metrics["perf/interval_step_time_s"], k * len(x), tokens,
+                                           flops))
         if w.val is not None and (step % eval_every == 0 or final):
             metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches).to_dict())
         last = (step, w.engine.counters.wall_time_s())  # evaluation time is not step time
@@ -278,17 +323,8 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
 
 def _restore_from(folder: Path, rank: int, job: JobConfig, *, model, optimizer, scheduler, engine,
                   batches) -> int:
-    state = load_checkpoint(folder)
-    step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
-    batches.load_state_dict(state["data"])
-    own = folder / f"rng_rank{rank}.pt"
-    if own.is_file():
-        set_rng_state(torch.load(own, weights_only=True))
-    # The engine's state is each rank's own: the scale and hysteresis agree across ranks under DDP, but the
-    # counters, the OOM policy's learned chunk size and the adaptation's measurements are the rank's.
-    own = folder / f"engine_rank{rank}.pt"
-    if own.is_file():
-        engine.load_state_dict(torch.load(own, weights_only=True))
+    step, state = restore_folder(folder, rank, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 engine=engine, batches=batches)
     # Settings the job changed since the checkpoint was written (a PBT mutation, an edited job file)
     # take effect through the engine's setters; unchanged ones keep what the run adapted them to.
     engine.retune(live_setting_changes(state["job"]["precision"], job.precision.to_dict()),

@@ -31,6 +31,9 @@ from ampray.amp.trainer import MixedPrecisionTrainer
 class ScaleAdaptation:
     """The adaptation policy and what it has measured (windows, clean streak, history, warnings)."""
 
+    settles_each_step = True
+    """A step's scaler settings follow from the previous step's booking: the stepper books at once."""
+
     def __init__(self, baseline_performance: dict[str, Any] | None = None):
         self.baseline_performance = baseline_performance
         self.adaptation_history: list[dict[str, Any]] = []
@@ -126,7 +129,27 @@ class ScaleAdaptation:
             "window": dict(self._window), "window_t0": list(self._window_t0),
         }
 
+    @staticmethod
+    def check_state(a: Any) -> None:
+        """Raise EngineStateError (naming the field) unless `load_state_dict(a)` can load all of it."""
+        from ampray.amp.state import EngineStateError, state_number
+
+        if not a:
+            return
+        owner = "engine state adaptation"
+        if not isinstance(a, dict):
+            raise EngineStateError(f"{owner}={a!r} is not allowed: expected a dict (ScaleAdaptation.state_dict())")
+        for name, kind in (("history", list), ("warnings", list), ("window", dict), ("window_t0", list)):
+            if not isinstance(a.get(name), kind):
+                raise EngineStateError(f"{owner}.{name}={a.get(name)!r} is not allowed: expected a {kind.__name__}")
+        state_number(owner, a, "clean_streak", int, minimum=0)
+        if a.get("last_adapt_step") is not None:
+            state_number(owner, a, "last_adapt_step", int, minimum=0)
+        if len(a["window_t0"]) != 2:
+            raise EngineStateError(f"{owner}.window_t0={a['window_t0']!r} is not allowed: expected [samples, time_s]")
+
     def load_state_dict(self, a: dict[str, Any] | None) -> None:
+        self.check_state(a)
         if a:
             self.adaptation_history = list(a["history"])
             self.warnings = list(a["warnings"])
@@ -145,7 +168,7 @@ class AdaptiveMixedPrecisionTrainer(MixedPrecisionTrainer):
         self.adaptation = ScaleAdaptation(baseline_performance)
 
     def booked_policies(self) -> list:
-        return [self.collapse, self.adaptation]
+        return [self.collapse, self.stall, self.adaptation]
 
     @property
     def baseline_performance(self) -> dict[str, Any] | None:
@@ -181,8 +204,12 @@ class AdaptiveMixedPrecisionTrainer(MixedPrecisionTrainer):
         state["adaptation"] = self.adaptation.state_dict()
         return state
 
+    def check_state(self, state: Any) -> None:
+        super().check_state(state)
+        self.adaptation.check_state(state.get("adaptation"))
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # checks the whole state (this class's check_state) first
         self.adaptation.load_state_dict(state.get("adaptation"))
         # The scaler's settings were restored by the base class; mirror them into the config.
         for name, value in self.scaler.settings().items():

@@ -34,7 +34,12 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 OOMPolicy = Literal["raise", "skip", "split"]
 NonFinitePolicy = Literal["raise", "skip", "ignore"]
 CollapsePolicy = Literal["raise", "fallback_bf16"]
+StallPolicy = Literal["raise", "fallback_bf16"]
 HysteresisRefill = Literal["clean", "growth"]
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest finite float32: the loss scale (and its floor and ceiling) must not exceed it."""
 
 
 class ConfigError(ValueError):
@@ -185,6 +190,12 @@ class MixedPrecisionConfig:
     """When overflows continue at min_scale: "raise" an error, or "fallback_bf16" where the device has bf16."""
     collapse_patience: int = 10
     """Overflowing steps in a row at min_scale that count as a scale collapse."""
+    stall_policy: StallPolicy = "raise"
+    """When stall_patience optimizer steps in a row were skipped (a non-finite loss or an overflow, at any
+    scale): "raise" TrainingStalledError, or "fallback_bf16" where the device has bf16 (once: a stall or
+    collapse after the fallback raises)."""
+    stall_patience: int = 50
+    """Skipped optimizer steps in a row that count as a stalled run (no progress at all)."""
     fp32_modules: tuple[str, ...] = ()
     """Modules that run in fp32 inside autocast: qualified-name globs ("head.*") or class names ("LayerNorm")."""
     attribution_top_k: int = 10
@@ -212,6 +223,10 @@ class MixedPrecisionConfig:
             _fail(owner, "hysteresis", self.hysteresis, "an integer >= 1")
         if not self.min_scale > 0:
             _fail(owner, "min_scale", self.min_scale, "a number > 0")
+        for name in ("min_scale", "init_scale", "max_scale"):
+            # The scale lives in a float32 tensor: a larger value would be inf there (or fail to convert).
+            if getattr(self, name) > FLOAT32_MAX:
+                _fail(owner, name, getattr(self, name), f"a number in (0, {FLOAT32_MAX:.8g}] (float32's finite range)")
         if not self.min_scale <= self.init_scale <= self.max_scale:
             _fail(owner, "init_scale", self.init_scale,
                   f"min_scale={self.min_scale} <= init_scale <= max_scale={self.max_scale}")
@@ -221,11 +236,14 @@ class MixedPrecisionConfig:
             _fail(owner, "gradient_accumulation_steps", self.gradient_accumulation_steps, "an integer >= 1")
         if self.collapse_patience < 1:
             _fail(owner, "collapse_patience", self.collapse_patience, "an integer >= 1")
+        if self.stall_patience < 1:
+            _fail(owner, "stall_patience", self.stall_patience, "an integer >= 1")
         if self.attribution_top_k < 1:
             _fail(owner, "attribution_top_k", self.attribution_top_k, "an integer >= 1")
         _check_choice(owner, "oom_policy", self.oom_policy, ("raise", "skip", "split"))
         _check_choice(owner, "nonfinite_loss_policy", self.nonfinite_loss_policy, ("raise", "skip", "ignore"))
         _check_choice(owner, "collapse_policy", self.collapse_policy, ("raise", "fallback_bf16"))
+        _check_choice(owner, "stall_policy", self.stall_policy, ("raise", "fallback_bf16"))
         _check_choice(owner, "hysteresis_refill", self.hysteresis_refill, ("clean", "growth"))
         for pattern in self.fp32_modules:
             if not isinstance(pattern, str) or not pattern:

@@ -26,7 +26,9 @@ def _peak_rss_bytes() -> int:
 def memory_stats(device: torch.device | str | None = None) -> MemoryStats:
     """Read the memory counters of `device` (reads host-side allocator state: no GPU sync)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    rss, peak_rss = _rss_bytes(), _peak_rss_bytes()
+    rss = _rss_bytes()
+    # Linux updates ru_maxrss (the high-water mark) lazily, so it can lag the current RSS read from statm.
+    peak_rss = max(_peak_rss_bytes(), rss)
     if device.type == "cuda" and torch.cuda.is_available():
         s = torch.cuda.memory_stats(device)
         return MemoryStats(

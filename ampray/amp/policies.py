@@ -17,6 +17,10 @@ Events of one `train_step`, in order, and who answers them:
                  with host values (one step late on the no-sync path). Collapse counts overflows at the
                  floor in a row (a clean step resets the count) and at `collapse_patience` raises
                  ScaleCollapseError or falls back to bf16.
+                 Stall.on_booked(engine, step, overflow): counts skipped optimizer steps in a row at any
+                 scale (an overflow or a non-finite loss; a clean step resets the count) and at
+                 `stall_patience` raises TrainingStalledError or falls back to bf16. A fallback is made
+                 once: a collapse or stall after it raises (bf16 overflowing too: the model diverged).
 
 Every input of a decision is the same on every rank (all-reduced gradients, agreed OOM flags, the same
 scale), so every rank decides the same; see `consensus.py`.
@@ -40,6 +44,11 @@ class NonFiniteLossError(FloatingPointError):
 
 class ScaleCollapseError(FloatingPointError):
     """Overflows continued at `min_scale` and `collapse_policy="raise"`."""
+
+
+class TrainingStalledError(FloatingPointError):
+    """`stall_patience` optimizer steps in a row were skipped and `stall_policy="raise"` (or bf16, after
+    the fallback, stalled too): the run makes no progress."""
 
 
 class OOM:
@@ -99,19 +108,85 @@ class Collapse:
             self._collapse(engine, step)
 
     def _collapse(self, engine: "MixedPrecisionTrainer", step: int) -> None:
-        k = engine.config.attribution_top_k
-        offenders = [name for name, _ in engine.offenders.most_common(k)]
+        offenders = _offenders(engine)
         event: dict[str, Any] = {"kind": "scale_collapse", "optimizer_step": step, "scale": engine.last_scale,
                                  "offenders": offenders, "action": "raise"}
-        can_fallback = autocast_supported(engine.device.type, torch.bfloat16)
         engine.events.append(event)
-        if engine.config.collapse_policy == "fallback_bf16" and can_fallback:
+        why_not = _why_no_fallback(engine, engine.config.collapse_policy, "collapse_policy")
+        if why_not is None:
             event["action"] = "fallback_bf16"
             engine.fall_back_to_bf16()
-            engine.counters.overflows_at_floor = 0
             return
         raise ScaleCollapseError(
             f"loss scale collapsed: {engine.counters.overflows_at_floor} overflowing steps in a row at min_scale="
             f"{engine.scaler.min_scale} (optimizer step {step}, scale {engine.last_scale}); "
-            f"offending parameters: {offenders}"
-            + ("" if can_fallback else f"; bf16 fallback unavailable on {engine.device}"))
+            f"offending parameters: {offenders}{why_not}")
+
+
+class Stall:
+    """`stall_policy` after `stall_patience` skipped optimizer steps in a row, at any scale."""
+
+    # The counts live in the engine's counters (`skipped_in_a_row`, `nonfinite_in_a_row`), so that they
+    # resume exactly. Whether a skip came with a non-finite loss is this rank's own flag (under a group
+    # another rank's NaN loss reaches this one as non-finite gradients): it words the message only, the
+    # decision follows from the skip flags, which every rank shares.
+
+    def on_booked(self, engine: "MixedPrecisionTrainer", step: int, overflow: bool) -> None:
+        c = engine.counters
+        if engine.fallback_due:
+            return
+        if overflow:
+            c.skipped_in_a_row += 1
+            c.nonfinite_in_a_row += int(engine.booked_loss_nonfinite)
+        else:
+            c.skipped_in_a_row = c.nonfinite_in_a_row = 0
+        if c.skipped_in_a_row >= engine.config.stall_patience:
+            self._stall(engine, step)
+
+    def _stall(self, engine: "MixedPrecisionTrainer", step: int) -> None:
+        c = engine.counters
+        n, bad = c.skipped_in_a_row, c.nonfinite_in_a_row
+        offenders = _offenders(engine)
+        if bad == n:
+            reason = "the loss was not finite in every one of them"
+        elif bad:
+            reason = (f"the loss was not finite in {bad} of them, the gradients overflowed (inf/NaN) in the "
+                      "others")
+        else:
+            reason = "the gradients overflowed (inf/NaN) in every one of them"
+            if engine.consensus is not None and engine.consensus.active:
+                reason += " (on this rank; a non-finite loss on another rank reaches it as non-finite gradients)"
+        scale = f"{engine.last_scale:g}" if engine.scaler.enabled else "none (unscaled)"
+        event: dict[str, Any] = {"kind": "stall", "optimizer_step": step, "skipped_in_a_row": n,
+                                 "nonfinite_loss_steps": bad, "scale": engine.last_scale,
+                                 "dtype": str(engine.amp_dtype).removeprefix("torch."),
+                                 "offenders": offenders, "action": "raise"}
+        engine.events.append(event)
+        why_not = _why_no_fallback(engine, engine.config.stall_policy, "stall_policy")
+        if why_not is None:
+            event["action"] = "fallback_bf16"
+            engine.fall_back_to_bf16()
+            return
+        named = offenders or "none singled out (every gradient was non-finite)"
+        raise TrainingStalledError(
+            f"training stalled: {n} optimizer steps in a row were skipped (optimizer steps {step - n + 1} to "
+            f"{step}; dtype {event['dtype']}, loss scale {scale}): {reason}; offending parameters: {named}; "
+            f"stall_patience={engine.config.stall_patience}{why_not}")
+
+
+def _offenders(engine: "MixedPrecisionTrainer") -> list[str]:
+    return [name for name, _ in engine.offenders.most_common(engine.config.attribution_top_k)]
+
+
+def _why_no_fallback(engine: "MixedPrecisionTrainer", policy: str, field: str) -> str | None:
+    """None when the bf16 fallback applies now, else the end of the error message saying why it does not."""
+    if policy != "fallback_bf16":
+        return ""
+    if engine.fell_back:
+        return (f"; {field}='fallback_bf16' already fell back to bf16, and bf16 fails too: the model "
+                "diverged (lower the learning rate, clip gradients, or check the data)")
+    if engine.amp_dtype == torch.bfloat16 and not engine.scaler.enabled:
+        return f"; {field}='fallback_bf16' cannot help: the run is already in bf16 without loss scaling"
+    if not autocast_supported(engine.device.type, torch.bfloat16):
+        return f"; bf16 fallback unavailable on {engine.device}"
+    return None

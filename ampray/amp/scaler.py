@@ -100,6 +100,9 @@ class LossScaler:
         if "hysteresis" in changes:
             # A smaller budget applies at once; a larger one starts counting from the next clean step.
             self._hysteresis_left.clamp_(max=self._hysteresis)
+        if self.enabled and ("min_scale" in changes or "max_scale" in changes):
+            # A moved floor or ceiling applies at once too: the scale never lies outside them.
+            self._scale.clamp_(min=self._min_scale, max=self._max_scale)
         self._graphs = {}  # the captured updates hold the old settings as constants
         return {n: (before[n], v) for n, v in self.settings().items() if before[n] != v}
 
@@ -289,6 +292,17 @@ class LossScaler:
         self._graphs[with_valid] = graph
         return graph
 
+    def set_scale(self, value: float) -> None:
+        """Put the scale at `value` (within [min_scale, max_scale]) with a fresh growth tracker: a restart
+        from a lower scale (the remedy after a rollback)."""
+        value = float(value)
+        if not self._min_scale <= value <= self._max_scale:
+            raise ConfigError(f"LossScaler.set_scale: value={value!r} is not allowed: expected min_scale="
+                              f"{self._min_scale:g} <= value <= max_scale={self._max_scale:g}")
+        self._scale.fill_(value)
+        self._growth_tracker.zero_()
+        torch.minimum(self._min_seen, self._scale, out=self._min_seen)
+
     def disable(self) -> None:
         """Stop scaling from now on (the bf16 fallback); counters keep their history."""
         self.enabled = False
@@ -310,17 +324,46 @@ class LossScaler:
         return {"enabled": self.enabled, "dynamic": self.dynamic, "hysteresis_refill": self.refill,
                 **self.read().to_dict(), **self.settings()}
 
+    def check_state(self, state: Any, owner: str = "scaler") -> dict[str, Any]:
+        """The values `load_state_dict` would set, checked first: every field present, the scale a finite
+        positive float32, counters non-negative integers, settings valid together. Raises EngineStateError
+        (naming the field and value) or ConfigError (a setting); nothing is changed."""
+        from ampray.amp.config import FLOAT32_MAX
+        from ampray.amp.state import EngineStateError, state_number
+
+        if not isinstance(state, dict):
+            raise EngineStateError(f"{owner}={state!r} is not allowed: expected a dict (LossScaler.state_dict())")
+        out: dict[str, Any] = {}
+        for name in ("scale", "min_scale_seen", "max_scale_seen"):
+            out[name] = state_number(owner, state, name)
+            if not 0.0 < out[name] <= FLOAT32_MAX:
+                raise EngineStateError(f"{owner}.{name}={state[name]!r} is not allowed: expected a number in "
+                                       f"(0, {FLOAT32_MAX:.8g}] (a loss scale is a finite positive float32)")
+        for name in ("growth_tracker", "hysteresis_left", "overflows", "backoffs", "growths"):
+            out[name] = state_number(owner, state, name, int, minimum=0)
+        settings = {**self.settings(), **{k: state[k] for k in SETTINGS if k in state}}
+        for name in ("growth_interval", "hysteresis"):
+            settings[name] = state_number(owner, settings, name, int, minimum=1)
+        for name in ("growth_factor", "backoff_factor", "min_scale", "max_scale"):
+            settings[name] = state_number(owner, settings, name)
+        MixedPrecisionConfig(init_scale=settings["min_scale"], **settings)  # the settings' own rules
+        out["settings"] = settings
+        refill = state.get("hysteresis_refill", self.refill)
+        if refill not in ("clean", "growth"):
+            raise EngineStateError(f"{owner}.hysteresis_refill={refill!r} is not allowed: expected one of "
+                                   "['clean', 'growth']")
+        out["hysteresis_refill"] = refill
+        return out
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.set(**{k: state[k] for k in SETTINGS if k in state})
-        self.refill = state.get("hysteresis_refill", self.refill)
-        self._reset_tensors(float(state["scale"]))
-        self._growth_tracker.fill_(int(state["growth_tracker"]))
-        self._hysteresis_left.fill_(int(state["hysteresis_left"]))
-        self._overflows.fill_(int(state["overflows"]))
-        self._backoffs.fill_(int(state["backoffs"]))
-        self._growths.fill_(int(state["growths"]))
-        self._min_seen.fill_(float(state["min_scale_seen"]))
-        self._max_seen.fill_(float(state["max_scale_seen"]))
+        values = self.check_state(state)  # first: a bad state changes nothing
+        self.set(**{k: values["settings"][k] for k in SETTINGS if k in state})
+        self.refill = values["hysteresis_refill"]
+        self._reset_tensors(values["scale"])
+        for name in ("growth_tracker", "hysteresis_left", "overflows", "backoffs", "growths"):
+            getattr(self, "_" + name).fill_(values[name])
+        self._min_seen.fill_(values["min_scale_seen"])
+        self._max_seen.fill_(values["max_scale_seen"])
 
 
 def _concrete(device: torch.device) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -13,7 +14,38 @@ from torch import nn
 
 _HOST_FIELDS = ("training_steps", "optimizer_steps", "skipped_steps", "samples", "oom_events",
                 "oom_skipped_batches", "oom_split_retries", "pieces", "micro_in_window",
-                "overflows_at_floor")
+                "overflows_at_floor", "skipped_in_a_row", "nonfinite_in_a_row")
+_FLOAT_FIELDS = ("host_time_s", "loss_sum", "loss_count", "last_loss", "nonfinite_losses")  # required ones
+
+
+class EngineStateError(ValueError):
+    """An engine state (a checkpoint's, a state file's) that cannot be loaded: the message names the field,
+    its value and what is allowed. Nothing was changed by the load that raised it."""
+
+
+def state_number(owner: str, state: dict[str, Any], name: str, kind: type = float, default: Any = None,
+                 finite: bool = True, minimum: float | None = None) -> Any:
+    """state[name] as a `kind` (int or float), checked; EngineStateError naming `owner.name` otherwise."""
+    if name not in state:
+        if default is not None:
+            return default
+        raise EngineStateError(f"{owner}: the required field {name!r} is missing (fields present: "
+                               f"{sorted(state)})")
+    value = state[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) or (torch.is_tensor(value) and
+                                                                              value.numel() == 1)
+    number = float(value) if ok else None
+    if number is not None and finite and not math.isfinite(number):
+        ok = False
+    if ok and kind is int and number != int(number):
+        ok = False
+    if ok and minimum is not None and number < minimum:
+        ok = False
+    if not ok:
+        what = "an integer" if kind is int else ("a finite number" if finite else "a number")
+        raise EngineStateError(f"{owner}.{name}={value!r} is not allowed: expected {what}"
+                               + (f" >= {minimum:g}" if minimum is not None else ""))
+    return int(number) if kind is int else number
 
 
 class TrainerCounters:
@@ -96,17 +128,85 @@ class TrainerCounters:
     def state_dict(self) -> dict[str, Any]:
         return self.read()
 
+    @staticmethod
+    def check_state(state: Any, owner: str = "counters") -> dict[str, Any]:
+        """The values `load_state_dict` would set, checked (EngineStateError naming the field otherwise)."""
+        if not isinstance(state, dict):
+            raise EngineStateError(f"{owner}={state!r} is not allowed: expected a dict of counters")
+        out = {name: state_number(owner, state, name, int, default=1 if name == "pieces" else 0, minimum=0)
+               for name in _HOST_FIELDS}
+        for name in _FLOAT_FIELDS:
+            kind = int if name in ("loss_count", "nonfinite_losses") else float
+            # A diverged run's last loss is NaN, and a resumed one must load it as it was.
+            out[name] = state_number(owner, state, name, kind, finite=name != "last_loss",
+                                     minimum=None if name in ("loss_sum", "last_loss") else 0)
+        out["wall_time_s"] = state_number(owner, state, "wall_time_s", default=0.0, minimum=0)
+        return out
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        values = self.check_state(state)  # first: a bad state changes nothing
         for name in _HOST_FIELDS:
-            setattr(self, name, int(state.get(name, 1 if name == "pieces" else 0)))
-        self.host_time_s = float(state["host_time_s"])
-        self.wall_time_before_s = float(state.get("wall_time_s", 0.0))
+            setattr(self, name, values[name])
+        self.host_time_s = values["host_time_s"]
+        self.wall_time_before_s = values["wall_time_s"]
         self._t_start = None
-        self.loss_sum.fill_(float(state["loss_sum"]))
-        self.loss_count.fill_(int(state["loss_count"]))
-        self.last_loss = torch.tensor(float(state["last_loss"]), device=self.device)
-        self.nonfinite_losses.fill_(int(state["nonfinite_losses"]))
+        self.loss_sum.fill_(values["loss_sum"])
+        self.loss_count.fill_(values["loss_count"])
+        self.last_loss = torch.tensor(values["last_loss"], device=self.device)
+        self.nonfinite_losses.fill_(values["nonfinite_losses"])
         self.end_window()
+
+
+_REQUIRED_STATE = ("config", "amp_dtype", "scaler_enabled", "counters", "offenders", "scale_history", "events",
+                   "last_scale")
+
+
+def check_engine_state(state: Any, scaler) -> None:
+    """`MixedPrecisionTrainer.check_state`: every field of an engine state checked against what loading it
+    needs (`scaler`, the engine's LossScaler, checks its own part); EngineStateError otherwise."""
+    from ampray.amp.config import ConfigError, MixedPrecisionConfig, parse_dtype
+
+    if not isinstance(state, dict):
+        raise EngineStateError(f"engine state={type(state).__name__} is not allowed: expected a dict "
+                               "(MixedPrecisionTrainer.state_dict())")
+    missing = [k for k in _REQUIRED_STATE if k not in state]
+    if missing:
+        raise EngineStateError(f"engine state: required field(s) {missing} missing (present: {sorted(state)}); "
+                               "expected a MixedPrecisionTrainer.state_dict()")
+    try:
+        config = MixedPrecisionConfig.from_dict(state["config"])
+        parse_dtype(state["amp_dtype"], "engine state", "amp_dtype")
+    except ConfigError as err:
+        raise EngineStateError(f"engine state: {err}") from None
+    TrainerCounters.check_state(state["counters"], "engine state counters")
+    if not state_number("engine state", state, "last_scale") > 0:
+        raise EngineStateError(f"engine state.last_scale={state['last_scale']!r} is not allowed: expected a "
+                               "finite number > 0")
+    offenders = state["offenders"]
+    if not isinstance(offenders, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in offenders.items()):
+        raise EngineStateError(f"engine state.offenders={offenders!r} is not allowed: expected "
+                               "{parameter name: overflow count >= 0}")
+    for name in ("scale_history", "events"):
+        if not isinstance(state[name], list):
+            raise EngineStateError(f"engine state.{name}={state[name]!r} is not allowed: expected a list")
+    if "scaler" not in state:
+        if config.save_scaler_state and state["scaler_enabled"]:
+            raise EngineStateError("engine state: the required field 'scaler' is missing (its config has "
+                                   "save_scaler_state=True)")
+        return
+    part = state["scaler"]
+    try:
+        values = scaler.check_state(part, "engine state scaler")
+    except ConfigError as err:
+        raise EngineStateError(f"engine state scaler: {err}") from None
+    if not isinstance(part.get("dynamic"), bool):
+        raise EngineStateError(f"engine state scaler.dynamic={part.get('dynamic')!r} is not allowed: expected a "
+                               "boolean")
+    lo, hi = values["settings"]["min_scale"], values["settings"]["max_scale"]
+    if part.get("enabled", state["scaler_enabled"]) and not lo <= values["scale"] <= hi:
+        raise EngineStateError(f"engine state scaler.scale={part['scale']!r} is not allowed: expected "
+                               f"min_scale={lo:g} <= scale <= max_scale={hi:g}")
 
 
 def estimate_memory_savings(amp_dtype: torch.dtype, num_params: int) -> dict[str, Any]:

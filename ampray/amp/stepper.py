@@ -141,7 +141,7 @@ class OptimizerStep:
     def _step(self, model, optimizers: list, schedulers: list) -> dict[str, Any]:
         e = self.engine
         cfg, c, scaler = e.config, e.counters, e.scaler
-        if schedulers or len(e.booked_policies()) > 1:
+        if schedulers or any(getattr(p, "settles_each_step", False) for p in e.booked_policies()):
             self.settle()  # this step's learning rate and settings follow from the last one's booking
         else:
             self._book_due()
@@ -229,6 +229,8 @@ class OptimizerStep:
             return None
         if not scaler.enabled:
             return None
+        # The per-parameter norms are at hand: the unscaled global norm costs one small op, no sync.
+        out["grad_norm"] = torch.linalg.vector_norm(norms) * scaler.inv_scale()
         if fused:
             return scaler.scale_tensor
         torch._foreach_mul_(grads, scaler.inv_scale())
@@ -267,6 +269,10 @@ class OptimizerStep:
         while self._pending:
             self._book_oldest()
 
+    def discard(self) -> None:
+        """Forget the device-side steps not yet booked: a loaded state replaces what they would book."""
+        self._pending.clear()
+
     def _book_oldest(self) -> None:
         host, event, schedulers, step = self._pending.popleft()
         if event is not None:
@@ -283,5 +289,6 @@ class OptimizerStep:
             for scheduler in schedulers:
                 scheduler.step()
         if not poisoned:  # a dropped window is neither clean nor an overflow
+            e.booked_loss_nonfinite = values[2] > 0  # this rank's own loss flag: words the stall's message
             for policy in e.booked_policies():
                 policy.on_booked(e, step, overflow)

@@ -1,5 +1,5 @@
 """MixedPrecisionTrainer: one `train_step` that does autocast, loss scaling, accumulation, clipping and the
-OOM / non-finite / scale-collapse policies, with counters and state that resume exactly.
+OOM / non-finite / scale-collapse / stall policies, with counters and state that resume exactly.
 
 The trainer is a composition: a `LossScaler` (the scale and its rules), `TrainerCounters`, an
 `OptimizerStep` (owns the optimizer step and the overflow attribution, `stepper.py`), the policies
@@ -33,10 +33,12 @@ from ampray.amp.autocast import Fp32Islands, autocast_supported, default_device
 from ampray.amp.config import MixedPrecisionConfig, dtype_name, parse_dtype
 from ampray.amp.consensus import Consensus
 from ampray.amp.memory import memory_stats
-from ampray.amp.policies import OOM, Collapse, NonFiniteLoss, NonFiniteLossError, ScaleCollapseError  # noqa: F401
+from ampray.amp.policies import (OOM, Collapse, NonFiniteLoss, NonFiniteLossError, ScaleCollapseError,  # noqa: F401
+                                  Stall, TrainingStalledError)
 from ampray.amp.records import MemoryStats, ScalerState, StepStats
 from ampray.amp.scaler import LossScaler
-from ampray.amp.state import TrainerCounters, atomic_save, count_params, estimate_memory_savings
+from ampray.amp.state import (EngineStateError, TrainerCounters, atomic_save, check_engine_state,  # noqa: F401
+                              count_params, estimate_memory_savings)
 from ampray.amp.stepper import OptimizerStep, StepResult
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -71,6 +73,8 @@ class MixedPrecisionTrainer:
         self.consensus: Consensus | None = None  # resolved from the first model trained
         self.poisons = False
         self.fallback_due = False
+        self.fell_back = False  # the bf16 fallback was made: a further collapse or stall raises
+        self.booked_loss_nonfinite = False  # whether the step being booked had a non-finite loss here
         self._engine_reduces = False
         self._islands = Fp32Islands(self.config.fp32_modules, self.device.type)
         self._prepared: set[int] = set()
@@ -84,10 +88,11 @@ class MixedPrecisionTrainer:
         self.oom = OOM(self.config.oom_policy)
         self.nonfinite = NonFiniteLoss(self.config.nonfinite_loss_policy)
         self.collapse = Collapse()
+        self.stall = Stall()
 
     def booked_policies(self) -> list:
         """The policies called at the `booked` event (see policies.py), in order."""
-        return [self.collapse]
+        return [self.collapse, self.stall]
 
     # -- setup ------------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -321,6 +326,8 @@ class MixedPrecisionTrainer:
         diff = self.scaler.set(**changes)
         for name, (_, after) in diff.items():
             setattr(self.config, name, after)
+        # The config keeps its own rule (min_scale <= init_scale <= max_scale), so that a saved state loads.
+        self.config.init_scale = min(max(self.config.init_scale, self.config.min_scale), self.config.max_scale)
         return diff
 
     def retune(self, changes: dict[str, Any], reason: str = "manual") -> dict[str, tuple[Any, Any]]:
@@ -376,8 +383,30 @@ class MixedPrecisionTrainer:
 
     def fall_back_to_bf16(self) -> None:
         """The collapse policy's fallback: autocast to bf16 without loss scaling from the next window on
-        (the one in progress, if any, keeps the scale its backward ran with)."""
-        self.fallback_due = True
+        (the one in progress, if any, keeps the scale its backward ran with). Made once per run."""
+        self.fallback_due = self.fell_back = True
+        c = self.counters
+        c.overflows_at_floor = c.skipped_in_a_row = c.nonfinite_in_a_row = 0  # bf16 gets a full patience
+
+    def ease_after_rollback(self) -> str:
+        """The remedy a rollback applies (on_divergence="rollback" in a Ray run), after the older state is
+        loaded; returns what it did, in words. fp16 where the device has bf16: bf16 without loss scaling
+        from now on. Otherwise, with loss scaling: the scale divided by 16 (not below min_scale),
+        growth_interval doubled and hysteresis one more (recorded as a retune). Unscaled runs: nothing."""
+        if self.amp_dtype == torch.float16 and autocast_supported(self.device.type, torch.bfloat16):
+            self.fall_back_to_bf16()
+            self._apply_fallback()  # at once: the loaded state starts a fresh window
+            return "fp16 -> bf16 without loss scaling"
+        if not self.scaler.enabled:
+            return f"none ({dtype_name(self.amp_dtype)} without loss scaling: only the batches are skipped)"
+        s, old = self.scaler, self._last_scale
+        diff = self.retune({"growth_interval": s.growth_interval * 2, "hysteresis": s.hysteresis + 1},
+                           reason="rollback: gentler loss scaling")
+        new = max(s.min_scale, old / 16)
+        s.set_scale(new)
+        self._last_scale, self._scale_after = new, s.scale_tensor.clone()
+        changes = ", ".join(f"{k} {b} -> {a}" for k, (b, a) in diff.items())
+        return f"gentler loss scaling: scale {old:g} -> {new:g}" + (f", {changes}" if changes else "")
 
     def _apply_fallback(self) -> None:
         self.fallback_due = False
@@ -419,15 +448,24 @@ class MixedPrecisionTrainer:
             "events": list(self.events),
             "last_scale": self._last_scale,
             "fallback_due": self.fallback_due,
+            "fell_back": self.fell_back,
         }
         if self.config.save_scaler_state:
             state["scaler"] = self.scaler.state_dict()
         return state
 
+    def check_state(self, state: Any) -> None:
+        """Raise EngineStateError (naming the field and its value) unless `load_state_dict(state)` can load
+        all of it: every required field present, a valid config, counters, and a scale that is a finite
+        positive float32 within the state's [min_scale, max_scale]. Changes nothing."""
+        check_engine_state(state, self.scaler)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the whole engine, its config included (settings changed by adaptation survive); to
-        change settings of a resumed run (a PBT mutation), call `update_scaler_settings` afterwards."""
-        self.stepper.settle()
+        change settings of a resumed run (a PBT mutation), call `update_scaler_settings` afterwards.
+        The state is checked first (`check_state`): one that cannot be loaded changes nothing."""
+        self.check_state(state)
+        self.stepper.discard()  # steps not yet booked belong to the trajectory the state replaces
         self.config = MixedPrecisionConfig.from_dict(state["config"])
         self.consensus, self.fallback_due = None, False  # bound again (with the loaded policies) on the next step
         self.amp_dtype = parse_dtype(state["amp_dtype"])
@@ -442,6 +480,9 @@ class MixedPrecisionTrainer:
         self.events = list(state["events"])
         self._last_scale = float(state["last_scale"])
         self.fallback_due = bool(state.get("fallback_due", False))
+        # States written before "fell_back" existed: an fp16 run found in bf16 had fallen back.
+        self.fell_back = bool(state.get("fell_back", self.fallback_due or (
+            self.config.dtype == torch.float16 and self.amp_dtype == torch.bfloat16)))
         self._scale_after = self.scaler.scale_tensor.clone() if self.scaler.enabled else self._flags_one()
 
     def save_scaler_state(self, path) -> None:

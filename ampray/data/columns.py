@@ -430,6 +430,28 @@ def table_to_tensors(table: pa.Table | dict[str, np.ndarray], spec: ColumnSpec) 
     return _to_tensors({name: [table[name]] for _, name in spec.fields()}, spec, False)
 
 
+def unreadable(file: Path, err: OSError) -> ConfigError:
+    """The error of a Parquet file that pyarrow cannot read: a failed page checksum, a damaged page or footer."""
+    return ConfigError(f"{file}: cannot be read as Parquet ({err}); expected an intact file (a damaged file must "
+                       "be rewritten, or restored from its source)")
+
+
+def _read_file(file: Path, spec: ColumnSpec, names: list[str], left: int | None) -> tuple[list, int | None]:
+    """(tables of one file's `names` columns, rows still wanted): every row, or the first `left`; the page
+    checksums are verified where the file has them."""
+    with pq.ParquetFile(file, page_checksum_verification=True) as handle:
+        _check_names(handle.schema_arrow.names, spec, f"data.path={file}")
+        if left is None:
+            return [handle.read(columns=names)], None
+        tables = []
+        for batch in handle.iter_batches(batch_size=min(left, 65536), columns=names):
+            tables.append(batch.slice(0, left))
+            left -= len(tables[-1])
+            if left <= 0:
+                break
+        return tables, left
+
+
 def read_columns(path: str | Path, spec: ColumnSpec, max_rows: int | None = None) -> tuple[Inputs, torch.Tensor]:
     """(inputs, target) of the named columns of every file, in file order; only the first `max_rows` rows
     (and only the row groups holding them) when given."""
@@ -441,17 +463,10 @@ def read_columns(path: str | Path, spec: ColumnSpec, max_rows: int | None = None
     for file in parquet_files(path):
         if left is not None and left <= 0:
             break  # enough rows: the later files are not opened
-        with pq.ParquetFile(file) as handle:
-            _check_names(handle.schema_arrow.names, spec, f"data.path={file}")
-            if left is None:
-                tables = [handle.read(columns=names)]
-            else:
-                tables = []
-                for batch in handle.iter_batches(batch_size=min(left, 65536), columns=names):
-                    tables.append(batch.slice(0, left))
-                    left -= len(tables[-1])
-                    if left <= 0:
-                        break
+        try:
+            tables, left = _read_file(file, spec, names, left)
+        except OSError as err:  # pyarrow's IOError: a failed page checksum, a corrupt page or footer
+            raise unreadable(file, err) from None
         for table in tables:
             for name in names:
                 sources[name] += _table_chunks(table, name)

@@ -22,6 +22,8 @@ Parquet schema metadata, on every file:
 A dataset folder holds `part-00000.parquet`, `part-00001.parquet`, ... (rows split contiguously, in
 order) and a `_dataset.json` manifest. Tokens are stored as int32 to halve the bytes and read back
 as int64, the dtype `cross_entropy` wants; floats are stored as float32, so a round trip is bitwise.
+Every data page carries a CRC-32 checksum (Parquet's page checksum), verified whenever a shard is read:
+a shard damaged in the middle fails to read, naming the file, instead of training on garbage.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ampray.data.columns import leaves, num_rows, select_rows
+from ampray.amp.config import ConfigError
+from ampray.data.columns import leaves, num_rows, select_rows, unreadable
 from ampray.data.synthetic import SyntheticConfig, make_dataset
 
 SCHEMA_VERSION = 1
@@ -125,7 +128,7 @@ def write_dataset(out_dir: str | Path, kind: str, inputs: torch.Tensor, targets:
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         table = _shard_table(kind, mat[a:b], None if labels is None else labels[a:b], meta)
         path = out / f"part-{i:05d}.parquet"
-        _atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp))
+        _atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp, write_page_checksum=True))
         paths.append(path)
     # Shards left by an earlier, larger write would otherwise be read as part of this dataset.
     for stale in set(out.glob("part-*.parquet")) - set(paths):
@@ -184,49 +187,94 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
-def _file_kind(table: pa.Table, requested: str | None, where: str) -> tuple[str, dict[str, str]]:
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+def schema_version(meta: dict[str, str], where: str) -> int:
+    """The file's `ampray.schema_version` (1 when absent); ConfigError unless this ampray can read it."""
+    text = meta.get("ampray.schema_version", str(SCHEMA_VERSION))
+    try:
+        version = int(text)
+    except ValueError:
+        version = None
+    if version is None or not 1 <= version <= SCHEMA_VERSION:
+        raise ConfigError(f"{where}: ampray.schema_version is {text!r}; this ampray reads schema versions 1 to "
+                          f"{SCHEMA_VERSION} (a newer version was written by a newer ampray: upgrade to read it)")
+    return version
+
+
+def _file_kind(schema: pa.Schema, requested: str | None, where: str) -> tuple[str, dict[str, str]]:
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     found = meta.get("ampray.kind")
-    version = int(meta.get("ampray.schema_version", SCHEMA_VERSION))
-    if version > SCHEMA_VERSION:
-        raise ValueError(f"{where}: ampray.schema_version is {version}; this reader knows up to {SCHEMA_VERSION}")
+    schema_version(meta, where)
     if requested is not None and found is not None and found != requested:
-        raise ValueError(f"{where}: ampray.kind is {found!r}; expected {requested!r}")
+        raise ConfigError(f"{where}: ampray.kind is {found!r}; expected {requested!r}")
     kind = requested or found
     if kind is None:
-        raise ValueError(f"{where}: no ampray.kind in the Parquet metadata; pass kind= (one of {list(KINDS)})")
+        raise ConfigError(f"{where}: no ampray.kind in the Parquet metadata; pass kind= (one of {list(KINDS)})")
     _check_kind(kind)
     return kind, meta
 
 
-def _column(table: pa.Table, name: str, kind: str, where: str) -> pa.Array:
-    if name not in table.column_names:
-        raise ValueError(f"{where}: column {name!r} missing; expected columns {_COLUMNS[kind]} for kind {kind!r}")
-    col = table.column(name).combine_chunks()
+def _check_type(schema: pa.Schema, name: str, kind: str, where: str) -> None:
+    if name not in schema.names:
+        raise ConfigError(f"{where}: column {name!r} missing; expected columns {_COLUMNS[kind]} for kind {kind!r}")
+    t = schema.field(name).type
     want = "int64" if name == "label" else f"fixed_size_list<{_VALUE_TYPE[kind]}>"
-    ok = (col.type == pa.int64() if name == "label" else
-          pa.types.is_fixed_size_list(col.type) and col.type.value_type == _VALUE_TYPE[kind])
+    ok = (t == pa.int64() if name == "label" else
+          pa.types.is_fixed_size_list(t) and t.value_type == _VALUE_TYPE[kind])
     if not ok:
-        raise ValueError(f"{where}: column {name!r} has type {col.type}; expected {want} for kind {kind!r}")
+        raise ConfigError(f"{where}: column {name!r} has type {t}; expected {want} for kind {kind!r}")
+
+
+def _shape(meta: dict[str, str], kind: str, width: int, where: str) -> list[int]:
+    try:
+        shape = json.loads(meta["ampray.shape"]) if "ampray.shape" in meta else None
+        ok = shape is None or (isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape))
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: ampray.shape is {meta['ampray.shape']!r}; expected a JSON list of sizes > 0")
+    if kind == "cnn" and (shape is None or len(shape) != 3):
+        got = "no ampray.shape in the Parquet metadata" if shape is None else f"ampray.shape is {shape}"
+        raise ConfigError(f"{where}: {got}; expected [C, H, W] for kind 'cnn'")
+    expected_width = int(np.prod(shape)) + (kind == "gpt") if shape is not None else width
+    if expected_width != width:
+        raise ConfigError(f"{where}: column {_INPUT_COLUMN[kind]!r} holds lists of {width}; expected "
+                          f"{expected_width} from ampray.shape={shape}")
+    return shape or [width - (kind == "gpt")]
+
+
+def check_shard_schema(schema: pa.Schema, kind: str | None, where: str) -> tuple[str, list[int]]:
+    """(kind, shape of one input row) of one shard in ampray's schema, from its schema alone: the schema
+    version, the kind (agreeing with `kind` when given), the columns and their types, the list width
+    against `ampray.shape`. Raises ConfigError naming `where`."""
+    kind, meta = _file_kind(schema, kind, where)
+    for name in _COLUMNS[kind]:
+        _check_type(schema, name, kind, where)
+    return kind, _shape(meta, kind, schema.field(_INPUT_COLUMN[kind]).type.list_size, where)
+
+
+def _column(table: pa.Table, name: str, where: str) -> pa.Array:
+    col = table.column(name).combine_chunks()
     if col.null_count or (name != "label" and col.flatten().null_count):
         raise ValueError(f"{where}: column {name!r} holds nulls; expected every value present")
     return col
 
 
-def _decode(table: pa.Table, kind: str, meta: dict[str, str], where: str):
-    """(rows x width matrix, labels or None, shape of one input row) of one shard."""
-    col = _column(table, _INPUT_COLUMN[kind], kind, where)
-    width = col.type.list_size
-    mat = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
-    labels = _column(table, "label", kind, where).to_numpy() if kind != "gpt" else None
-    shape = json.loads(meta["ampray.shape"]) if "ampray.shape" in meta else None
-    if kind == "cnn" and shape is None:
-        raise ValueError(f"{where}: no ampray.shape in the Parquet metadata; expected [C, H, W] for kind 'cnn'")
-    expected_width = int(np.prod(shape)) + (kind == "gpt") if shape is not None else width
-    if expected_width != width:
-        raise ValueError(f"{where}: column {_INPUT_COLUMN[kind]!r} holds lists of {width}; expected "
-                         f"{expected_width} from ampray.shape={shape}")
-    return mat, labels, shape or [width - (kind == "gpt")]
+def _decode(table: pa.Table, kind: str | None, where: str):
+    """(kind, rows x width matrix, labels or None, shape of one input row) of one shard."""
+    kind, shape = check_shard_schema(table.schema, kind, where)
+    col = _column(table, _INPUT_COLUMN[kind], where)
+    mat = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    labels = _column(table, "label", where).to_numpy() if kind != "gpt" else None
+    return kind, mat, labels, shape
+
+
+def read_shard(file: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, its page checksums verified where it has them; an unreadable file (damaged pages,
+    not Parquet) raises ConfigError naming it."""
+    try:
+        return pq.read_table(file, columns=columns, page_checksum_verification=True)
+    except OSError as err:  # pyarrow's IOError: a failed page checksum, a corrupt page or footer
+        raise unreadable(file, err) from None
 
 
 def read_dataset(path: str | Path, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,9 +287,8 @@ def read_dataset(path: str | Path, kind: str | None = None) -> tuple[torch.Tenso
     mats, labels, first_shape = [], [], None
     for file in _shard_files(Path(path)):
         where = f"data.path={file}"
-        table = pq.read_table(file)
-        kind, meta = _file_kind(table, kind, where)  # the first file fixes the kind for the others
-        mat, lab, shape = _decode(table, kind, meta, where)
+        table = read_shard(file)
+        kind, mat, lab, shape = _decode(table, kind, where)  # the first file fixes the kind for the others
         if first_shape is not None and shape != first_shape:
             raise ValueError(f"{where}: ampray.shape is {shape}; expected {first_shape} like the earlier shards")
         first_shape = shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 import time
@@ -12,8 +13,9 @@ from typing import Any
 
 
 def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
-    """The job from --config and dotted overrides; named flags (run.address=...) win when given."""
-    from ampray.job import ConfigError, JobConfig, parse_overrides
+    """The job from --config and dotted overrides (named flags, run.address=..., win when given) and the
+    dotted fields the user set."""
+    from ampray.job import ConfigError, JobConfig, given_fields, parse_overrides
 
     overrides = parse_overrides(extra)
     for key, value in flags.items():
@@ -23,7 +25,29 @@ def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
             flag = {"run.address": "--address", "run.name": "--name", "model.kind": "--model"}.get(key, key)
             raise ConfigError(f"{flag} {value!r} and --{key} {overrides[key]!r} disagree; give one of them")
         overrides[key] = value
-    return JobConfig.load(args.config, overrides)
+    job = JobConfig.load(args.config, overrides)
+    return job, given_fields(args.config, overrides)
+
+
+def _precision_chooser(given: set[str], note):
+    """The CLI's precision for the workers found (ampray.job.choose_precision): a rerun keeps the dtype its
+    run was trained with."""
+    from ampray.job import choose_precision, precision_notes
+
+    def choose(job, use_gpu: bool):
+        trained = None
+        try:
+            import tomllib
+
+            trained = tomllib.loads((job.run_dir() / "job.toml").read_text())["precision"]["dtype"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a new run (or an unreadable job.toml, which the resume check reports)
+        job, chosen = choose_precision(job, use_gpu, given, trained)
+        for line in ([chosen] if chosen else []) + precision_notes(job):
+            note(line)
+        return job
+
+    return choose
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -32,12 +56,15 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     console = _console()
     job = None
     try:
-        job = _load_job(args, extra, **{"run.address": args.address, "run.name": args.name,
-                                        "model.kind": args.model})
+        job, given = _load_job(args, extra, **{"run.address": args.address, "run.name": args.name,
+                                               "model.kind": args.model})
         from ampray.orchestrator.train import run_training
 
+        def notify(note: str) -> None:
+            console.print(f"[yellow]note:[/yellow] {note}")
+
         with _Progress(job, console):
-            outcome = run_training(job, notify=lambda note: console.print(f"[yellow]note:[/yellow] {note}"))
+            outcome = run_training(job, notify=notify, choose_precision=_precision_chooser(given, notify))
     except ConfigError as err:
         print(f"ampray train: error: {err}", file=sys.stderr)
         return 2
@@ -54,10 +81,20 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"ampray train: the run failed: {_failure_summary(err)}\n"
               f"Its checkpoints are kept in {job.run_dir()}: rerun the same command to resume from the "
               "latest (run.max_failures restarts crashed workers by itself).", file=sys.stderr)
+        if _diverged(err):
+            print("The run diverged (the engine's FloatingPointError above): a rerun replays the same steps. "
+                  'run.on_divergence = "rollback" rolls back to the last checkpoint, eases the precision and '
+                  "skips those batches; see the README's engine policies.", file=sys.stderr)
         return 1
     console.print(final_table(outcome))
     console.print(f"View it: [bold]tensorboard --logdir {outcome.logdir}[/bold]")
     return 0
+
+
+def _diverged(err: Exception) -> bool:
+    """Whether a worker failed on the engine's divergence errors (FloatingPointError and its kinds)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    return any(isinstance(getattr(e, "cause", None) or e, FloatingPointError) for e in failures.values())
 
 
 def _failure_summary(err: Exception) -> str:
@@ -166,26 +203,73 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     from ampray.job import ConfigError
 
     console = _console()
+    search = None
     try:
-        job = _load_job(args, extra, **{"run.address": args.address})
+        job, given = _load_job(args, extra, **{"run.address": args.address})
         from ampray.orchestrator.search import SearchConfig, run_search
 
         search = SearchConfig(space=args.space, samples=args.samples, scheduler=args.scheduler,
                               max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
-                              workers_per_trial=args.workers_per_trial, name=args.resume or args.name,
+                              workers_per_trial=args.workers_per_trial,
+                              name=args.name if args.resume is None else args.resume,
                               skip_penalty=args.skip_penalty, seed=args.seed,
                               perturbation_interval=args.perturbation_interval, pbt_synch=args.pbt_synch)
-        outcome = run_search(job, search, resume=args.resume is not None)
+        outcome = run_search(job, search, resume=args.resume is not None, given=given,
+                             notify=lambda note: console.print(f"[yellow]note:[/yellow] {note}"))
     except ConfigError as err:
-        print(f"ampray tune: error: {err}", file=sys.stderr)
+        # SearchConfig's fields are the command's flags: search.seed=-1 reads --seed=-1.
+        text = re.sub(r"^search\.(\w+)=", lambda m: f"--{m.group(1).replace('_', '-')}=", str(err))
+        print(f"ampray tune: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the trials started, or a second Ctrl-C while Tune saved its state
+        started = search is not None and (Path(job.run.storage_path).expanduser() / search.name / "tuner.pkl").is_file()
+        print("ampray tune: interrupted." + (f" Continue the search with: {_resume_command(search.name, job, args)}"
+                                             if started else ""), file=sys.stderr)
+        return 130
+    rows = outcome["rows"]
     console.print(search_table(outcome, args.top))
     folder = outcome["folder"]
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:
+        print(f"ampray tune: {len(failed)} of {len(rows)} trial(s) failed:\n  " + _trial_failures(failed),
+              file=sys.stderr)
+    if outcome.get("interrupted"):
+        print(f"ampray tune: interrupted; the search's state is saved in {folder}. Continue it with: "
+              f"{_resume_command(outcome['folder'].name, job, args, outcome.get('storage_path'))}", file=sys.stderr)
+        return 130
+    if rows and len(failed) == len(rows):
+        print("ampray tune: no trial ran to a result, so there is no best configuration. The whole tracebacks "
+              f"are in {folder / 'trials'} and Ray's logs (/tmp/ray/session_latest/logs).", file=sys.stderr)
+        return 1
     console.print(f"Results: {folder / 'results.parquet'}")
     if outcome["best"] is not None:
         console.print(f"Best configuration: [bold]ampray train --config {folder / 'best.toml'}[/bold]")
     console.print(f"View it: [bold]tensorboard --logdir {folder / 'trials'}[/bold]")
     return 0
+
+
+def _trial_failures(failed: list[dict[str, Any]]) -> str:
+    """One line per distinct reason (the first error of each trial), with the trials that gave it."""
+    by_reason: dict[str, list[str]] = {}
+    for row in failed:
+        by_reason.setdefault(row.get("error") or "unknown error", []).append(str(row["trial"]))
+    return "\n  ".join(f"{', '.join(trials[:4])}{f' and {len(trials) - 4} more' if len(trials) > 4 else ''}: "
+                       f"{reason}" for reason, trials in by_reason.items())
+
+
+def _resume_command(name: str, job, args: argparse.Namespace, storage_path: str | None = None) -> str:
+    """`ampray tune --resume NAME`, with the storage path and address that find the search again."""
+    import shlex
+
+    from ampray.job import RunSection
+
+    parts = ["ampray", "tune", "--resume", name]
+    storage = storage_path or job.run.storage_path
+    if storage != RunSection.storage_path:
+        parts += ["--run.storage_path", storage]
+    if args.address:
+        parts += ["--address", args.address]
+    return shlex.join(parts)
 
 
 def search_table(outcome: dict[str, Any], top: int) -> Any:
@@ -194,9 +278,12 @@ def search_table(outcome: dict[str, Any], top: int) -> Any:
     rows = sorted((r for r in outcome["rows"] if r.get("objective") is not None), key=lambda r: r["objective"])
     table = Table(title=f"ampray tune: {len(outcome['rows'])} trials, top {min(top, len(rows))}")
     cols = ["trial", "status", "objective", "loss", "skip_rate", "samples_per_s", *outcome["params"]]
+    shown = rows[:top]
     for col in cols:
-        table.add_column(col.removeprefix("precision."), justify="right")
-    for r in rows[:top]:
+        # A trial id is its folder's name under trials/: never cut (trial_30d4e_0... names no one trial).
+        wide = max([len(str(r.get(col))) for r in shown] + [5]) if col == "trial" else None
+        table.add_column(col.removeprefix("precision."), justify="right", no_wrap=col == "trial", min_width=wide)
+    for r in shown:
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols])
     return table
 
@@ -295,7 +382,9 @@ def _ui(args: argparse.Namespace, extra: list[str]) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"ampray ui: warning: serving on {args.host}: anyone who can reach it can start training runs",
               file=sys.stderr)
-    launch(host=args.host, port=args.port, storage_path=args.storage_path, address=args.address or "")
+    launch(host=args.host, port=args.port, storage_path=args.storage_path, address=args.address or "",
+           announce=lambda url: print(f"ampray ui: serving on {url} (open it in a browser; Ctrl-C stops it)",
+                                      flush=True))
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ampray.data.checks import ColumnRule, DataCheck
 from ampray.data.columns import check_columns, schema_summary
 from ampray.models.registry import ModelSpec
 from ampray.orchestrator.checkpoints import SNAPSHOT, checkpoint_step, latest_checkpoint  # noqa: F401
@@ -32,16 +33,17 @@ else:  # pragma: no cover
 # --- The data -------------------------------------------------------------------------------------
 
 
-def parquet_summary(path: Path) -> dict[str, Any]:
+def parquet_summary(path: Path, labels: bool = True) -> dict[str, Any]:
     """What the files of a Parquet dataset say about themselves, from their footers (no data read, except
-    the small `label` column): kind, rows, shape of one input row, vocabulary size, label range."""
+    the small `label` column; `labels` False: not that either, label_range None): kind, rows, shape of one
+    input row, vocabulary size, label range."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from ampray.data.parquet import _shard_files
+    from ampray.data.parquet import _shard_files, read_shard
 
     files = _shard_files(path)
-    rows, labels = 0, []
+    rows, bounds_seen = 0, []
     meta: dict[str, str] = {}
     width = None
     for file in files:
@@ -52,17 +54,17 @@ def parquet_summary(path: Path) -> dict[str, Any]:
         for name in ("features", "image", "tokens"):
             if name in schema.names and hasattr(schema.field(name).type, "list_size"):
                 width = schema.field(name).type.list_size
-        if "label" in schema.names:
-            column = pq.read_table(file, columns=["label"]).column("label")
+        if labels and "label" in schema.names:
+            column = read_shard(file, ["label"]).column("label")
             if len(column):
                 bounds = pc.min_max(column)
-                labels += [bounds["min"].as_py(), bounds["max"].as_py()]
+                bounds_seen += [bounds["min"].as_py(), bounds["max"].as_py()]
     kind = meta.get("ampray.kind")
     shape = json.loads(meta["ampray.shape"]) if "ampray.shape" in meta else (
         [width - (kind == "gpt")] if width is not None else None)
     vocab = int(meta["ampray.vocab_size"]) if "ampray.vocab_size" in meta else None
     return {"kind": kind, "rows": rows, "shape": shape, "vocab_size": vocab,
-            "label_range": (min(labels), max(labels)) if labels else None, "files": len(files)}
+            "label_range": (min(bounds_seen), max(bounds_seen)) if bounds_seen else None, "files": len(files)}
 
 
 @dataclass
@@ -82,6 +84,8 @@ class DataPlan:
     pad_widths: dict[str, int] = dataclasses.field(default_factory=dict)
     """With data.pad_to 0: each variable-length column's longest row in the training and held-out files, the
     width it is padded to in every batch, in memory and streamed."""
+    data_check: DataCheck | None = None
+    """What the check of every shard (data.check) read, and how long it took; None: not checked."""
 
 
 def check_data(job: JobConfig, num_workers: int) -> DataPlan:
@@ -130,23 +134,25 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
                               f"name the Parquet columns of the model's input and of the target "
                               f"({where} has columns {_column_names(d.path)})")
         try:
-            info = parquet_summary(Path(d.path).expanduser())
+            info = parquet_summary(Path(d.path).expanduser(), labels=d.check != "full")
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise ConfigError(f"{where}: not a readable Parquet dataset: {err}") from None
         if info["kind"] is None and info["shape"] is None:
             raise ConfigError(f"{where} is not in ampray's schema (no ampray.kind): name its columns with "
                               f"data.input and data.target (it has columns {_column_names(d.path)})")
+        _check_ampray_shards(job, None if info["kind"] else spec.name)
         spec.check_data(job.model.options, info, where)
         rows = info["rows"]
         if d.val_path:
             try:
-                val = parquet_summary(Path(d.val_path).expanduser())
+                val = parquet_summary(Path(d.val_path).expanduser(), labels=d.check != "full")
             except (OSError, ValueError) as err:
                 raise ConfigError(f"data.val_path={d.val_path!r}: not a readable Parquet dataset: {err}") from None
             spec.check_data(job.model.options, val, f"data.val_path={d.val_path!r}")
     elif spec.synthetic is None:
         raise ConfigError(f"data.path is required with model.factory={job.model.factory!r}: a Parquet file or "
                           "folder of your data, with data.input and data.target naming its columns")
+    report = check_data_files(job, spec) if stream is None else None  # before anything below reads rows
     if d.val_fraction and rows > 0:
         rows -= max(1, round(rows * d.val_fraction))
     widths: dict[str, int] = {}
@@ -156,7 +162,61 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     if d.columns and d.path:
         size = _decoded_bytes(job, rows)
     unused = () if spec.builtin else check_one_batch(job, spec, stream)
-    return DataPlan(spec, rows, size, columns, unused, widths)
+    return DataPlan(spec, rows, size, columns, unused, widths, report)
+
+
+def check_data_files(job: JobConfig, spec: ModelSpec) -> DataCheck | None:
+    """Every shard of data.path and data.val_path, as data.check asks (see ampray.data.checks): the schema
+    version, and with "full" every value against the model's ranges and the page checksums; raises
+    ConfigError naming the file, column, value and row. None: no files, or data.check = "off"."""
+    from ampray.data.checks import check_files
+    from ampray.data.columns import parquet_files
+
+    d = job.data
+    if d.check == "off" or not d.path:
+        return None
+    sources = [(field, parquet_files(Path(path).expanduser().absolute()))  # messages name files in full
+               for field, path in (("data.path", d.path), ("data.val_path", d.val_path)) if path]
+    return check_files(sources, value_rules(job, spec), d.check)
+
+
+def value_rules(job: JobConfig, spec: ModelSpec) -> list[ColumnRule]:
+    """The columns the full check reads, with the integer ranges the model declares: token ids below the
+    vocabulary (gpt, or a model.options.vocab_size of your model: its integer input columns) and class
+    labels below num_classes (mlp, cnn, or a model.options.num_classes of your model: an integer target).
+    A range the job does not declare is not checked."""
+    options = job.model.options
+    if spec.builtin:
+        from ampray.models import build_config
+
+        cfg = build_config(spec.name, **options)
+        if spec.name == "gpt":
+            return [ColumnRule("tokens", 0, cfg.vocab_size, _TOKENS.format(cfg.vocab_size))]
+        return [ColumnRule("features" if spec.name == "mlp" else "image"),
+                ColumnRule("label", 0, cfg.num_classes, _LABELS.format(cfg.num_classes))]
+    vocab, classes = (options.get(k) for k in ("vocab_size", "num_classes"))
+    vocab = vocab if type(vocab) is int and vocab > 0 else None
+    classes = classes if type(classes) is int and classes > 0 else None
+    rules = [ColumnRule(c, 0, vocab, _TOKENS.format(vocab)) if vocab else ColumnRule(c)
+             for c in job.data.input_columns]
+    target = job.data.target
+    return rules + [ColumnRule(target, 0, classes, _LABELS.format(classes)) if classes else ColumnRule(target)]
+
+
+_TOKENS = "token ids below model.options.vocab_size={}"
+_LABELS = "class labels below model.options.num_classes={}"
+
+
+def _check_ampray_shards(job: JobConfig, kind: str | None) -> None:
+    """Every shard of a dataset in ampray's schema: its schema version, kind, columns, types and shape."""
+    from ampray.data.checks import check_ampray_shards
+    from ampray.data.columns import parquet_files
+
+    if job.data.check == "off":
+        return
+    for field, path in (("data.path", job.data.path), ("data.val_path", job.data.val_path)):
+        if path:
+            check_ampray_shards(parquet_files(Path(path).expanduser().absolute()), field, kind)
 
 
 def keep_trained_widths(job: JobConfig, plan: DataPlan) -> None:
@@ -367,6 +427,7 @@ def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, num
 _MAY_CHANGE = frozenset({
     "model.compile", "scaling.find_unused_parameters",
     "run.eval_every", "run.eval_batches", "data.eval_batch_size", "data.val_path", "data.max_in_memory_mb",
+    "data.check",
     "run.steps", "run.report_every", "run.checkpoint_every", "run.num_to_keep", "run.max_failures",
     "run.address", "run.storage_path", "run.name",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
@@ -451,3 +512,50 @@ def _same(a: Any, b: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return a == b
+
+
+# --- Where the run writes --------------------------------------------------------------------------
+
+PROBE_BYTES = 8 * 2**20
+"""What the storage probe writes: a real amount, so that a nearly full disk fails here, before training,
+and not as a truncated checkpoint later (an empty probe file succeeds on a full disk)."""
+
+
+def check_storage(folder: Path, field: str, value: str, what: str = "run folder", probe_bytes: int = PROBE_BYTES) -> Path:
+    """Create `folder` (a run's or a search's) and write and remove `probe_bytes` in it; raises ConfigError
+    naming `field`=`value`, the reason and the free space."""
+    import os
+    import shutil
+
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            chunk = b"\0" * min(probe_bytes, 2**20)
+            for _ in range(max(1, probe_bytes // len(chunk))):
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())  # a delayed-allocation file system reports a full disk here
+    except OSError as err:
+        free = _free_space(folder, shutil)
+        raise ConfigError(f"{field}={value!r} is not allowed: cannot create and write the {what} {folder} "
+                          f"({err.strerror or err}){free}; expected a writable folder with room for checkpoints "
+                          f"(this check writes {probe_bytes / 2**20:.0f} MiB)") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return folder
+
+
+def _free_space(folder: Path, shutil) -> str:
+    for where in (folder, *folder.parents):
+        if where.is_dir():
+            try:
+                return f"; {shutil.disk_usage(where).free / 2**20:.0f} MiB free on the file system of {where}"
+            except OSError:
+                return ""
+    return ""

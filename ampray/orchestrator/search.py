@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ampray.amp.config import _check_choice, _fail
-from ampray.job import ConfigError, JobConfig
+from ampray.job import ConfigError, JobConfig, _check_seed, check_folder_name
 from ampray.tune_spaces import apply
 
 RESULT_COLUMNS = ("objective", "loss", "val_loss", "val_accuracy", "skip_rate", "overflow_rate", "samples_per_s", "peak_memory_bytes", "step",
@@ -69,6 +69,8 @@ class SearchConfig:
     """Seed of the sampler."""
 
     def __post_init__(self) -> None:
+        check_folder_name("search", "name", self.name)  # the same rule as run.name: one folder
+        _check_seed("search", self.seed)
         _check_choice("search", "scheduler", self.scheduler, ("asha", "pbt", "fifo"))
         if self.perturbation_interval < 0:
             _fail("search", "perturbation_interval", self.perturbation_interval, "an integer >= 0")
@@ -261,8 +263,30 @@ def results_table(result_grid, params: list[str], budget: int, trials_dir: Path 
                 step = final["step"]
         row["status"] = ("error" if result.error is not None else
                          "completed" if step >= budget else "stopped_early")
+        if result.error is not None:
+            row["error"] = failure_reason(result.error)
         rows.append(row)
     return rows
+
+
+def failure_reason(err: BaseException, limit: int = 300) -> str:
+    """A failure in one line, `Type: message`, of the exception a user can act on: a worker's own (its
+    rank first) rather than the Ray errors wrapped around it; the whole traceback stays in Ray's logs."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        if failures:
+            rank, inner = min(failures.items())
+            more = f" (and {len(failures) - 1} other rank(s))" if len(failures) > 1 else ""
+            return f"rank {rank}: {failure_reason(inner, limit)}{more}"[:limit]
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def final_from_checkpoint(trials_dir: Path, trial: str, budget: int, skip_penalty: float) -> dict[str, Any] | None:
@@ -358,8 +382,12 @@ def live_mutations(space) -> dict[str, Any]:
     return mutations
 
 
-def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> dict[str, Any]:
-    """Validate the space, run (or resume) the search, write results.parquet and best.toml."""
+def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given: set[str] | None = None,
+               notify=None) -> dict[str, Any]:
+    """Validate the space, run (or resume) the search, write results.parquet and best.toml. `given`: the
+    job fields the user set (`ampray.job.given_fields`): the CLI's precision default for CPU trials
+    applies to the others; `notify` gets notes (the precision chosen, settings that do nothing).
+    The outcome's `interrupted` is True when the search was stopped (Ctrl-C) before every trial ended."""
     import ray
     import ray.tune
 
@@ -369,10 +397,22 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     from ampray.orchestrator.train import init_ray, node_memory, resolved, user_code
     from ampray.tune_spaces import load_space
 
+    from ampray.job import choose_precision, precision_notes
+    from ampray.orchestrator.preflight import check_storage
+
     folder = search_dir(job, search)
     if resume:
         # The search goes on as it began (job, space, scheduler), whatever else this command line says.
         job, search, space = load_plan(folder, search.name, job.run.address)
+    else:
+        check_new_search(folder, search.name)
+        if given is not None and "scaling.num_workers" in given and job.scaling.num_workers not in (
+                -1, search.workers_per_trial):
+            raise ConfigError(f"scaling.num_workers={job.scaling.num_workers} is not used by ampray tune: every trial "
+                              f"runs --workers-per-trial={search.workers_per_trial} worker(s); expected "
+                              f"--workers-per-trial {job.scaling.num_workers} instead of scaling.num_workers")
+    # Into storage_path itself: the search's folder is made only once everything is checked.
+    check_storage(folder.parent, "run.storage_path", job.run.storage_path, what="storage folder")
     job = absolute_paths(job)
     if job.scaling.bind_cpus:
         raise ConfigError("scaling.bind_cpus=True is not allowed with ampray tune: trials packed on one node "
@@ -380,6 +420,11 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
     base_dict = job.to_dict()
     if not resume:
         space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
+        if given is not None:  # every trial runs on the workers of one kind: GPUs when gpus_per_trial > 0
+            job, note = choose_precision(job, search.gpus_per_trial > 0, given | set(space.params) | set(space.fixed))
+            base_dict = job.to_dict()
+            for line in ([note] if note else []) + precision_notes(job):
+                (notify or print)(line)
     # The user's code and data as the trials will see them (a space may fix data.path), before Ray starts.
     plan = check_model_and_data(absolute_paths(apply_params(base_dict, space.fixed)))
     code = user_code(job)
@@ -436,7 +481,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
                                           stop={"step": job.run.steps},
                                           # PBT's copies of Train checkpoints (Tune warns that keeping 2 or fewer can break exploits).
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=4)))
-    grid = tuner.fit()
+    grid = _fit(tuner)
     rows = results_table(grid, list(space.params), job.run.steps,
                          folder / "trials" if search.scheduler == "pbt" else None, search.skip_penalty)
     write_parquet(rows, folder / "results.parquet")
@@ -445,7 +490,43 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False) -> di
         best_job = apply_params(trial_job.to_dict(), {p: best[p] for p in space.params})
         best_job.run.name = f"{search.name}-best"
         (folder / "best.toml").write_text(best_job.to_toml())
-    return {"folder": folder, "rows": rows, "best": best, "params": list(space.params)}
+    return {"folder": folder, "rows": rows, "best": best, "params": list(space.params),
+            "interrupted": _interrupted(grid), "storage_path": job.run.storage_path}
+
+
+def check_new_search(folder: Path, name: str) -> None:
+    """A new search must not run into the folder of an earlier one: its trials, results and best.toml would
+    mix with the new search's. Raises ConfigError saying how to continue that one or start another."""
+    if folder.is_dir() and any((folder / part).exists() for part in (PLAN_FILE, "tuner.pkl", "trials",
+                                                                     "results.parquet")):
+        raise ConfigError(f"search {name!r} already exists in {folder}: `ampray tune --resume {name}` continues it "
+                          "(if it was interrupted), or give this search a new --name")
+
+
+class _HideRestoreHint:
+    """Tune's own "Resume experiment with: Tuner.restore(...)" log line: the CLI says `ampray tune --resume`."""
+
+    def filter(self, record) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+def _fit(tuner):
+    import logging
+
+    hide, tune_log = _HideRestoreHint(), logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(hide)
+    try:
+        return tuner.fit()
+    finally:
+        tune_log.removeFilter(hide)
+
+
+def _interrupted(grid) -> bool:
+    """Whether Tune stopped before every trial ended: on Ctrl-C it saves its state and returns the results
+    so far instead of raising, with some trials still pending, running or paused."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 PLAN_FILE = "search.json"

@@ -78,15 +78,61 @@ def init_ray(address: str, dashboard: bool = False, runtime_env: dict | None = N
     if ray.is_initialized():
         return False
     if address:
+        if _embedded_address and os.environ.get("RAY_ADDRESS") == _embedded_address:
+            del os.environ["RAY_ADDRESS"]  # an earlier embedded cluster's, gone with ray.shutdown()
         try:
             ray.init(address=address, log_to_driver=False,
                      runtime_env={**(runtime_env or {}), "env_vars": dict(RAY_ENV)})
         except ConnectionError as err:  # no cluster there (a connection lost later is a failed run)
             raise ConfigError(f"run.address={address!r}: cannot connect: {err}") from None
+        if not address.startswith("ray://"):  # what this driver looks up later goes to this cluster
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         return True
-    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
-             configure_logging=False, runtime_env=runtime_env or None)
+    with _own_address():
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
+                 configure_logging=False, runtime_env=runtime_env or None)
     return True
+
+
+_embedded_address = ""
+"""The RAY_ADDRESS this process set for the embedded cluster it started last."""
+
+
+@contextlib.contextmanager
+def _own_address():
+    """Start the embedded cluster's GCS on a port chosen here and name it in RAY_ADDRESS before any of
+    its processes starts: the GCS, the raylet and every worker it spawns (Train's controller and its
+    placement-group cleaner, Tune's trials) inherit the variable and find this cluster by address.
+    Without it, Ray code that looks a cluster up (the cleaner asks the state API whether the controller
+    is alive) picks one among those running on the host: with another user's or notebook's Ray beside
+    this one it fails ("Found multiple active Ray instances") or asks the other cluster, learns that
+    the controller is unknown there, and removes a live run's placement group. The variable stays set
+    in this process while the cluster runs; the port choice is undone once the GCS has it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = {key: os.environ.get(key) for key in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ.update({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    started = False
+    try:
+        yield
+        started = True
+    finally:
+        for key, value in previous.items():
+            if key == "RAY_ADDRESS" and started:
+                continue
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    import ray
+
+    global _embedded_address
+    gcs = _embedded_address = ray.get_runtime_context().gcs_address
+    if gcs != f"127.0.0.1:{port}":
+        ray.shutdown()
+        raise RuntimeError(f"the embedded Ray cluster's GCS is at {gcs}, not at 127.0.0.1:{port} as its "
+                           "processes were told (RAY_ADDRESS): this Ray ignores RAY_GCS_SERVER_PORT")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -226,16 +272,9 @@ def resolved(job: JobConfig, num_workers: int, use_gpu: bool, streaming: bool | 
 
 def make_run_dir(job: JobConfig) -> Path:
     """The run's folder, created now: a storage_path that cannot hold it fails here, not in Ray."""
-    run_dir = job.run_dir()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"run.storage_path={job.run.storage_path!r} is not allowed: cannot create and write "
-                          f"the run folder {run_dir} ({err.strerror or err}); expected a writable folder") from None
-    return run_dir
+    from ampray.orchestrator.preflight import check_storage
+
+    return check_storage(job.run_dir(), "run.storage_path", job.run.storage_path)
 
 
 LOCK_FILE = ".driver.lock"
@@ -309,10 +348,10 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
     `runtime_env` ships the user's modules to the workers; `stream`, a ray.data.Dataset, feeds training
     when the job streams (data.streaming = "true": read from data.path when not given)."""
     import ray.train
-    from ray.train.torch import TorchConfig
 
     from ampray.actors.aggregator import TensorBoardAggregator
     from ampray.actors.worker import train_loop_per_worker
+    from ampray.orchestrator.backend import LoopbackTorchConfig, on_loopback
     from ampray.orchestrator.ray_trainer import InterruptibleTorchTrainer
 
     run_dir = job.run_dir()
@@ -332,7 +371,7 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
         train_loop_per_worker,
         train_loop_config=loop_config,
         datasets=datasets,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -340,10 +379,36 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
             storage_path=str(run_dir.parent),
             callbacks=[TensorBoardAggregator(str(run_dir / "tensorboard")), *(callbacks or [])],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            # Workers that do not start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) are retried
+            # without end by default: right while an autoscaler adds nodes, a silent hang on a machine
+            # of its own, where nothing is ever added (the resources are held by something else).
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures,
+                                                   controller_failure_limit=0 if on_loopback() else -1),
             worker_runtime_env=runtime_env or {},
         ),
     )
+
+
+@contextlib.contextmanager
+def workers_must_start(num_workers: int, job: JobConfig):
+    """Turn Ray Train's worker-group startup timeout (raised once retries are used up: at once on this
+    machine's own cluster, see build_trainer) into a ResourceError that says what waited and for what."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    try:
+        yield
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))
+        s = job.scaling
+        raise ResourceError(
+            f"the run's {num_workers} worker(s) (cpus_per_worker={s.cpus_per_worker:g}"
+            + (f", gpus_per_worker={s.gpus_per_worker:g}" if s.use_gpu == "true" else "")
+            + f") did not start within {timeout:g} s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S): the cluster "
+            "has the resources, but something else holds them now (another run or search on this cluster, "
+            "or its leftover placement groups: `ray status`); the run stopped instead of waiting") from None
 
 
 def read_stream(job: JobConfig):
@@ -367,17 +432,21 @@ def user_code(job: JobConfig, objects: dict[str, Any] | None = None) -> dict[str
 
 
 def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, stream=None,
-                 objects: dict[str, Any] | None = None) -> TrainingOutcome:
+                 objects: dict[str, Any] | None = None,
+                 choose_precision: Callable[[JobConfig, bool], JobConfig] | None = None) -> TrainingOutcome:
     """Validate, start (or join) Ray, train, and return every rank's final records. Everything that can
     be checked on the driver is checked before a worker starts; `notify` gets notes on allowed changes
     of a rerun (a longer cosine schedule) before training and on cross-rank disagreements after it.
     `stream`: a ray.data.Dataset of the training rows instead of data.path; `objects`: the user's factory
-    and loss by value ({"model.factory": fn}) where they cannot be imported by path (the Python API's)."""
+    and loss by value ({"model.factory": fn}) where they cannot be imported by path (the Python API's);
+    `choose_precision(job, use_gpu)`: the job with the precision for the device found (the CLI's default)."""
     from ampray.actors.aggregator import read_scalars
     from ampray.orchestrator.preflight import (check_batch_fits, check_model_and_data, check_resume,
                                                keep_trained_widths, streaming_mode)
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
+    if plan.data_check is not None:
+        notify(plan.data_check.line())
     keep_trained_widths(job, plan)
     code = user_code(job, objects)
     runtime_env = {}
@@ -391,6 +460,8 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
         if code:
             probe_imports(code, runtime_env)  # the workers import the user's code as the driver did
         num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
+        if choose_precision is not None:
+            job = choose_precision(job, use_gpu)
         job = resolved(job, num_workers, use_gpu,
                        streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
         if plan.unused_parameters and job.scaling.find_unused_parameters == "true":
@@ -409,8 +480,10 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
             notify(f"the run has no checkpoint to resume from, so it starts at step 0; the TensorBoard events "
                    f"of its earlier attempt are kept in {stale}")
         run_dir = save_resolved(job)
-        result = build_trainer(job, num_workers, use_gpu, runtime_env=runtime_env, stream=stream,
-                               objects=objects).fit()
+        trainer = build_trainer(job, num_workers, use_gpu, runtime_env=runtime_env, stream=stream,
+                                objects=objects)
+        with workers_must_start(num_workers, job):
+            result = trainer.fit()
     logdir = run_dir / "tensorboard"
     if not logdir.is_dir():
         notify(f"{logdir} is not on this machine: the Train controller wrote the run's events on the head node "
@@ -420,6 +493,10 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     if checkpoint is not None:
         add_placement(final, Path(checkpoint))
+    from ampray.actors.rollback import rollback_notes
+
+    for note in rollback_notes(run_dir):  # run.on_divergence = "rollback": what was rolled back, and why
+        notify(note)
     disagreements = scalars.get("all/scaler/scale_disagreements")
     if disagreements and disagreements[-1][1] > 0:
         notify(f"the ranks' loss scales disagreed in {disagreements[-1][1]:.0f} report(s) "

@@ -152,10 +152,15 @@ def build_app(storage_path: str = "runs", address: str = "", poll_s: float = 1.0
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, storage_path: str = "runs", address: str = "",
-           block: bool = True):
-    """Start the server; with block=False return (app, url) and keep serving in the background."""
+           block: bool = True, announce=None):
+    """Start the server; `announce(url)` is told where it serves as soon as it does (the CLI prints it).
+    With block=False return (app, url) and keep serving in the background."""
     app = build_app(storage_path=storage_path, address=address)
     app.queue(default_concurrency_limit=1)
-    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False,
+    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, share=False,
                            quiet=True, footer_links=[])
+    if announce is not None:
+        announce(url)
+    if block:
+        app.block_thread()  # until Ctrl-C, which closes the server
     return app, url

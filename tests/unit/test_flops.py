@@ -4,6 +4,9 @@ method) and the device's peak for the precision in use."""
 import torch
 from torch import nn
 
+from ampray.actors.worker import interval_throughput
+from ampray.amp.config import MixedPrecisionConfig
+from ampray.amp.trainer import MixedPrecisionTrainer
 from ampray.amp.flops import peak_flops, precision_name
 from ampray.models import build_model
 from ampray.models.registry import model_flops_per_sample, resolve_spec
@@ -43,3 +46,16 @@ def test_peaks(monkeypatch):
     assert precision_name(torch.float16) == "fp16" and precision_name(None) in ("fp32", "tf32")
     monkeypatch.setenv("AMPRAY_PEAK_TFLOPS", "2.5")
     assert peak_flops(torch.device("cpu"), torch.bfloat16) == 2.5e12
+
+
+def test_reports_carry_tflops_and_mfu_when_the_peak_is_known(monkeypatch):
+    monkeypatch.setenv("AMPRAY_PEAK_TFLOPS", "0.001")  # 1 GFLOP/s
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype=torch.bfloat16), torch.device("cpu"))
+    # 16 samples a step at 0.5 s a step: 32 samples/s, of 100 tokens and 192 flops each.
+    m = interval_throughput(eng, 0.5, 16, 100, 192)
+    assert m == {"perf/interval_samples_per_s": 32.0, "perf/interval_tokens_per_s": 3200.0,
+                 "perf/tflops_per_s": 32 * 192 / 1e12, "perf/mfu": 32 * 192 / 1e9}
+    monkeypatch.delenv("AMPRAY_PEAK_TFLOPS")
+    m = interval_throughput(eng, 0.5, 16, 0, 192)
+    assert "perf/tflops_per_s" in m and "perf/mfu" not in m and "perf/interval_tokens_per_s" not in m
+    assert interval_throughput(eng, 0.0, 16, 0, 192) == {}

@@ -34,7 +34,9 @@ def test_data_that_fits_passes(mlp_data):
 
 @pytest.mark.parametrize("overrides, needle", [
     ({"model.options": {"in_features": 16, "num_classes": 5}}, "12 features; model.options.in_features=16"),
-    ({"model.options": {"in_features": 12, "num_classes": 3}}, "labels in [0, 4]; model.options.num_classes=3"),
+    ({"model.options": {"in_features": 12, "num_classes": 3}},  # the full data check names the shard and row
+     "part-00000.parquet: column 'label' holds 3 in row 2 (rows 0 to 23 hold values in [0, 4]); "
+     "expected integers in [0, 3): class labels below model.options.num_classes=3"),
     ({"model.kind": "gpt"}, "holds 'mlp' data (its ampray.kind); model.kind='gpt'"),
     ({"model.options": {"in_features": 12, "num_classes": 5}, "data.batch_size": 64},
      "data.batch_size=64 is not allowed: expected at most 48"),
