@@ -1,9 +1,17 @@
 # Two entry points for a newcomer: `make run` (install, then the main job) and `make test`.
-# TORCH picks the torch build: the default lets pip choose (a CUDA build on a GPU box); CI exports
-# TORCH=torch==2.13.0 to take the CPU build.
+# TORCH picks the torch build. Left unset: on a machine with an NVIDIA GPU (nvidia-smi found) PyPI's
+# torch (a CUDA build); without one, the CPU build from PyTorch's own index (PyPI's Linux torch is the
+# CUDA build, several GB, whose GPU parts a CPU-only machine never uses). Set, it is installed as given
+# (CI exports TORCH=torch==2.13.0, a CPU wheel its machines hold), as is TORCH_INDEX (pip's index flags).
 PYTHON ?= python3
 VENV ?= .venv
+ifeq ($(origin TORCH),undefined)
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+endif
+endif
 TORCH ?= torch
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: install run test
@@ -13,7 +21,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
 run: install

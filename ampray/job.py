@@ -581,28 +581,67 @@ CPU_FP16_NOTE = ("fp16 autocast is emulated on CPU: the models run 15-30x slower
                  "(`ampray recommend` says which to use)")
 
 
-def choose_precision(job: JobConfig, use_gpu: bool, given: set[str], trained: str | None = None
-                     ) -> tuple[JobConfig, str | None]:
-    """The job's precision on its workers, and a note saying what was chosen. On GPUs the default (fp16)
-    stands. On CPU workers a precision the user did not set becomes bf16, except where that would change
-    what the user asked for: a run trained before (`trained`, its saved dtype) keeps its own, and loss-scaler
-    settings the user set keep fp16 (bf16 runs unscaled, so they would do nothing)."""
-    if use_gpu or not job.precision.enabled:
+def choose_precision(job: JobConfig, use_gpu: bool, given: set[str], trained: str | None = None,
+                     gpu_bf16: bool | None = None) -> tuple[JobConfig, str | None]:
+    """The job's precision on its workers, and a note saying what was chosen. A precision the user did not
+    set becomes bf16 on CPU workers (fp16 is emulated there) and on GPUs that run bf16 at full speed
+    (`gpu_bf16`: compute capability 8.0 or newer; None: not known on the driver, as for a remote cluster,
+    where the default fp16 stands). It stays as it is where bf16 would change what the user asked for: a
+    run trained before (`trained`, its saved dtype) keeps its own, and loss-scaler settings the user set
+    keep fp16 (bf16 runs unscaled, so they would do nothing)."""
+    if not job.precision.enabled:
         return job, None
+    if use_gpu:
+        if not gpu_bf16 or "precision.dtype" in given:
+            return job, None
+        if trained is not None:
+            return _with_dtype(job, trained), f"precision.dtype={_dtype_label(trained)!r}: as the run was trained"
+        if _scaler_fields(job, given):
+            return job, None
+        return _with_dtype(job, "bf16"), ("precision.dtype='bf16' chosen for GPU workers (none was set): these GPUs "
+                                          "run bf16 as fast as fp16, without loss scaling (no skipped steps, no "
+                                          "scaler to tune); --precision.dtype fp16 to choose another")
     if "precision.dtype" in given:
         label = _dtype_label(job.precision.dtype)
         return job, (f"precision.dtype='fp16' on CPU workers: {CPU_FP16_NOTE}" if label == "fp16" else None)
     if trained is not None:
         return _with_dtype(job, trained), f"precision.dtype={_dtype_label(trained)!r}: as the run was trained"
-    scaler = [f"precision.{k}" for k in (*SCALER_SETTINGS, "bf16_grad_scaling") if f"precision.{k}" in given]
-    if job.scaling.allreduce_dtype == "fp16":  # needs loss-scaled gradients (JobConfig refuses it unscaled)
-        scaler.append("scaling.allreduce_dtype='fp16'")
+    scaler = _scaler_fields(job, given)
     if scaler:
         return job, (f"precision.dtype='fp16' (the default) kept on CPU workers, since {', '.join(scaler)} "
                      "act only with loss scaling, which bf16 does not run; "
                      f"{CPU_FP16_NOTE}; --precision.dtype bf16 to train faster unscaled")
     return _with_dtype(job, "bf16"), ("precision.dtype='bf16' chosen for CPU workers (none was set): "
                                       f"{CPU_FP16_NOTE}; --precision.dtype fp16 or fp32 to choose another")
+
+
+def _scaler_fields(job: JobConfig, given: set[str]) -> list[str]:
+    """The settings the user gave that act only with loss scaling (so they keep fp16)."""
+    scaler = [f"precision.{k}" for k in (*SCALER_SETTINGS, "bf16_grad_scaling") if f"precision.{k}" in given]
+    if job.scaling.allreduce_dtype == "fp16":  # needs loss-scaled gradients (JobConfig refuses it unscaled)
+        scaler.append("scaling.allreduce_dtype='fp16'")
+    return scaler
+
+
+COMPILE_PAYS_AFTER_STEPS = 5000
+"""Steps from which `model.compile` is chosen for the built-in GPT on GPUs: compiling costs about a minute
+once per worker start and saves about 13% of each step (BENCHMARKS.md, issue 18)."""
+
+
+def choose_compile(job: JobConfig, use_gpu: bool, given: set[str]) -> tuple[JobConfig, str | None]:
+    """`model.compile` where it pays and the user did not set it: the built-in gpt on GPUs, for runs of at
+    least COMPILE_PAYS_AFTER_STEPS steps. Your own model is compiled only when you ask (a model may not
+    compile, and what it saves is unknown). Returns the job and a note saying what was chosen and why."""
+    if not use_gpu or "model.compile" in given or job.model.compile or job.model.kind != "gpt":
+        return job, None
+    if job.run.steps < COMPILE_PAYS_AFTER_STEPS:
+        return job, (f"model.compile=false: a run of {job.run.steps} steps does not pay for compiling (about a "
+                     f"minute per worker start; chosen from {COMPILE_PAYS_AFTER_STEPS} steps on); "
+                     "--model.compile true to compile anyway")
+    return (dataclasses.replace(job, model=dataclasses.replace(job.model, compile=True)),
+            f"model.compile=true chosen for the gpt on GPU workers (run.steps={job.run.steps} >= "
+            f"{COMPILE_PAYS_AFTER_STEPS}: compiling costs about a minute, each step about 13% less); "
+            "--model.compile false to run eager")
 
 
 def _with_dtype(job: JobConfig, dtype: Any) -> JobConfig:

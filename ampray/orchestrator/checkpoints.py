@@ -80,6 +80,34 @@ def _rebuilt_snapshot(folders: list[Path]) -> dict[str, Any]:
             "failed_validation_checkpoint_dir_names": []}
 
 
+def remove_partial_checkpoints(run_dir: Path, snapshot: dict[str, Any] | None = None) -> list[str]:
+    """Remove the checkpoint folders that Ray never registered and that do not verify: the parts left by a
+    write that failed (a full disk, a crash during the upload). Ray never resumes from them and would write
+    over them; left in place they look like checkpoints. A folder that verifies is kept. `snapshot`: Ray's
+    list as read already (None: read it here; without a readable one nothing is removed, since then
+    registration cannot be told). Returns a note per folder removed."""
+    import shutil
+
+    if snapshot is None:
+        try:
+            snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+        except (OSError, ValueError):
+            return []
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results"), list):
+        return []
+    registered = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"] if isinstance(r, dict)}
+    notes = []
+    for folder in sorted(run_dir.glob("checkpoint_*"), key=checkpoint_step):
+        if not folder.is_dir() or checkpoint_step(folder) < 0 or folder.name in registered:
+            continue
+        reason = verify(folder)
+        if reason is None:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        notes.append(f"{folder.name} was never completed ({reason}): removed (Ray never registered it)")
+    return notes
+
+
 def settle_checkpoints(run_dir: Path) -> list[str]:
     """Verify the run's checkpoints, newest first; set aside those that do not verify and point Ray's
     snapshot at the newest one that does. Returns notes for the user (empty when all is well); raises
@@ -97,10 +125,12 @@ def settle_checkpoints(run_dir: Path) -> list[str]:
             snapshot, unreadable = None, err
     if snapshot is None and unreadable is None:
         return []  # Ray never registered a checkpoint: the run starts at step 0
+    notes: list[str] = []
     if snapshot is not None:  # only what Ray registered counts (a folder it never registered is a partial copy)
+        notes += remove_partial_checkpoints(run_dir, snapshot)
         registered = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"]}
         folders = [f for f in folders if f.name in registered]
-    notes, bad, good = [], [], None
+    bad, good = [], None
     for folder in reversed(folders):
         reason = verify(folder)
         if reason is None:

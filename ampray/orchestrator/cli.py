@@ -30,9 +30,10 @@ def _load_job(args: argparse.Namespace, extra: list[str], **flags: str | None):
 
 
 def _precision_chooser(given: set[str], note):
-    """The CLI's precision for the workers found (ampray.job.choose_precision): a rerun keeps the dtype its
-    run was trained with."""
-    from ampray.job import choose_precision, precision_notes
+    """The CLI's defaults for the workers found (ampray.job.choose_precision and choose_compile): a rerun
+    keeps the dtype its run was trained with; on this machine's own GPUs bf16 where they have it."""
+    from ampray.job import choose_compile, choose_precision, precision_notes
+    from ampray.orchestrator.train import local_gpus_bf16
 
     def choose(job, use_gpu: bool):
         trained = None
@@ -42,8 +43,10 @@ def _precision_chooser(given: set[str], note):
             trained = tomllib.loads((job.run_dir() / "job.toml").read_text())["precision"]["dtype"]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a new run (or an unreadable job.toml, which the resume check reports)
-        job, chosen = choose_precision(job, use_gpu, given, trained)
-        for line in ([chosen] if chosen else []) + precision_notes(job):
+        gpu_bf16 = local_gpus_bf16() if use_gpu and not job.run.address else None  # a cluster's: unknown here
+        job, chosen = choose_precision(job, use_gpu, given, trained, gpu_bf16)
+        job, compiled = choose_compile(job, use_gpu, given)
+        for line in [n for n in (chosen, compiled) if n] + precision_notes(job):
             note(line)
         return job
 
@@ -81,6 +84,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"ampray train: the run failed: {_failure_summary(err)}\n"
               f"Its checkpoints are kept in {job.run_dir()}: rerun the same command to resume from the "
               "latest (run.max_failures restarts crashed workers by itself).", file=sys.stderr)
+        full = _disk_full(err, job.run_dir())
+        if full:
+            print(full, file=sys.stderr)
         if _diverged(err):
             print("The run diverged (the engine's FloatingPointError above): a rerun replays the same steps. "
                   'run.on_divergence = "rollback" rolls back to the last checkpoint, eases the precision and '
@@ -95,6 +101,35 @@ def _diverged(err: Exception) -> bool:
     """Whether a worker failed on the engine's divergence errors (FloatingPointError and its kinds)."""
     failures = getattr(err, "worker_failures", None) or {}
     return any(isinstance(getattr(e, "cause", None) or e, FloatingPointError) for e in failures.values())
+
+
+def _disk_full(err: BaseException, run_dir) -> str:
+    """What to do when the run failed on a full file system (ENOSPC anywhere in the failure), or ""."""
+    import errno
+    import shutil
+
+    seen, todo = set(), [err]
+    failures = getattr(err, "worker_failures", None) or {}
+    todo += list(failures.values())
+    found = False
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            found = True
+            break
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    if not found:
+        return ""
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:,.0f} MiB free there now"
+    except OSError:
+        free = "its free space cannot be read"
+    return (f"A file system the run writes to is full (No space left on device): the run folder {run_dir} "
+            f"({free}) or a worker's temporary folder. Free space there, then rerun the same command: it "
+            "resumes from the last complete checkpoint (a checkpoint the full disk cut short was removed).")
 
 
 def _failure_summary(err: Exception) -> str:

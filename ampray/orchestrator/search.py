@@ -397,8 +397,9 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
     from ampray.orchestrator.train import init_ray, node_memory, resolved, user_code
     from ampray.tune_spaces import load_space
 
-    from ampray.job import choose_precision, precision_notes
+    from ampray.job import choose_compile, choose_precision, precision_notes
     from ampray.orchestrator.preflight import check_storage
+    from ampray.orchestrator.train import local_gpus_bf16
 
     folder = search_dir(job, search)
     if resume:
@@ -421,9 +422,12 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
     if not resume:
         space = load_space(search.space, validate=lambda overrides: apply_params(base_dict, overrides))
         if given is not None:  # every trial runs on the workers of one kind: GPUs when gpus_per_trial > 0
-            job, note = choose_precision(job, search.gpus_per_trial > 0, given | set(space.params) | set(space.fixed))
+            on_gpu, fields = search.gpus_per_trial > 0, given | set(space.params) | set(space.fixed)
+            job, note = choose_precision(job, on_gpu, fields,
+                                         gpu_bf16=local_gpus_bf16() if on_gpu and not job.run.address else None)
+            job, compiled = choose_compile(job, on_gpu, fields)
             base_dict = job.to_dict()
-            for line in ([note] if note else []) + precision_notes(job):
+            for line in [n for n in (note, compiled) if n] + precision_notes(job):
                 (notify or print)(line)
     # The user's code and data as the trials will see them (a space may fix data.path), before Ray starts.
     plan = check_model_and_data(absolute_paths(apply_params(base_dict, space.fixed)))

@@ -135,6 +135,30 @@ def _own_address():
                            "processes were told (RAY_ADDRESS): this Ray ignores RAY_GCS_SERVER_PORT")
 
 
+def local_gpus_bf16() -> bool | None:
+    """Whether every GPU of this machine runs bf16 at full speed (compute capability 8.0 or newer: Ampere,
+    Hopper and later); None when that cannot be told here. Asks nvidia-smi rather than CUDA, so that the
+    driver never creates a CUDA context on a GPU that a worker will use."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        caps = [float(line) for line in out.stdout.split() if line.strip()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        try:
+            caps = [caps[int(i)] for i in visible.split(",") if i.strip()]
+        except (ValueError, IndexError):
+            pass  # GPU UUIDs or a mismatch: every GPU of the machine counts
+    return bool(caps) and all(c >= 8.0 for c in caps) if out.returncode == 0 else None
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """A host:port address (a cluster's GCS) must answer within seconds: Ray itself retries an address
     where nothing listens for minutes. `auto` and `ray://` fail fast in Ray on their own."""
@@ -411,6 +435,24 @@ def workers_must_start(num_workers: int, job: JobConfig):
             "or its leftover placement groups: `ray status`); the run stopped instead of waiting") from None
 
 
+@contextlib.contextmanager
+def _tidy_on_failure(run_dir: Path, notify: Callable[[str], None]):
+    """A failed run leaves no checkpoint behind that Ray never registered and that does not verify (the
+    part a full disk or a crash cut short): removed at once, with a note, so that what is on disk is what
+    a rerun resumes from."""
+    from ampray.orchestrator.checkpoints import remove_partial_checkpoints
+
+    try:
+        yield
+    except BaseException:
+        try:
+            for note in remove_partial_checkpoints(run_dir):
+                notify(note)
+        except OSError:
+            pass  # the run's own error says more than a failed tidy-up
+        raise
+
+
 def read_stream(job: JobConfig):
     """The training rows as a Ray Dataset (lazy: read as the workers consume them), only the named columns."""
     import ray.data
@@ -482,7 +524,7 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
         run_dir = save_resolved(job)
         trainer = build_trainer(job, num_workers, use_gpu, runtime_env=runtime_env, stream=stream,
                                 objects=objects)
-        with workers_must_start(num_workers, job):
+        with workers_must_start(num_workers, job), _tidy_on_failure(run_dir, notify):
             result = trainer.fit()
     logdir = run_dir / "tensorboard"
     if not logdir.is_dir():

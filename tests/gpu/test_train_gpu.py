@@ -62,3 +62,26 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(gpu_cluster, tmp
     assert got["step"] == want["step"] == 40
     for key in want["model"]:
         assert torch.equal(got["model"][key], want["model"][key]), key
+
+
+def test_the_cli_chooses_bf16_on_these_gpus_and_says_so(gpu_cluster, tmp_path, capsys):
+    """`ampray train` with no precision set, on an H100/H200 (compute capability 9.0): bf16 chosen on the
+    driver (nvidia-smi, no CUDA context there), printed as a note, and the workers train unscaled bf16."""
+    from ampray.actors.aggregator import read_scalars
+    from ampray.orchestrator.cli import main
+    from ampray.orchestrator.train import local_gpus_bf16
+
+    major, _ = torch.cuda.get_device_capability(0)
+    assert local_gpus_bf16() is (major >= 8)
+    code = main(["train", "--name", "defaults", "--model", "gpt", "--model.options.preset", "micro",
+                 "--run.storage_path", str(tmp_path), "--run.steps", "20", "--run.report_every", "10",
+                 "--run.checkpoint_every", "20"])
+    out = capsys.readouterr().out
+    assert code == 0
+    if major >= 8:
+        assert "precision.dtype='bf16' chosen for GPU workers" in out, out
+        assert "model.compile=false: a run of 20 steps does not pay for compiling" in out, out
+        scalars = read_scalars(str(tmp_path / "defaults" / "tensorboard"))
+        assert scalars["rank0/scaler/scale"][-1][1] == 1.0  # unscaled bf16
+    saved = (tmp_path / "defaults" / "job.toml").read_text()
+    assert ('dtype = "bfloat16"' in saved or 'dtype = "bf16"' in saved) is (major >= 8), saved

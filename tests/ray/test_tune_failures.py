@@ -75,3 +75,38 @@ def test_cpu_trials_default_to_bf16_and_best_toml_says_so(ray_address, project, 
     # The table shows every trial's whole id (its folder under trials/), one row each.
     for row in rows:
         assert row["trial"] in out and (project / "runs" / "lr" / "trials" / row["trial"]).is_dir()
+
+
+def test_ctrl_c_in_tune_exits_130_and_names_the_resume_command(ray_address, project):
+    """A real `ampray tune` process interrupted once its trials report: exit status 130, the resume command
+    in ampray's words, not Tune's `Tuner.restore(...)`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = _args(ray_address, project, "stopped", "--space", "space.toml", "--run.steps", "400",
+                 "--run.report_every", "5", "--run.checkpoint_every", "50")
+    (project / "space.toml").write_text('[params]\n"model.options.dropout" = { choice = [0.0, 0.1] }\n')
+    proc = subprocess.Popen([sys.executable, "-m", "ampray.orchestrator.cli", *args], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    trials = project / "runs" / "stopped" / "trials"
+    deadline = time.monotonic() + 150
+    try:
+        # Interrupt once a trial's workers have reported (a progress file exists under a trial's run folder).
+        while time.monotonic() < deadline and proc.poll() is None:
+            if trials.is_dir() and any(trials.glob("*/progress/rank0.json")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "ampray tune: interrupted" in err and "ampray tune --resume stopped" in err, err[-3000:]
+    assert "Tuner.restore(" not in out + err

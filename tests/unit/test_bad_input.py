@@ -273,3 +273,52 @@ def test_reports_carry_the_learning_rate_and_the_unscaled_gradient_norm():
     assert norm == pytest.approx(results["clipped"]["optim/grad_norm"], rel=1e-6)
     unscaled = optimizer_records(scheduler, type("Step", (), {"grad_norm": None})())
     assert set(unscaled) == {"optim/lr"}
+
+
+# --- GPU defaults (issue 18): bf16 where the GPUs have it, compile where it pays ----------------------
+
+def test_gpus_with_bf16_default_to_bf16_unless_the_job_says_otherwise():
+    from ampray.job import choose_compile  # noqa: F401  (imported here: the section's second function)
+
+    job = JobConfig.load(None, {})
+    chosen, note = choose_precision(job, True, set(), gpu_bf16=True)
+    assert chosen.precision.dtype == torch.bfloat16 and not chosen.precision.scaling_enabled
+    assert note.startswith("precision.dtype='bf16' chosen for GPU workers (none was set)")
+    # fp16 stays where the GPUs lack bf16, where the driver cannot tell (a remote cluster), where the user
+    # asked for a dtype or scaler settings, and for a run trained at fp16 before.
+    assert choose_precision(job, True, set(), gpu_bf16=False) == (job, None)
+    assert choose_precision(job, True, set(), gpu_bf16=None) == (job, None)
+    fp16 = JobConfig.load(None, {"precision.dtype": "fp16"})
+    assert choose_precision(fp16, True, {"precision.dtype"}, gpu_bf16=True) == (fp16, None)
+    scaled = JobConfig.load(None, {"precision.growth_interval": 500})
+    assert choose_precision(scaled, True, {"precision.growth_interval"}, gpu_bf16=True)[0].precision.dtype == \
+        torch.float16
+    rerun, note = choose_precision(job, True, set(), trained="float16", gpu_bf16=True)
+    assert rerun.precision.dtype == torch.float16 and note == "precision.dtype='fp16': as the run was trained"
+
+
+def test_compile_is_chosen_for_long_gpt_runs_on_gpus_only():
+    from ampray.job import COMPILE_PAYS_AFTER_STEPS, choose_compile
+
+    long_gpt = JobConfig.load(None, {"model.kind": "gpt", "run.steps": COMPILE_PAYS_AFTER_STEPS})
+    chosen, note = choose_compile(long_gpt, True, set())
+    assert chosen.model.compile is True and note.startswith("model.compile=true chosen for the gpt on GPU workers")
+    assert long_gpt.model.compile is False  # not changed in place
+    short = JobConfig.load(None, {"model.kind": "gpt", "run.steps": COMPILE_PAYS_AFTER_STEPS - 1})
+    kept, note = choose_compile(short, True, set())
+    assert kept.model.compile is False and "does not pay for compiling" in note
+    assert choose_compile(long_gpt, False, set()) == (long_gpt, None)  # CPU defaults stay quick
+    assert choose_compile(long_gpt, True, {"model.compile"}) == (long_gpt, None)  # the user's choice stands
+    mlp = JobConfig.load(None, {"model.kind": "mlp", "run.steps": 10 * COMPILE_PAYS_AFTER_STEPS})
+    assert choose_compile(mlp, True, set()) == (mlp, None)
+
+
+def test_this_machine_without_nvidia_smi_cannot_tell_bf16():
+    import shutil
+
+    from ampray.orchestrator.train import local_gpus_bf16
+
+    if shutil.which("nvidia-smi") is None:
+        assert local_gpus_bf16() is None
+    else:
+        assert local_gpus_bf16() in (True, False, None)
