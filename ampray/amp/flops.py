@@ -34,8 +34,9 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
-def peak_flops(device: torch.device, amp_dtype: torch.dtype | None) -> float | None:
-    """The device's dense peak in flop/s for the precision in use, or None where unknown."""
+def peak_flops(device: torch.device, amp_dtype: torch.dtype | None, precision: str | None = None) -> float | None:
+    """The device's dense peak in flop/s for the precision in use (`precision`, one of bf16, fp16, tf32,
+    fp32, names it outright), or None where unknown."""
     override = os.environ.get("AMPRAY_PEAK_TFLOPS", "")
     if override:
         try:
@@ -49,7 +50,7 @@ def peak_flops(device: torch.device, amp_dtype: torch.dtype | None) -> float | N
     name = torch.cuda.get_device_name(device).lower()
     for fragment, peaks in _PEAKS:
         if fragment in name:
-            value = peaks.get(precision_name(amp_dtype))
+            value = peaks.get(precision or precision_name(amp_dtype))
             return None if value is None else value * 1e12
     return None
 

@@ -213,8 +213,12 @@ def final_table(outcome) -> Any:
                         f"{'GPU' if outcome.use_gpu else 'CPU'}, {outcome.run_dir}")
     val = any("val/loss" in rec for rec in outcome.final.values())
     acc = any("val/accuracy" in rec for rec in outcome.final.values())
+    tokens = any("perf/interval_tokens_per_s" in rec for rec in outcome.final.values())
+    mfu = any("perf/mfu" in rec for rec in outcome.final.values())
+    rollbacks = any(rec.get("events/rollback", 0) for rec in outcome.final.values())
     cols = ["rank", "step", "loss", *(["val loss"] if val else []), *(["val acc"] if acc else []), "samples/s",
-            "scale", "skipped", "overflows", "peak memory MiB", "node:gpu"]
+            *(["tokens/s"] if tokens else []), *(["MFU %"] if mfu else []), "scale", "skipped", "overflows",
+            *(["rollbacks"] if rollbacks else []), "peak memory MiB", "node:gpu"]
     for col in cols:
         table.add_column(col, justify="right")
     nan = float("nan")
@@ -222,12 +226,22 @@ def final_table(outcome) -> Any:
         peak = max(rec.get("memory/peak_allocated_bytes", 0), 0) / 2**20
         held_out = ([f"{rec.get('val/loss', nan):.4f}"] if val else []) + (
             [f"{rec.get('val/accuracy', nan):.4f}"] if acc else [])
+        # The last report interval's throughput (steady state, no start-up or compilation in it).
+        speed = ([f"{rec.get('perf/interval_tokens_per_s', nan):,.0f}"] if tokens else []) + (
+            [f"{100 * rec.get('perf/mfu', nan):.1f}"] if mfu else [])
         table.add_row(str(rank), f"{rec.get('step', 0):.0f}", f"{rec.get('loss', nan):.4f}", *held_out,
-                      f"{rec.get('perf/samples_per_s', 0):.0f}", f"{rec.get('scaler/scale', 0):g}",
+                      f"{rec.get('perf/samples_per_s', 0):.0f}", *speed, f"{rec.get('scaler/scale', 0):g}",
                       f"{rec.get('perf/skipped_steps', 0):.0f}", f"{rec.get('scaler/overflows', 0):.0f}",
+                      *([f"{rec.get('events/rollback', 0):.0f}"] if rollbacks else []),
                       f"{peak:.1f}", placement_label(rec))
+    if tokens or mfu:
+        total = sum(rec.get("perf/interval_tokens_per_s", 0) for rec in outcome.final.values())
+        mean_mfu = [rec["perf/mfu"] for rec in outcome.final.values() if "perf/mfu" in rec]
+        table.caption = "across ranks (last report interval): " + ", ".join(
+            ([f"{total:,.0f} tokens/s"] if tokens else [])
+            + ([f"MFU {100 * sum(mean_mfu) / len(mean_mfu):.1f}% (mean)"] if mean_mfu else []))
     if val:
-        table.caption = "held-out over all ranks: " + ", ".join(
+        table.caption = (table.caption + "; " if table.caption else "") + "held-out over all ranks: " + ", ".join(
             f"{name} {outcome.aggregate[key]:.4f}" for name, key in (("val loss", "val/loss/mean"),
                                                                      ("val accuracy", "val/accuracy/mean"))
             if key in getattr(outcome, "aggregate", {}))
@@ -380,12 +394,16 @@ def bench_table(result: dict[str, Any]) -> Any:
 
     table = Table(title=f"ampray bench: {result['model']} ({result['size']}), batch {result['batch_size']}, "
                         f"{result['device']}" + (", torch.compile" if result.get("compiled") else ""))
-    for col in ("precision", "median ms", "samples/s", "speedup %", "peak MiB", "memory saving %"):
+    for col in ("precision", "median ms", "samples/s", "TFLOP/s", "MFU %", "speedup %", "peak MiB",
+                "memory saving %"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
+        tflops, mfu = r.get("tflops_per_s"), r.get("mfu")
         table.add_row(r["precision"] + (" *" if r["best"] else ""), f"{r['median_ms']:.3f}", f"{r['samples_per_s']:.1f}",
+                      "-" if tflops is None else f"{tflops:.2f}", "-" if mfu is None else f"{100 * mfu:.1f}",
                       f"{r['speedup_percent']:+.1f}", "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}",
                       "-" if r["memory_savings_percent"] is None else f"{r['memory_savings_percent']:+.1f}")
+    table.caption = "MFU: achieved training flops over the device's dense peak for the row's precision"
     return table
 
 

@@ -206,9 +206,30 @@ def benchmark_mixed_precision_interface(model_type: str = "mlp", batch_size: int
                                        criterion=build_criterion(model_type), device=dev,
                                        precisions=precisions or available_precisions(dev), compile=compile)
     rows = [{"model": model_type, "size": size, "batch_size": batch, **row} for row in format_bench_table(result)]
+    _add_mfu(rows, model_type, model, data, dev)
     return {"device": result["device"], "model": model_type, "size": size, "options": options, "batch_size": batch,
             "compiled": result["compiled"], "rows": rows, "chart": [{"precision": r["precision"], "median_ms": r["median_ms"]} for r in rows],
             "best": result["best"], "raw": result}
+
+
+def _add_mfu(rows: list[dict[str, Any]], model_type: str, model, data, device) -> None:
+    """Each row's `tflops_per_s` and `mfu` (achieved training flops over the device's dense peak for that
+    row's precision; None where the peak is unknown, as on CPUs without AMPRAY_PEAK_TFLOPS)."""
+    import torch
+
+    from ampray.amp.flops import peak_flops
+    from ampray.models.registry import model_flops_per_sample, resolve_spec
+
+    inputs = data[0] if isinstance(data, (tuple, list)) else data
+    try:
+        per_sample = model_flops_per_sample(resolve_spec(model_type), model, inputs)
+    except Exception:  # noqa: BLE001 - a figure that cannot be computed is left out, never fatal
+        per_sample = None
+    for row in rows:
+        achieved = row["samples_per_s"] * per_sample if per_sample else None
+        peak = peak_flops(torch.device(device), None, precision=row["precision"]) if achieved else None
+        row["tflops_per_s"] = None if achieved is None else round(achieved / 1e12, 3)
+        row["mfu"] = None if not (achieved and peak) else round(achieved / peak, 4)
 
 
 # -- recommendations -------------------------------------------------------------------------------

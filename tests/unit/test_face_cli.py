@@ -34,7 +34,9 @@ def test_bench_prints_and_writes_the_functions_numbers(tmp_path, capsys):
         # What was printed is what was written, and both are the benchmark's own figures.
         assert printed[r["precision"]][0] == f"{r['median_ms']:.3f}"
         assert printed[r["precision"]][1] == f"{r['samples_per_s']:.1f}"
-        assert printed[r["precision"]][2] == f"{r['speedup_percent']:+.1f}"
+        assert printed[r["precision"]][2] == f"{r['tflops_per_s']:.2f}" and r["tflops_per_s"] > 0
+        assert printed[r["precision"]][3] == "-" and r["mfu"] is None  # no known peak for a CPU
+        assert printed[r["precision"]][4] == f"{r['speedup_percent']:+.1f}"
         assert r["samples_per_s"] == pytest.approx(16 / (r["median_ms"] / 1e3), rel=2e-3)
         assert r["speedup_percent"] == pytest.approx((fp32["median_ms"] / r["median_ms"] - 1) * 100, abs=0.2)
     assert sum(r["best"] for r in table) == 1

@@ -1,6 +1,7 @@
 """Throughput in flops and MFU: the model's flops per sample (built-in formula, or a user model's own
 method) and the device's peak for the precision in use."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -59,3 +60,41 @@ def test_reports_carry_tflops_and_mfu_when_the_peak_is_known(monkeypatch):
     m = interval_throughput(eng, 0.5, 16, 0, 192)
     assert "perf/tflops_per_s" in m and "perf/mfu" not in m and "perf/interval_tokens_per_s" not in m
     assert interval_throughput(eng, 0.0, 16, 0, 192) == {}
+
+
+def test_ampray_bench_rows_carry_tflops_and_mfu_against_the_precisions_peak(monkeypatch):
+    from ampray.orchestrator.interface import benchmark_mixed_precision_interface
+
+    monkeypatch.delenv("AMPRAY_PEAK_TFLOPS", raising=False)
+    plain = benchmark_mixed_precision_interface("mlp", 16, num_iterations=2, warmup=1, device="cpu",
+                                                precisions=["fp32"])
+    row = plain["rows"][0]
+    assert row["tflops_per_s"] > 0 and row["mfu"] is None  # a CPU has no known peak
+    monkeypatch.setenv("AMPRAY_PEAK_TFLOPS", "0.5")
+    peaked = benchmark_mixed_precision_interface("mlp", 16, num_iterations=2, warmup=1, device="cpu",
+                                                 precisions=["fp32"])
+    row = peaked["rows"][0]
+    assert row["mfu"] == pytest.approx(row["tflops_per_s"] / 0.5, abs=0.0011 / 0.5)  # tflops rounded to 3 places
+
+
+def test_the_final_table_shows_tokens_mfu_and_rollbacks_when_reported():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from ampray.orchestrator.cli import final_table
+
+    final = {r: {"step": 40, "loss": 2.0, "perf/samples_per_s": 100.0, "perf/interval_tokens_per_s": 4096.0 * (r + 1),
+                 "perf/mfu": 0.25 + 0.1 * r, "scaler/scale": 1.0, "events/rollback": 1.0} for r in range(2)}
+    outcome = SimpleNamespace(num_workers=2, use_gpu=True, run_dir="/runs/x", final=final, aggregate={})
+    console = Console(width=200, record=True)
+    console.print(final_table(outcome))
+    text = console.export_text()
+    assert "tokens/s" in text and "MFU %" in text and "rollbacks" in text
+    assert "4,096" in text and "8,192" in text and "25.0" in text and "35.0" in text
+    assert "12,288 tokens/s" in text and "MFU 30.0% (mean)" in text
+    plain = {0: {"step": 40, "loss": 2.0, "perf/samples_per_s": 100.0, "scaler/scale": 1.0}}
+    console = Console(width=200, record=True)
+    console.print(final_table(SimpleNamespace(num_workers=1, use_gpu=False, run_dir="/r", final=plain, aggregate={})))
+    text = console.export_text()
+    assert "tokens/s" not in text and "MFU" not in text and "rollbacks" not in text
