@@ -485,7 +485,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
                                           stop={"step": job.run.steps},
                                           # PBT's copies of Train checkpoints (Tune warns that keeping 2 or fewer can break exploits).
                                           checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=4)))
-    grid = _fit(tuner)
+    grid, interrupted = _fit(tuner)
     rows = results_table(grid, list(space.params), job.run.steps,
                          folder / "trials" if search.scheduler == "pbt" else None, search.skip_penalty)
     write_parquet(rows, folder / "results.parquet")
@@ -495,7 +495,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
         best_job.run.name = f"{search.name}-best"
         (folder / "best.toml").write_text(best_job.to_toml())
     return {"folder": folder, "rows": rows, "best": best, "params": list(space.params),
-            "interrupted": _interrupted(grid), "storage_path": job.run.storage_path}
+            "interrupted": interrupted, "storage_path": job.run.storage_path}
 
 
 def check_new_search(folder: Path, name: str) -> None:
@@ -507,22 +507,33 @@ def check_new_search(folder: Path, name: str) -> None:
                           "(if it was interrupted), or give this search a new --name")
 
 
-class _HideRestoreHint:
-    """Tune's own "Resume experiment with: Tuner.restore(...)" log line: the CLI says `ampray tune --resume`."""
+class _TuneLog:
+    """Hides Tune's own "Resume experiment with: Tuner.restore(...)" line (the CLI says `ampray tune
+    --resume`), and notes that Tune caught an interrupt: its SIGINT handler only logs it ("Stop signal
+    received") and ends the run, and the trials it stops on the way out are marked terminated like
+    finished ones, so their states cannot tell."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
 
     def filter(self, record) -> bool:
-        return "Tuner.restore(" not in record.getMessage()
+        message = record.getMessage()
+        if "Stop signal received" in message or "has been interrupted" in message:
+            self.interrupted = True
+        return "Tuner.restore(" not in message
 
 
 def _fit(tuner):
+    """`tuner.fit()`, and whether Tune was interrupted (Ctrl-C) before the search ended."""
     import logging
 
-    hide, tune_log = _HideRestoreHint(), logging.getLogger("ray.tune.tune")
-    tune_log.addFilter(hide)
+    watch, tune_log = _TuneLog(), logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(watch)
     try:
-        return tuner.fit()
+        grid = tuner.fit()
     finally:
-        tune_log.removeFilter(hide)
+        tune_log.removeFilter(watch)
+    return grid, watch.interrupted or _interrupted(grid)
 
 
 def _interrupted(grid) -> bool:
