@@ -94,7 +94,8 @@ class OverflowAttribution:
         where = {name: i for i, name in enumerate(self.names)}
         for name, p in model.named_parameters():
             if id(p) not in self.slot:
-                name = name.removeprefix("module.")  # DDP's wrapper prefix
+                # DDP's wrapper prefix, and torch's activation checkpoint wrapper's (shard_model(checkpoint=True))
+                name = name.removeprefix("module.").replace("_checkpoint_wrapped_module.", "")
                 if name not in where:
                     where[name] = len(self.names)
                     self.names.append(name)
