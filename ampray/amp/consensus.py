@@ -35,13 +35,13 @@ from torch import nn
 class Consensus:
     """The process group the engine agrees over (None: one process, every exchange is local).
 
-    `sharded`: each rank holds a shard of every gradient (FSDP), so the per-parameter norms are summed
-    over the group at the optimizer step (`global_norms`)."""
+    `sharded`: the gradients are DTensors (FSDP), each rank holding a shard of every one; the engine
+    reads their local shards, and sums the per-parameter norms over the group (`global_norms`)."""
 
     def __init__(self, group: Any = None, sharded: bool = False):
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
-        self.sharded = sharded and self.world > 1
+        self.sharded = sharded
         self.rank = dist.get_rank(group) if group is not None else 0
         backend = str(dist.get_backend(group)) if group is not None else "gloo"
         # Collectives of flags travel as CPU tensors on gloo, as CUDA tensors on NCCL.
@@ -56,11 +56,13 @@ class Consensus:
     def resolve(cls, model: nn.Module, group: Any = "auto") -> "Consensus":
         """The group of a DDP-wrapped model or of an FSDP-sharded one's mesh ("auto"), an explicit group,
         or none (None)."""
-        if group is None or not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()):
             return cls(None)
         from ampray.amp.sharding import sharded_mesh
 
         mesh = sharded_mesh(model)
+        if group is None:
+            return cls(None, sharded=mesh is not None)
         if group != "auto":
             return cls(dist.group.WORLD if group in (True, "world") else group, sharded=mesh is not None)
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -83,7 +85,7 @@ class Consensus:
         summed over the group (in float64: a float32 norm above 1.8e19 would overflow as a square). An
         inf or NaN on any rank stays inf or NaN in the sum, so every rank gets the same flags, and the
         same bits (one all-reduce: every rank receives the same sums)."""
-        if not self.sharded:
+        if not (self.sharded and self.active):
             return norms
         squares = norms.to(self.device, torch.float64).square()
         dist.all_reduce(squares, group=self.group)

@@ -65,14 +65,6 @@ class StepResult:
 _FIELDS = tuple(f.name for f in dataclasses.fields(StepResult))
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    """What the engine reads and scales in place: a sparse gradient's values, a DTensor's local shard (a
-    view of it: scaling it scales the DTensor), any other gradient itself."""
-    if grad.is_sparse:
-        return grad._values()
-    return grad.to_local() if hasattr(grad, "to_local") else grad
-
-
 def _on(grads: list[torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
     """The factor on the gradients' device (they live on the CPU under FSDP's CPU offload)."""
     return factor if factor.device == grads[0].device else factor.to(grads[0].device)
@@ -186,7 +178,9 @@ class OptimizerStep:
             if p.grad is not None and p.grad.is_sparse:
                 sparse = True
                 p.grad = p.grad.coalesce()  # duplicates summed: the norm is the gradient's own
-        grads = [_local(p.grad) for p in params if p.grad is not None]
+        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+        if sharded:
+            grads = [g.to_local() for g in grads]  # views of this rank's shards: scaling them scales the DTensors
         out: dict[str, Any] = {}
         if not grads or not (scaler.enabled or cfg.max_grad_norm is not None or e.nonfinite.checked):
             self.settle()
@@ -197,7 +191,7 @@ class OptimizerStep:
             # The norms of this rank's shards, summed over the ranks: the same flags, attribution and
             # clipping norm on every rank (the one collective FSDP adds; see consensus.py).
             empty = grads[0].new_zeros(0)
-            local = [_local(p.grad) if p.grad is not None else empty for p in params]
+            local = [p.grad.to_local() if p.grad is not None else empty for p in params]
             norms = e.consensus.global_norms(torch.stack(torch._foreach_norm(local)).to(e.device))
         else:
             norms = torch.stack(torch._foreach_norm(grads))
