@@ -7,6 +7,11 @@ carries it to every rank too. The skip, the scale update, the hysteresis and col
 fallback and the adaptation all follow from those identical flags, and retunes come from the job, the
 same on every rank.
 
+Under FSDP (`fully_shard`) each rank holds only a shard of each gradient, so no rank sees an overflow
+on another's shard: the engine pays one all-reduce per optimizer step, of the per-parameter squared norms
+(`global_norms`), from which every rank reads the same overflow flags, attribution and clipping norm
+(`sharding.py`). Without FSDP it is never made.
+
 Two decisions need a collective, and pay it only when their policy asks for it:
 - `oom_policy="skip"` / `"split"`: an out-of-memory error is one rank's. The ranks agree after each
   piece's forward and after its backward (a small MAX all-reduce, one host read each), so that all of them
@@ -28,11 +33,15 @@ from torch import nn
 
 
 class Consensus:
-    """The process group the engine agrees over (None: one process, every exchange is local)."""
+    """The process group the engine agrees over (None: one process, every exchange is local).
 
-    def __init__(self, group: Any = None):
+    `sharded`: the gradients are DTensors (FSDP), each rank holding a shard of every one; the engine
+    reads their local shards, and sums the per-parameter norms over the group (`global_norms`)."""
+
+    def __init__(self, group: Any = None, sharded: bool = False):
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
+        self.sharded = sharded
         self.rank = dist.get_rank(group) if group is not None else 0
         backend = str(dist.get_backend(group)) if group is not None else "gloo"
         # Collectives of flags travel as CPU tensors on gloo, as CUDA tensors on NCCL.
@@ -45,16 +54,21 @@ class Consensus:
 
     @classmethod
     def resolve(cls, model: nn.Module, group: Any = "auto") -> "Consensus":
-        """The group of a DDP- or FSDP-wrapped model ("auto"), an explicit group, or none (None)."""
-        if group is None or not (dist.is_available() and dist.is_initialized()):
+        """The group of a DDP-wrapped model or of an FSDP-sharded one's mesh ("auto"), an explicit group,
+        or none (None)."""
+        if not (dist.is_available() and dist.is_initialized()):
             return cls(None)
+        from ampray.amp.sharding import sharded_mesh
+
+        mesh = sharded_mesh(model)
+        if group is None:
+            return cls(None, sharded=mesh is not None)
         if group != "auto":
-            return cls(dist.group.WORLD if group in (True, "world") else group)
+            return cls(dist.group.WORLD if group in (True, "world") else group, sharded=mesh is not None)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return cls(model.process_group)
-        fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
-        if fsdp is not None and isinstance(model, fsdp):
-            return cls(dist.group.WORLD)
+        if mesh is not None:
+            return cls(mesh.get_group(), sharded=True)
         return cls(None)
 
     def max(self, values: Sequence[int]) -> list[int]:
@@ -64,6 +78,18 @@ class Consensus:
         t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [int(v) for v in t.tolist()]
+
+    @torch.no_grad()
+    def global_norms(self, norms: torch.Tensor) -> torch.Tensor:
+        """Per-parameter norms of whole gradients from each rank's norms of its shards: the squares are
+        summed over the group (in float64: a float32 norm above 1.8e19 would overflow as a square). An
+        inf or NaN on any rank stays inf or NaN in the sum, so every rank gets the same flags, and the
+        same bits (one all-reduce: every rank receives the same sums)."""
+        if not (self.sharded and self.active):
+            return norms
+        squares = norms.to(self.device, torch.float64).square()
+        dist.all_reduce(squares, group=self.group)
+        return squares.sqrt().to(norms.device, torch.float32)
 
     def ranks_where(self, flag: torch.Tensor | bool) -> list[int]:
         """The group ranks where `flag` (a 0-d tensor or a bool) is true."""

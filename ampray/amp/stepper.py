@@ -65,6 +65,11 @@ class StepResult:
 _FIELDS = tuple(f.name for f in dataclasses.fields(StepResult))
 
 
+def _on(grads: list[torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
+    """The factor on the gradients' device (they live on the CPU under FSDP's CPU offload)."""
+    return factor if factor.device == grads[0].device else factor.to(grads[0].device)
+
+
 class OverflowAttribution:
     """Overflowing steps per parameter, counted on the device."""
 
@@ -76,10 +81,18 @@ class OverflowAttribution:
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}  # slots per set of parameters with a gradient
 
     def index(self, model) -> None:
+        """Name the model's parameters by their FQN. A parameter replaced under the same name (fully_shard
+        swaps each for a sharded DTensor) keeps the name's slot and count."""
+        where = {name: i for i, name in enumerate(self.names)}
         for name, p in model.named_parameters():
             if id(p) not in self.slot:
-                self.slot[id(p)] = len(self.names)
-                self.names.append(name.removeprefix("module."))  # DDP's wrapper prefix
+                # DDP's wrapper prefix, and torch's activation checkpoint wrapper's (shard_model(checkpoint=True))
+                name = name.removeprefix("module.").replace("_checkpoint_wrapped_module.", "")
+                if name not in where:
+                    where[name] = len(self.names)
+                    self.names.append(name)
+                self.slot[id(p)] = where[name]
+        self._cache.clear()
         self._grow()
 
     def _grow(self) -> None:
@@ -151,26 +164,37 @@ class OptimizerStep:
             self.settle()
             return self._finish(optimizers, {}, [1.0, 0.0, 0.0, e.last_scale], schedulers, poisoned=True)
         e.reduce_gradients(model)
+        sharded = e.consensus.sharded
         params, seen = [], set()
         for opt in optimizers:
             for g in opt.param_groups:
                 for p in g["params"]:
-                    if p.grad is not None and id(p) not in seen:
+                    # Sharded: every parameter, so that each rank's list of norms lines up with the others'.
+                    if (p.grad is not None or sharded) and id(p) not in seen:
                         seen.add(id(p))
                         params.append(p)
         sparse = False
         for p in params:
-            if p.grad.is_sparse:
+            if p.grad is not None and p.grad.is_sparse:
                 sparse = True
                 p.grad = p.grad.coalesce()  # duplicates summed: the norm is the gradient's own
-        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+        if sharded:
+            grads = [g.to_local() for g in grads]  # views of this rank's shards: scaling them scales the DTensors
         out: dict[str, Any] = {}
         if not grads or not (scaler.enabled or cfg.max_grad_norm is not None or e.nonfinite.checked):
             self.settle()
             for opt in optimizers if grads else ():
                 opt.step()
             return self._finish(optimizers, out, [0.0, 0.0, 0.0, e.last_scale], schedulers)
-        norms = torch.stack(torch._foreach_norm(grads))
+        if sharded:
+            # The norms of this rank's shards, summed over the ranks: the same flags, attribution and
+            # clipping norm on every rank (the one collective FSDP adds; see consensus.py).
+            empty = grads[0].new_zeros(0)
+            local = [p.grad.to_local() if p.grad is not None else empty for p in params]
+            norms = e.consensus.global_norms(torch.stack(torch._foreach_norm(local)).to(e.device))
+        else:
+            norms = torch.stack(torch._foreach_norm(grads))
         nonfinite = ~torch.isfinite(norms)
         found = nonfinite.any()
         if e.nonfinite.checked and not e.poisons:
@@ -180,10 +204,10 @@ class OptimizerStep:
             found = found | c.window_bad_loss
         # A step whose every gradient is non-finite (a NaN loss, an overflow spread by backward) names
         # no offender: it carries no information about where the overflow started.
-        self.attribution.count(params, nonfinite & ~nonfinite.all())
+        self.attribution.count(params, nonfinite & (nonfinite.sum() < len(grads)))
         # The device-side skip: fused optimizers take found_inf (and unscale by grad_scale themselves),
         # unless the step must read its flags first (nonfinite_loss_policy="raise").
-        fused = not sparse and not e.nonfinite.gathers and \
+        fused = not sparse and not e.nonfinite.gathers and grads[0].device == e.device and \
             all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
         grad_scale = self._unscale_and_clip(grads, norms, fused, out)
         flags = torch.cat([torch.stack([found, found, c.window_bad_loss]).float(), scaler.scale_tensor.view(1)])
@@ -224,7 +248,7 @@ class OptimizerStep:
             if inv is not None:
                 total = total * inv  # the norm of the unscaled gradients: clipping sees true values
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef * inv if inv is not None else coef)
+            torch._foreach_mul_(grads, _on(grads, coef * inv if inv is not None else coef))
             out["grad_norm"] = total
             return None
         if not scaler.enabled:
@@ -233,7 +257,7 @@ class OptimizerStep:
         out["grad_norm"] = torch.linalg.vector_norm(norms) * scaler.inv_scale()
         if fused:
             return scaler.scale_tensor
-        torch._foreach_mul_(grads, scaler.inv_scale())
+        torch._foreach_mul_(grads, _on(grads, scaler.inv_scale()))
         return None
 
     def _finish(self, optimizers, out, values, schedulers, poisoned: bool = False) -> dict[str, Any]:

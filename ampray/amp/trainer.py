@@ -11,7 +11,8 @@ steps with optimizers that take `found_inf` (fused Adam/AdamW/SGD: the skip happ
 the bookkeeping one step later); one per optimizer step otherwise, the same one `GradScaler.step` makes,
 and none at all for unscaled runs with `nonfinite_loss_policy="ignore"` and no clipping. Loss sums and
 scaler counters stay on the device until a summary or `state_dict()` reads them. Under a process group,
-`oom_policy="skip"`/`"split"` add two flag all-reduces per piece (see `consensus.py`).
+`oom_policy="skip"`/`"split"` add two flag all-reduces per piece (see `consensus.py`). A model sharded
+with FSDP2 (`fully_shard`) adds one all-reduce of per-parameter norms per optimizer step (`sharding.py`).
 
 An OOM under "split" cuts the micro-batch into pieces: the failing piece is retried as two halves, and
 every later micro-batch is cut into as many pieces as the smallest one that was needed (a power of two,
@@ -72,6 +73,7 @@ class MixedPrecisionTrainer:
         self._process_group = process_group
         self.consensus: Consensus | None = None  # resolved from the first model trained
         self.poisons = False
+        self.params_cast: torch.dtype | None = None  # FSDP's param_dtype (fp16/bf16) of the bound model
         self.fallback_due = False
         self.fell_back = False  # the bf16 fallback was made: a further collapse or stall raises
         self.booked_loss_nonfinite = False  # whether the step being booked had a non-finite loss here
@@ -115,14 +117,20 @@ class MixedPrecisionTrainer:
 
     def _bind(self, model: nn.Module) -> None:
         """Resolve the process group on the first step, and check what the OOM-safe path cannot do."""
+        from ampray.amp import sharding
+
+        self.stepper.attribution.index(model)  # parameters replaced since prepare_model (fully_shard) by name
+        self.params_cast = None
+        if sharding.is_sharded(model):
+            sharding.check_engine_config(self.config, self.amp_dtype, model)
+            self.params_cast = sharding.low_precision_params(model)
         self.consensus = Consensus.resolve(model, self._process_group)
         if self.consensus.active and self.oom.collective and not hasattr(model, "no_sync"):
             from ampray.amp.config import ConfigError
 
             raise ConfigError(f"MixedPrecisionConfig.oom_policy={self.config.oom_policy!r} is not allowed for a "
                               f"{type(model).__name__} under a process group: the ranks can agree on an OOM "
-                              "only around a DDP-wrapped model's no_sync(); use oom_policy='raise' (sharded "
-                              "models: issue 19)")
+                              "only around a DDP-wrapped model's no_sync(); use oom_policy='raise'")
         # Under a group a non-finite loss makes this rank's gradients non-finite, so that DDP's own
         # all-reduce takes the skip to every rank; one process just reads its loss flag at the step.
         self.poisons = self.consensus.active and self.nonfinite.checked
@@ -393,7 +401,9 @@ class MixedPrecisionTrainer:
         loaded; returns what it did, in words. fp16 where the device has bf16: bf16 without loss scaling
         from now on. Otherwise, with loss scaling: the scale divided by 16 (not below min_scale),
         growth_interval doubled and hysteresis one more (recorded as a retune). Unscaled runs: nothing."""
-        if self.amp_dtype == torch.float16 and autocast_supported(self.device.type, torch.bfloat16):
+        # Not where FSDP casts the parameters to fp16: its policy cannot change in a live run.
+        if self.amp_dtype == torch.float16 and autocast_supported(self.device.type, torch.bfloat16) and \
+                self.params_cast != torch.float16:
             self.fall_back_to_bf16()
             self._apply_fallback()  # at once: the loaded state starts a fresh window
             return "fp16 -> bf16 without loss scaling"

@@ -1,0 +1,199 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) under the engine: the mixed-precision policy built from a
+`MixedPrecisionConfig`, `shard_model`, and the rules the engine checks when it first sees a sharded model.
+
+Build order: `engine.prepare_model(model)` (device, fp32 master weights), then
+`shard_model(model, mesh, build_mp_policy(engine.config), blocks=("Block",))`, then the optimizer over the
+sharded parameters, then `engine.train_step(...)` as usual.
+
+Autocast and FSDP's `param_dtype` together. FSDP's `MixedPrecisionPolicy(param_dtype=...)` casts each
+block's parameters once, when it all-gathers them (half the bytes on the wire); autocast casts per op.
+The engine keeps autocast on whenever its dtype is fp16/bf16, even when FSDP already casts:
+- its weight casts are then no-ops (the unsharded parameters already have autocast's dtype), so it costs
+  nothing there;
+- what it still does is keep the ops on autocast's fp32 list in fp32 (softmax, log-softmax, layer/group
+  norm, the losses, sums and norms): without it they would run in bf16/fp16 on bf16/fp16 weights.
+- the loss scaling (fp16) is the engine's as without FSDP; `reduce_dtype=float32` (the default here)
+  reduce-scatters the gradients in fp32, and the sharded gradients the optimizer sees are fp32, like the
+  sharded master parameters.
+With the engine at fp32 (`enabled=False` or dtype fp32) there is no autocast and no loss scaling: FSDP's
+`param_dtype=bf16` alone is then allowed (module-level bf16), `param_dtype=fp16` is not (fp16 gradients
+need loss scaling: set the engine's dtype to fp16). A `param_dtype` that is neither None/fp32 nor the
+engine's autocast dtype is a ConfigError (`check_engine_config`).
+
+What the engine does differently under FSDP (one extra collective, nothing else):
+- Each rank holds a shard of every gradient (a DTensor); the engine reads and scales `.to_local()`
+  shards. Its per-parameter norms are all-reduced as sums of squares (float64) over the mesh's group at
+  the optimizer step: one all-reduce gives the global norm of each parameter, so the overflow flag, the
+  attribution (by FQN, a parameter counted once whichever rank's shard overflowed) and the clipping norm
+  are the same on every rank, and so are the skip, the scale update, hysteresis, collapse and stall
+  counts that follow from them. Without FSDP nothing of this runs.
+- A non-finite loss on one rank makes that rank's gradients NaN (as under DDP); FSDP's reduce-scatter
+  sums them into every rank's shard, and the norm all-reduce would carry it anyway.
+- `oom_policy="skip"`/`"split"` are refused (ConfigError): FSDP's forward all-gathers every block's
+  parameters, so a rank that runs out of memory mid-forward leaves the others waiting in the next
+  all-gather, before any agreement can happen; `set_requires_gradient_sync(False)` does not change that.
+- Micro-batches of an accumulation window reduce-scatter their gradients each (FSDP's default: memory
+  stays sharded); there is no `no_sync()`.
+- A 1-D mesh only (plain FSDP); HSDP's 2-D mesh is refused (the norm would count replicas twice).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ampray.amp.config import ConfigError, MixedPrecisionConfig, dtype_name
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+
+def _fsdp_module_class():
+    fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp is None and torch.distributed.is_available():
+        try:
+            from torch.distributed.fsdp import FSDPModule as fsdp
+        except ImportError:  # pragma: no cover - a torch without FSDP2
+            return None
+    return fsdp
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that `fully_shard` was applied to (the root first if it was)."""
+    fsdp = _fsdp_module_class()
+    if fsdp is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, fsdp)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(fsdp_modules(model))
+
+
+def sharded_mesh(model: nn.Module) -> "DeviceMesh | None":
+    """The device mesh of the model's sharded parameters (None when nothing is sharded). A 2-D mesh (HSDP)
+    is a ConfigError: the engine sums squared norms over one shard dimension."""
+    if not is_sharded(model):
+        return None
+    for p in model.parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            if mesh.ndim != 1:
+                raise ConfigError(f"fully_shard mesh={mesh} is not allowed under the engine: expected a 1-D "
+                                  "mesh (plain FSDP); HSDP's 2-D mesh is not supported")
+            return mesh
+    return None
+
+
+def param_dtypes(model: nn.Module) -> set[torch.dtype | None]:
+    """The `param_dtype` of each FSDP module's MixedPrecisionPolicy (None: its parameters' own dtype)."""
+    out: set[torch.dtype | None] = set()
+    for m in fsdp_modules(model):
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        policy = getattr(state, "_mp_policy", None)
+        out.add(getattr(policy, "param_dtype", None))
+    return out
+
+
+def low_precision_params(model: nn.Module) -> torch.dtype | None:
+    """fp16 or bf16 when FSDP computes with parameters cast to it (fp16 wins if both), else None."""
+    dtypes = param_dtypes(model)
+    return next((d for d in (torch.float16, torch.bfloat16) if d in dtypes), None)
+
+
+def check_engine_config(config: MixedPrecisionConfig, amp_dtype: torch.dtype, model: nn.Module) -> None:
+    """What the engine cannot do with a sharded model, as ConfigErrors naming the field, the value and what
+    is allowed (called once, when the engine first sees the model)."""
+    owner = "MixedPrecisionConfig"
+    if config.oom_policy != "raise":
+        raise ConfigError(f"{owner}.oom_policy={config.oom_policy!r} is not allowed for a model sharded with "
+                          "FSDP (fully_shard): its forward all-gathers parameters, so a rank out of memory "
+                          "leaves the others waiting before the ranks can agree; expected 'raise'")
+    sharded_mesh(model)  # a 2-D mesh raises
+    cast = low_precision_params(model)
+    if cast is None:
+        return
+    if amp_dtype == torch.float32 and cast == torch.float16:
+        raise ConfigError(f"{owner}.dtype={dtype_name(amp_dtype)!r} is not allowed with FSDP's "
+                          "MixedPrecisionPolicy(param_dtype=float16): fp16 gradients need loss scaling; expected "
+                          "dtype='fp16' (or param_dtype bf16/None)")
+    if amp_dtype != torch.float32 and cast != amp_dtype:
+        raise ConfigError(f"{owner}.dtype={dtype_name(amp_dtype)!r} is not allowed with FSDP's "
+                          f"MixedPrecisionPolicy(param_dtype={dtype_name(cast)}): expected the same dtype (or "
+                          "param_dtype None/float32); build_mp_policy(config) makes them agree")
+    if config.fp32_modules:
+        raise ConfigError(f"{owner}.fp32_modules={list(config.fp32_modules)!r} is not allowed with FSDP's "
+                          f"MixedPrecisionPolicy(param_dtype={dtype_name(cast)}): those modules' parameters "
+                          "are already cast; expected () (or param_dtype None)")
+    if cast == torch.float16:
+        for name in ("collapse_policy", "stall_policy"):
+            if getattr(config, name) == "fallback_bf16":
+                raise ConfigError(f"{owner}.{name}='fallback_bf16' is not allowed with FSDP's "
+                                  "MixedPrecisionPolicy(param_dtype=float16): the parameters stay cast to fp16 "
+                                  "(the policy cannot change in a live run); expected 'raise' (or build the "
+                                  "policy with param_dtype None)")
+
+
+def build_mp_policy(config: MixedPrecisionConfig, reduce_dtype: torch.dtype | None = torch.float32,
+                    output_dtype: torch.dtype | None = None, cast_forward_inputs: bool = True) -> "MixedPrecisionPolicy":
+    """FSDP's MixedPrecisionPolicy for the engine's config: parameters computed in the autocast dtype
+    (fp16/bf16; none for fp32), gradients reduced in `reduce_dtype` (fp32 by default)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not config.autocast_enabled:
+        return MixedPrecisionPolicy(output_dtype=output_dtype, cast_forward_inputs=cast_forward_inputs)
+    return MixedPrecisionPolicy(param_dtype=config.dtype, reduce_dtype=reduce_dtype, output_dtype=output_dtype,
+                                cast_forward_inputs=cast_forward_inputs)
+
+
+def _block_test(blocks: Iterable[str] | Callable[[nn.Module], bool]) -> Callable[[nn.Module], bool]:
+    if callable(blocks):
+        return blocks
+    names = (blocks,) if isinstance(blocks, str) else tuple(blocks)
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise ConfigError(f"shard_model blocks={names!r} is not allowed: expected class names (strings) or a "
+                          "callable (module) -> bool")
+    return lambda m: type(m).__name__ in names or f"{type(m).__module__}.{type(m).__qualname__}" in names
+
+
+def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "MixedPrecisionPolicy | None" = None,
+                blocks: Iterable[str] | Callable[[nn.Module], bool] = (), offload: bool = False,
+                checkpoint: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+    """`fully_shard` each block (modules whose class name is in `blocks`, or for which `blocks(module)` is
+    true; innermost first) and then the root, on `mesh` (default: a 1-D mesh over the world on the model's
+    device type) with `policy` (default: none: FSDP computes in the parameters' dtype). `offload` moves the
+    sharded parameters, gradients and optimizer state to CPU (`CPUOffloadPolicy`); `checkpoint`
+    recomputes each block's activations in backward (torch's checkpoint wrapper: parameter names and state
+    dict keys stay the same). Returns the model, now an FSDPModule, sharded in place."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    is_block = _block_test(blocks)
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if checkpoint:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
+        apply_activation_checkpointing(
+            model, check_fn=is_block,
+            checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+        wrapped = {id(m._checkpoint_wrapped_module) for m in model.modules()
+                   if hasattr(m, "_checkpoint_wrapped_module")}
+        matches = lambda m: id(getattr(m, "_checkpoint_wrapped_module", None)) in wrapped  # noqa: E731
+    else:
+        matches = is_block
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    kwargs: dict[str, Any] = dict(mesh=mesh, mp_policy=policy or MixedPrecisionPolicy(),
+                                  offload_policy=offload_policy, reshard_after_forward=reshard_after_forward)
+    found = [m for m in reversed(list(model.modules())) if m is not model and matches(m)]  # innermost first
+    for block in found:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
