@@ -238,12 +238,36 @@ class ScalingSection:
     bind_cpus: bool = False
     """Bind each worker to its own block of whole physical cores of its node (ampray.actors.affinity):
     the busy threads of two workers then never share a core's hardware threads."""
+    strategy: str = "ddp"
+    """ddp: every worker holds the whole model, gradients all-reduced (DistributedDataParallel); fsdp:
+    parameters, gradients and optimizer state sharded over the workers (FSDP2, `fully_shard` per block and
+    on the root), for models whose training state does not fit one GPU. fsdp reduce-scatters gradients in
+    scaling.allreduce_dtype (fp32 by default) and computes in precision.dtype."""
+    fsdp_blocks: list = field(default_factory=list)
+    """fsdp: class names of the modules sharded one by one (each all-gathered only while it runs); empty:
+    the built-in gpt's "Block", else the classes of the modules held in an nn.ModuleList (a transformer's
+    layers), else only the whole model."""
+    fsdp_cpu_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (slower; fits larger
+    models)."""
+    activation_checkpointing: bool = False
+    """fsdp: recompute each sharded block's activations in backward instead of keeping them (less memory,
+    about a third more compute)."""
 
     def __post_init__(self) -> None:
         for name in ("use_gpu", "find_unused_parameters"):
             if isinstance(getattr(self, name), bool):
                 setattr(self, name, "true" if getattr(self, name) else "false")
+        if isinstance(self.fsdp_blocks, (tuple, str)):
+            self.fsdp_blocks = [self.fsdp_blocks] if isinstance(self.fsdp_blocks, str) else list(self.fsdp_blocks)
         _validate(self)
+        _check_choice("scaling", "strategy", self.strategy, ("ddp", "fsdp"))
+        if not all(isinstance(b, str) and b for b in self.fsdp_blocks):
+            _fail("scaling", "fsdp_blocks", self.fsdp_blocks, "a list of module class names (non-empty strings)")
+        if self.strategy != "fsdp":
+            for name in ("fsdp_blocks", "fsdp_cpu_offload", "activation_checkpointing"):
+                if getattr(self, name):
+                    _fail("scaling", name, getattr(self, name), "its default unless scaling.strategy = 'fsdp'")
         _check_choice("scaling", "use_gpu", self.use_gpu, ("auto", "true", "false"))
         _check_choice("scaling", "allreduce_dtype", self.allreduce_dtype, ("fp32", "bf16", "fp16"))
         _check_choice("scaling", "find_unused_parameters", self.find_unused_parameters, ("auto", "true", "false"))
@@ -370,6 +394,28 @@ class JobConfig:
             # Unscaled gradients are small: in fp16 many would round to zero on the way.
             _fail("scaling", "allreduce_dtype", "fp16", "bf16 or fp32 unless the gradients are loss-scaled "
                   "(precision.dtype=fp16 with grad scaling on)")
+        if self.scaling.strategy == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """What scaling.strategy = "fsdp" cannot do (yet), refused before any worker starts."""
+        p, why = self.precision, "with scaling.strategy='fsdp'"
+        if p.oom_policy != "raise":
+            _fail("precision", "oom_policy", p.oom_policy, f"'raise' {why}: its forward all-gathers every block's "
+                  "parameters, so a rank out of memory leaves the others waiting before the ranks could agree")
+        if self.model.compile:
+            _fail("model", "compile", True, f"false {why} (compiling a sharded model is not supported by ampray yet)")
+        if self.run.on_divergence == "rollback":
+            _fail("run", "on_divergence", "rollback", f"'stop' {why} (rolling sharded state back is not supported "
+                  "by ampray yet)")
+        if p.autocast_enabled and p.fp32_modules:
+            _fail("precision", "fp32_modules", list(p.fp32_modules), f"[] {why}: FSDP casts every parameter to "
+                  "precision.dtype")
+        if p.autocast_enabled and _dtype_label(p.dtype) == "fp16":
+            for name in ("collapse_policy", "stall_policy"):
+                if getattr(p, name) == "fallback_bf16":
+                    _fail("precision", name, "fallback_bf16", f"'raise' {why} and fp16: FSDP keeps the parameters "
+                          "cast to fp16 for the whole run (choose precision.dtype='bf16' instead)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
@@ -632,7 +678,8 @@ def choose_compile(job: JobConfig, use_gpu: bool, given: set[str]) -> tuple[JobC
     """`model.compile` where it pays and the user did not set it: the built-in gpt on GPUs, for runs of at
     least COMPILE_PAYS_AFTER_STEPS steps. Your own model is compiled only when you ask (a model may not
     compile, and what it saves is unknown). Returns the job and a note saying what was chosen and why."""
-    if not use_gpu or "model.compile" in given or job.model.compile or job.model.kind != "gpt":
+    if not use_gpu or "model.compile" in given or job.model.compile or job.model.kind != "gpt" or \
+            job.scaling.strategy == "fsdp":
         return job, None
     if job.run.steps < COMPILE_PAYS_AFTER_STEPS:
         return job, (f"model.compile=false: a run of {job.run.steps} steps does not pay for compiling (about a "

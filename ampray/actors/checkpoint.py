@@ -56,10 +56,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, scheduler, engine, step: int,
                     data_state: dict[str, Any], job: dict[str, Any], job_toml: str = "",
-                    files: Files | None = None) -> Path:
+                    files: Files | None = None, sharded_world: int = 0) -> Path:
     """Write the whole training state into `directory` (created); returns the state file. With `files`
     (rank 0's manifest in the making) the files are hashed as they are written and the caller seals the
-    manifest once every file of the rank is in; without, this writes and seals a one-rank checkpoint."""
+    manifest once every file of the rank is in; without, this writes and seals a one-rank checkpoint.
+    `sharded_world` > 0 (FSDP): model and optimizer are left out, every rank writes its own shards of them
+    (`sharded_state.save_shards`), and the state records over how many ranks."""
     directory = Path(directory)
     own = files is None
     files = files if files is not None else Files(directory, 0)
@@ -69,8 +71,9 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer, sched
     state = {
         "format": 1,
         "step": int(step),
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": None if sharded_world else unwrap(model).state_dict(),
+        "optimizer": None if sharded_world else optimizer.state_dict(),
+        "sharded": {"world": int(sharded_world)} if sharded_world else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "engine": engine_state,
         "rng": rng_state(),
@@ -101,8 +104,15 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, en
     """Load a checkpoint's state into live objects; returns the step to continue from. The engine's state
     is checked before anything is loaded: one it cannot take changes nothing."""
     engine.check_state(state["engine"])
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded"):
+        if "folder" not in state:
+            raise CheckpointError("a sharded (FSDP) checkpoint's state must be restored from its folder")
+        from ampray.actors.sharded_state import load_shards
+
+        load_shards(state["folder"], model, optimizer, state["rank"], state["world_now"])
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     engine.load_state_dict(state["engine"])
@@ -111,11 +121,14 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, en
 
 
 def restore_folder(folder: Path, rank: int, *, model: nn.Module, optimizer, scheduler, engine,
-                   batches=None) -> tuple[int, dict[str, Any]]:
+                   batches=None, world: int = 1) -> tuple[int, dict[str, Any]]:
     """Restore a verified checkpoint folder into one rank's live objects: the shared state, then the rank's
-    own RNG and engine files. `batches` None leaves the data where it is (a rollback skips the batches
-    that diverged). Returns (the step to continue from, the shared state)."""
+    own RNG and engine files (and its shards of a sharded model, `world` ranks now). `batches` None leaves
+    the data where it is (a rollback skips the batches that diverged). Returns (the step to continue from,
+    the shared state)."""
     state = load_checkpoint(folder)
+    if state.get("sharded"):
+        state.update(folder=Path(folder), rank=rank, world_now=world)
     own_engine = folder / f"engine_rank{rank}.pt"
     # The engine's state is each rank's own: the scale and hysteresis agree across ranks under DDP, but the
     # counters, the OOM policy's learned chunk size and the adaptation's measurements are the rank's.

@@ -39,9 +39,13 @@ def _classified(output: Any, target: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: int = 0) -> EvalStats:
+def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: int = 0,
+             lockstep: bool = False) -> EvalStats:
     """The loss (weighted by batch size) and, for classification targets, the accuracy over `batches`;
-    `max_batches` > 0 stops after that many. Restores the module's train/eval mode afterwards."""
+    `max_batches` > 0 stops after that many. Restores the module's train/eval mode afterwards.
+    `lockstep`: every rank runs as many forwards as the rank with the most batches (`batches.most_batches`),
+    the extra ones on one filler row whose output is not counted: a model sharded with FSDP all-gathers its
+    parameters in each forward, which every rank must join."""
     module = unwrap(model)
     was_training = module.training
     module.eval()
@@ -66,6 +70,13 @@ def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: in
                 valid = y >= 0  # negative targets are ignored, as cross_entropy's ignore_index=-100
                 right += ((output.argmax(-1) == y) & valid).sum()
                 counted += valid.sum()
+        if lockstep:
+            todo = min(batches.most_batches, max_batches) if max_batches else batches.most_batches
+            x, _ = batches.filler()
+            x = to_device(x, engine.device)
+            for _ in range(todo - min(len(batches), todo)):
+                with engine.autocast():
+                    module(x)
     finally:
         module.train(was_training)
     # One sync for the whole evaluation, not one per batch.

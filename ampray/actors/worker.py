@@ -210,12 +210,15 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     torch.manual_seed(job.run.seed)  # the same initial weights on every rank
     engine = build_engine(job, device)
     model = engine.prepare_model(spec.build_model(job.model.options))
-    if job.model.compile:
-        model.compile()  # in place, inside DDP's wrapper: dynamo splits the graph at DDP's buckets
-    # DDP when world > 1; one that must look for parameters without a gradient (resolved on the driver).
-    ddp = {"find_unused_parameters": True} if job.scaling.find_unused_parameters == "true" else None
-    model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp)
-    compress_allreduce(model, job.scaling.allreduce_dtype)
+    if job.scaling.strategy == "fsdp":
+        model = shard(model, job, engine)  # every rank, one worker too: the checkpoints hold shards
+    else:
+        if job.model.compile:
+            model.compile()  # in place, inside DDP's wrapper: dynamo splits the graph at DDP's buckets
+        # DDP when world > 1; one that must look for parameters without a gradient (resolved on the driver).
+        ddp = {"find_unused_parameters": True} if job.scaling.find_unused_parameters == "true" else None
+        model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp)
+        compress_allreduce(model, job.scaling.allreduce_dtype)
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     scheduler = build_scheduler(optimizer, opt, job.run.steps)
@@ -228,6 +231,42 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     torch.manual_seed(job.run.seed * 1000 + rank + 1)  # dropout differs across ranks
     return Worker(job, spec, run_dir, rank, world, device, engine, model, optimizer, scheduler, batches, val,
                   placement())
+
+
+_REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer) -> torch.nn.Module:
+    """scaling.strategy = "fsdp": FSDP2 over every worker of the run (a 1-D mesh over the default group),
+    each of `fsdp_blocks` sharded on its own and then the root, parameters computed in precision.dtype,
+    gradients reduce-scattered in scaling.allreduce_dtype (`ampray.amp.sharding`)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ampray.amp.sharding import build_mp_policy, shard_model
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = build_mp_policy(engine.config, reduce_dtype=_REDUCE_DTYPES[job.scaling.allreduce_dtype])
+    return shard_model(model, mesh, policy, blocks=fsdp_blocks(model, job), offload=job.scaling.fsdp_cpu_offload,
+                       checkpoint=job.scaling.activation_checkpointing)
+
+
+def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
+    """The module classes sharded one by one: scaling.fsdp_blocks, else the built-in gpt's Block, else the
+    classes of the modules an nn.ModuleList holds (a transformer's layers), else none (the root only)."""
+    if job.scaling.fsdp_blocks:
+        return list(job.scaling.fsdp_blocks)
+    if job.model.kind == "gpt" and not job.model.factory:
+        return ["Block"]
+    found: list[str] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for child in module:
+                name = type(child).__name__
+                if name not in found:
+                    found.append(name)
+    return found
 
 
 def restore_latest(w: Worker, init_checkpoint=None) -> tuple[int, dict[str, Any] | None]:
@@ -308,7 +347,8 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         metrics.update(interval_throughput(w.engine, metrics["perf/interval_step_time_s"], k * len(x), tokens,
                                            flops))
         if w.val is not None and (step % eval_every == 0 or final):
-            metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches).to_dict())
+            metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches,
+                                    lockstep=w.job.scaling.strategy == "fsdp").to_dict())
         last = (step, w.engine.counters.wall_time_s())  # evaluation time is not step time
         metrics["final"] = final
         if final and hparams is not None:
@@ -324,12 +364,19 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
 def _restore_from(folder: Path, rank: int, job: JobConfig, *, model, optimizer, scheduler, engine,
                   batches) -> int:
     step, state = restore_folder(folder, rank, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 engine=engine, batches=batches)
+                                 engine=engine, batches=batches, world=job_world(job))
     # Settings the job changed since the checkpoint was written (a PBT mutation, an edited job file)
     # take effect through the engine's setters; unchanged ones keep what the run adapted them to.
     engine.retune(live_setting_changes(state["job"]["precision"], job.precision.to_dict()),
                   reason="the job's settings differ from the checkpoint's")
     return step
+
+
+def job_world(job: JobConfig) -> int:
+    """The number of ranks of this run (the default group's size: the workers of a Ray Train run)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def live_setting_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -345,12 +392,17 @@ def _submit_checkpoint(w: Worker, reporter: Reporter, metrics: dict[str, Any], s
     folder = tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_TMP_PREFIX}{os.getpid()}-")
     # Every file is hashed as it is written; the rank's manifest goes in last (manifest.py).
     files = Files(folder.name, w.rank)
+    sharded = w.job.scaling.strategy == "fsdp"
     if w.rank == 0:
         save_checkpoint(folder.name, model=w.model, optimizer=w.optimizer, scheduler=w.scheduler, engine=w.engine,
                         step=step, data_state=w.batches.state_dict(), job=w.job.to_dict(),
-                        job_toml=config.get("job_toml", ""), files=files)
+                        job_toml=config.get("job_toml", ""), files=files, sharded_world=w.world if sharded else 0)
     else:
         files.save(f"engine_rank{w.rank}.pt", w.engine.state_dict())
+    if sharded:  # every rank its own shards of the model and optimizer (after the engine state: settled)
+        from ampray.actors.sharded_state import save_shards
+
+        save_shards(files, w.model, w.optimizer, w.rank, w.world)
     files.save(f"rng_rank{w.rank}.pt", rng_state())
     # This rank's report, kept with the state: a rerun that finds the run complete reports it again.
     files.text(f"report_rank{w.rank}.json", json.dumps({k: v for k, v in metrics.items() if k != "hparams"}))

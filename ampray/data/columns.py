@@ -543,9 +543,18 @@ class EvalBatches:
         # On the data's device: indexing GPU tensors with a CPU index would copy it every batch.
         self._index = torch.arange(rank, max(rank, rows), world_size, device=leaves(inputs)[0].device)
         self.rows = len(self._index)
+        # Rank 0 has the most rows (ceil(rows / world_size)): the batch count every rank can keep step with.
+        self.most_batches = (-(-rows // world_size) + batch_size - 1) // batch_size
+        self._total = rows
 
     def __len__(self) -> int:
         return (self.rows + self.batch_size - 1) // self.batch_size
+
+    def filler(self) -> tuple[Inputs, torch.Tensor]:
+        """One row of the data (the first), for a forward a rank runs only to keep step with the others
+        (a sharded model's forward is collective: every rank must run as many)."""
+        idx = torch.zeros(1, dtype=torch.long, device=self._index.device)
+        return select_rows(self.inputs, idx), self.targets[idx]
 
     def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         for start in range(0, self.rows, self.batch_size):
