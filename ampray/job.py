@@ -670,8 +670,10 @@ def _scaler_fields(job: JobConfig, given: set[str]) -> list[str]:
 
 
 COMPILE_PAYS_AFTER_STEPS = 5000
-"""Steps from which `model.compile` is chosen for the built-in GPT on GPUs: compiling costs about a minute
-once per worker start and saves about 13% of each step (BENCHMARKS.md, issue 18)."""
+"""Steps from which `model.compile` is chosen for the built-in GPT on GPUs. Measured for GPT-2 small at batch
+16 in bf16 on an H100 (`benchmarks/bench_compile_cost.py`, BENCHMARKS.md): compiling costs 18 s once per
+worker start and saves 5.6 ms of a 42.5 ms step, so it pays after about 3,200 steps; 5,000 leaves room for
+a restart's recompilation and slower compilers."""
 
 
 def choose_compile(job: JobConfig, use_gpu: bool, given: set[str]) -> tuple[JobConfig, str | None]:
@@ -682,12 +684,12 @@ def choose_compile(job: JobConfig, use_gpu: bool, given: set[str]) -> tuple[JobC
             job.scaling.strategy == "fsdp":
         return job, None
     if job.run.steps < COMPILE_PAYS_AFTER_STEPS:
-        return job, (f"model.compile=false: a run of {job.run.steps} steps does not pay for compiling (about a "
-                     f"minute per worker start; chosen from {COMPILE_PAYS_AFTER_STEPS} steps on); "
+        return job, (f"model.compile=false: a run of {job.run.steps} steps does not pay for compiling (about 20 s "
+                     f"per worker start for GPT-2 small; chosen from {COMPILE_PAYS_AFTER_STEPS} steps on); "
                      "--model.compile true to compile anyway")
     return (dataclasses.replace(job, model=dataclasses.replace(job.model, compile=True)),
             f"model.compile=true chosen for the gpt on GPU workers (run.steps={job.run.steps} >= "
-            f"{COMPILE_PAYS_AFTER_STEPS}: compiling costs about a minute, each step about 13% less); "
+            f"{COMPILE_PAYS_AFTER_STEPS}: compiling costs about 20 s per worker start, each step about 13% less); "
             "--model.compile false to run eager")
 
 

@@ -207,7 +207,7 @@ class OptimizerStep:
         self.attribution.count(params, nonfinite & (nonfinite.sum() < len(grads)))
         # The device-side skip: fused optimizers take found_inf (and unscale by grad_scale themselves),
         # unless the step must read its flags first (nonfinite_loss_policy="raise").
-        fused = not sparse and not e.nonfinite.gathers and grads[0].device == e.device and \
+        fused = not sparse and not e.nonfinite.gathers and grads[0].device.type == e.device.type and \
             all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
         grad_scale = self._unscale_and_clip(grads, norms, fused, out)
         flags = torch.cat([torch.stack([found, found, c.window_bad_loss]).float(), scaler.scale_tensor.view(1)])

@@ -44,7 +44,8 @@ def test_a_sharded_checkpoint_resumes_bitwise_on_the_gpu(gpu_cluster, tmp_path):
     from ampray.orchestrator.train import run_training
 
     # The mlp: its CUDA kernels are deterministic (the gpt's attention and embedding backward are not).
-    mlp = {"model.kind": "mlp", "model.options": {"hidden": 256, "dropout": 0.1}}
+    # A constant schedule: a cosine one would end at step 20 in the first run and at 40 in the straight one.
+    mlp = {"model.kind": "mlp", "model.options": {"hidden": 256, "dropout": 0.1}, "optimizer.schedule": "constant"}
     run_training(_job(tmp_path, "resumed", "fp16", 20, **mlp))
     resumed = run_training(_job(tmp_path, "resumed", "fp16", 40, **mlp))
     straight = run_training(_job(tmp_path, "straight", "fp16", 40, **mlp))
