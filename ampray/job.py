@@ -638,11 +638,11 @@ def choose_precision(job: JobConfig, use_gpu: bool, given: set[str], trained: st
     if not job.precision.enabled:
         return job, None
     if use_gpu:
-        if not gpu_bf16 or "precision.dtype" in given:
+        if "precision.dtype" in given:
             return job, None
-        if trained is not None:
+        if trained is not None:  # whatever this machine has: a rerun resumes in the dtype it was trained in
             return _with_dtype(job, trained), f"precision.dtype={_dtype_label(trained)!r}: as the run was trained"
-        if _scaler_fields(job, given):
+        if not gpu_bf16 or _scaler_fields(job, given):
             return job, None
         return _with_dtype(job, "bf16"), ("precision.dtype='bf16' chosen for GPU workers (none was set): these GPUs "
                                           "run bf16 as fast as fp16, without loss scaling (no skipped steps, no "

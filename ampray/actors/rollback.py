@@ -102,7 +102,7 @@ class Rollback:
         if agreed >= 0:
             folder = w.run_dir / f"checkpoint_{agreed:06d}"
             to_step, _ = restore_folder(folder, w.rank, model=w.model, optimizer=w.optimizer,
-                                        scheduler=w.scheduler, engine=w.engine)
+                                        scheduler=w.scheduler, engine=w.engine, world=w.world)
             where = folder.name
         elif self.initial is not None:
             to_step = restore(self.initial, model=w.model, optimizer=w.optimizer, scheduler=w.scheduler,

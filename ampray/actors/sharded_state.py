@@ -50,7 +50,9 @@ def save_shards(files: Files, model: nn.Module, optimizer, rank: int, world: int
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model_sd = get_model_state_dict(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer)
+    # An optimizer without state yet (every step so far skipped): torch's get_optimizer_state_dict would
+    # create it by stepping on zero gradients, which changes the run (Adam's step count); nothing to save.
+    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer.state else {"state": {}, "param_groups": None}
     sharded = sorted(k for k, v in model_sd.items() if _is_dtensor(v))
     files.save(SHARD_FILE.format(rank=rank), {
         "format": FORMAT, "rank": rank, "world": world, "sharded": sharded,
@@ -77,18 +79,22 @@ def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int
                               for k, s in optim["state"].items()},
                     "param_groups": optim["param_groups"]}
         set_model_state_dict(model, model_sd)
-        set_optimizer_state_dict(model, optimizer, optim_sd)
+        if optim_sd["state"]:  # else saved before the optimizer's first step: it stays as built
+            set_optimizer_state_dict(model, optimizer, optim_sd)
         return
     full = consolidate(folder)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, full["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, full["optimizer"], options=options)
+    if full["optimizer"]["state"]:
+        set_optimizer_state_dict(model, optimizer, full["optimizer"], options=options)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers by the names `get_model_state_dict` uses (no checkpoint-wrapper prefix)."""
     out = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    # Every name of a tied tensor (the gpt's lm_head.weight is its wte.weight): the state dict has both.
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
         out[name.replace("_checkpoint_wrapped_module.", "")] = t
     return out
 

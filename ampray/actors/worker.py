@@ -263,8 +263,10 @@ def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):
             for child in module:
+                # A block: a module of modules that holds parameters (not a lone Linear, ReLU or Dropout).
+                composite = any(True for _ in child.children()) and any(True for _ in child.parameters())
                 name = type(child).__name__
-                if name not in found:
+                if composite and name not in found:
                     found.append(name)
     return found
 
@@ -344,7 +346,7 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         wall = w.engine.counters.wall_time_s()
         # Step time over this report interval alone: the steady-state figure (no warm-up in it).
         metrics["perf/interval_step_time_s"] = (wall - last[1]) / max(step - last[0], 1)
-        metrics.update(interval_throughput(w.engine, metrics["perf/interval_step_time_s"], k * len(x), tokens,
+        metrics.update(interval_throughput(w.engine, metrics["perf/interval_step_time_s"], k * len(y), tokens,
                                            flops))
         if w.val is not None and (step % eval_every == 0 or final):
             metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches,

@@ -143,8 +143,9 @@ def build_mp_policy(config: MixedPrecisionConfig, reduce_dtype: torch.dtype | No
     (fp16/bf16; none for fp32), gradients reduced in `reduce_dtype` (fp32 by default)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if not config.autocast_enabled:
-        return MixedPrecisionPolicy(output_dtype=output_dtype, cast_forward_inputs=cast_forward_inputs)
+    if not config.autocast_enabled:  # fp32 compute; the gradients may still travel in another dtype
+        return MixedPrecisionPolicy(reduce_dtype=None if reduce_dtype == torch.float32 else reduce_dtype,
+                                    output_dtype=output_dtype, cast_forward_inputs=cast_forward_inputs)
     return MixedPrecisionPolicy(param_dtype=config.dtype, reduce_dtype=reduce_dtype, output_dtype=output_dtype,
                                 cast_forward_inputs=cast_forward_inputs)
 

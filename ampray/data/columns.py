@@ -430,7 +430,7 @@ def table_to_tensors(table: pa.Table | dict[str, np.ndarray], spec: ColumnSpec) 
     return _to_tensors({name: [table[name]] for _, name in spec.fields()}, spec, False)
 
 
-def unreadable(file: Path, err: OSError) -> ConfigError:
+def unreadable(file: Path, err: Exception) -> ConfigError:
     """The error of a Parquet file that pyarrow cannot read: a failed page checksum, a damaged page or footer."""
     return ConfigError(f"{file}: cannot be read as Parquet ({err}); expected an intact file (a damaged file must "
                        "be rewritten, or restored from its source)")
@@ -465,7 +465,7 @@ def read_columns(path: str | Path, spec: ColumnSpec, max_rows: int | None = None
             break  # enough rows: the later files are not opened
         try:
             tables, left = _read_file(file, spec, names, left)
-        except OSError as err:  # pyarrow's IOError: a failed page checksum, a corrupt page or footer
+        except (OSError, pa.ArrowInvalid) as err:  # a failed page checksum, a corrupt page, a truncated footer
             raise unreadable(file, err) from None
         for table in tables:
             for name in names:

@@ -76,12 +76,15 @@ def project(tmp_path, monkeypatch):
     return root
 
 
+def _gpt_overrides(tmp_path: Path, name: str, ray_address: str, strategy: str = "fsdp") -> dict:
+    return {"model.kind": "gpt", "model.options": {"preset": "nano"}, "precision.dtype": "fp32",
+            "run.name": name, "run.storage_path": str(tmp_path), "run.steps": 30, "run.report_every": 10,
+            "run.checkpoint_every": 30, "data.num_samples": 512, "data.batch_size": 16, "scaling.strategy": strategy,
+            "optimizer.schedule": "constant", "run.address": ray_address}
+
+
 def _gpt(tmp_path: Path, name: str, strategy: str, ray_address: str) -> JobConfig:
-    return JobConfig.load(None, {
-        "model.kind": "gpt", "model.options": {"preset": "nano"}, "precision.dtype": "fp32",
-        "run.name": name, "run.storage_path": str(tmp_path), "run.steps": 30, "run.report_every": 10,
-        "run.checkpoint_every": 30, "data.num_samples": 512, "data.batch_size": 16, "scaling.strategy": strategy,
-        "optimizer.schedule": "constant", "run.address": ray_address})
+    return JobConfig.load(None, _gpt_overrides(tmp_path, name, ray_address, strategy))
 
 
 def test_fsdp_trains_the_gpt_to_ddps_weights(ray_address, tmp_path):
@@ -149,3 +152,19 @@ def test_a_killed_worker_resumes_from_the_sharded_checkpoint_bitwise(ray_address
     for key, entries in want["optimizer"]["state"].items():
         for name, value in entries.items():
             assert torch.equal(got["optimizer"]["state"][key][name], value), (key, name)
+
+
+def test_the_gpt_resumes_from_its_sharded_checkpoint_bitwise(ray_address, tmp_path):
+    """The built-in gpt ties its head to its embedding: a rerun loads both names from the shards."""
+    def job(name: str, steps: int) -> JobConfig:
+        return JobConfig.load(None, {**_gpt_overrides(tmp_path, name, ray_address), "run.steps": steps,
+                                     "run.checkpoint_every": 20})
+
+    run_training(job("resumed", 20))
+    resumed = run_training(job("resumed", 40))
+    straight = run_training(job("straight", 40))
+    assert _starts(tmp_path / "resumed", 0) == [0, 20]
+    got, want = consolidate(resumed.checkpoint), consolidate(straight.checkpoint)
+    assert torch.equal(got["model"]["lm_head.weight"], got["model"]["wte.weight"])
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), key

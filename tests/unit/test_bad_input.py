@@ -296,6 +296,10 @@ def test_gpus_with_bf16_default_to_bf16_unless_the_job_says_otherwise():
         torch.float16
     rerun, note = choose_precision(job, True, set(), trained="float16", gpu_bf16=True)
     assert rerun.precision.dtype == torch.float16 and note == "precision.dtype='fp16': as the run was trained"
+    # A run trained in the bf16 chosen here resumes in bf16 where the driver cannot see the GPUs (--address).
+    for unknown in (None, False):
+        rerun, note = choose_precision(job, True, set(), trained="bfloat16", gpu_bf16=unknown)
+        assert rerun.precision.dtype == torch.bfloat16 and note == "precision.dtype='bf16': as the run was trained"
 
 
 def test_compile_is_chosen_for_long_gpt_runs_on_gpus_only():

@@ -344,3 +344,16 @@ def test_ampray_train_with_bad_data_fails_in_seconds_before_ray_starts(tmp_path)
     assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists()  # the run folder (made before Ray starts) was never created
     assert elapsed < 60, elapsed
+
+
+def test_a_truncated_footer_is_named_by_the_workers_reader(tmp_path):
+    """A file cut short (its footer gone) gives pyarrow's ArrowInvalid, a ValueError: the workers' column
+    reader names the file all the same, instead of raising pyarrow's own error."""
+    from ampray.data.columns import ColumnSpec
+
+    pq.write_table(pa.table({"x": pa.array(np.arange(64, dtype=np.float32)), "y": pa.array(np.arange(64))}),
+                   tmp_path / "part-0.parquet")
+    bad = tmp_path / "part-0.parquet"
+    bad.write_bytes(bad.read_bytes()[:-20])
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: cannot be read as Parquet")):
+        read_columns(tmp_path, ColumnSpec(("x",), "y"))

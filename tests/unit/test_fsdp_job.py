@@ -53,5 +53,12 @@ def test_the_blocks_sharded_by_default():
     mlp = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "mlp"})
     assert fsdp_blocks(Net(), mlp) == ["Layer"]  # a user's model: what its ModuleList holds
     assert fsdp_blocks(nn.Sequential(nn.Linear(4, 4)), mlp) == []  # nothing to split: the root only
+
+    class Flat(nn.Module):  # a ModuleList of plain layers is no list of blocks
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)])
+
+    assert fsdp_blocks(Flat(), mlp) == []
     given = JobConfig.load(None, {"scaling.strategy": "fsdp", "scaling.fsdp_blocks": ["Layer", "Other"]})
     assert fsdp_blocks(Net(), given) == ["Layer", "Other"]
