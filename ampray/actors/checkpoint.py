@@ -100,16 +100,18 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, engine) -> int:
+def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, engine,
+            shards: tuple[Path, int, int] | None = None) -> int:
     """Load a checkpoint's state into live objects; returns the step to continue from. The engine's state
     is checked before anything is loaded: one it cannot take changes nothing."""
     engine.check_state(state["engine"])
-    if state.get("sharded"):
-        if "folder" not in state:
+    if state.get("sharded"):  # model and optimizer are in every rank's shard files: (folder, rank, world now)
+        if shards is None:
             raise CheckpointError("a sharded (FSDP) checkpoint's state must be restored from its folder")
         from ampray.actors.sharded_state import load_shards
 
-        load_shards(state["folder"], model, optimizer, state["rank"], state["world_now"])
+        folder, rank, world = shards
+        load_shards(folder, model, optimizer, rank, world)
     else:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -127,14 +129,13 @@ def restore_folder(folder: Path, rank: int, *, model: nn.Module, optimizer, sche
     the data where it is (a rollback skips the batches that diverged). Returns (the step to continue from,
     the shared state)."""
     state = load_checkpoint(folder)
-    if state.get("sharded"):
-        state.update(folder=Path(folder), rank=rank, world_now=world)
     own_engine = folder / f"engine_rank{rank}.pt"
     # The engine's state is each rank's own: the scale and hysteresis agree across ranks under DDP, but the
     # counters, the OOM policy's learned chunk size and the adaptation's measurements are the rank's.
     if own_engine.is_file():
         state["engine"] = torch.load(own_engine, weights_only=True)
-    step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine)
+    step = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, engine=engine,
+                   shards=(Path(folder), rank, world))
     if batches is not None:
         batches.load_state_dict(state["data"])
     own_rng = folder / f"rng_rank{rank}.pt"

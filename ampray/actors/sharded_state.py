@@ -72,7 +72,7 @@ def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int
 
     own = _read(folder, rank) if (Path(folder) / SHARD_FILE.format(rank=rank)).is_file() else None
     if own is not None and own["world"] == world:
-        params = {name: p for name, p in _named_tensors(model).items()}
+        params = _named_tensors(model)
         model_sd = {k: _shard_like(v, params.get(k)) for k, v in own["model"].items()}
         optim = own["optimizer"]
         optim_sd = {"state": {k: {n: _shard_like(v, params.get(k)) for n, v in s.items()}

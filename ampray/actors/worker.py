@@ -233,9 +233,6 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
                   placement())
 
 
-_REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer) -> torch.nn.Module:
     """scaling.strategy = "fsdp": FSDP2 over every worker of the run (a 1-D mesh over the default group),
     each of `fsdp_blocks` sharded on its own and then the root, parameters computed in precision.dtype,
@@ -243,11 +240,12 @@ def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from ampray.amp.config import parse_dtype
     from ampray.amp.sharding import build_mp_policy, shard_model
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = build_mp_policy(engine.config, reduce_dtype=_REDUCE_DTYPES[job.scaling.allreduce_dtype])
+    policy = build_mp_policy(engine.config, reduce_dtype=parse_dtype(job.scaling.allreduce_dtype))
     return shard_model(model, mesh, policy, blocks=fsdp_blocks(model, job), offload=job.scaling.fsdp_cpu_offload,
                        checkpoint=job.scaling.activation_checkpointing)
 
@@ -281,7 +279,7 @@ def restore_latest(w: Worker, init_checkpoint=None) -> tuple[int, dict[str, Any]
     if checkpoint is None:
         return 0, None
     with checkpoint.as_directory() as folder:
-        step = _restore_from(Path(folder), w.rank, w.job, model=w.model, optimizer=w.optimizer,
+        step = _restore_from(Path(folder), w.rank, w.job, world=w.world, model=w.model, optimizer=w.optimizer,
                              scheduler=w.scheduler, engine=w.engine, batches=w.batches)
         own = Path(folder) / f"report_rank{w.rank}.json"
         return step, json.loads(own.read_text()) if own.is_file() else None
@@ -363,22 +361,15 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
     reporter.close()
 
 
-def _restore_from(folder: Path, rank: int, job: JobConfig, *, model, optimizer, scheduler, engine,
-                  batches) -> int:
+def _restore_from(folder: Path, rank: int, job: JobConfig, *, model, optimizer, scheduler, engine, batches,
+                  world: int = 1) -> int:
     step, state = restore_folder(folder, rank, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 engine=engine, batches=batches, world=job_world(job))
+                                 engine=engine, batches=batches, world=world)
     # Settings the job changed since the checkpoint was written (a PBT mutation, an edited job file)
     # take effect through the engine's setters; unchanged ones keep what the run adapted them to.
     engine.retune(live_setting_changes(state["job"]["precision"], job.precision.to_dict()),
                   reason="the job's settings differ from the checkpoint's")
     return step
-
-
-def job_world(job: JobConfig) -> int:
-    """The number of ranks of this run (the default group's size: the workers of a Ray Train run)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def live_setting_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

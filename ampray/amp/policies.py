@@ -111,11 +111,8 @@ class Collapse:
         offenders = _offenders(engine)
         event: dict[str, Any] = {"kind": "scale_collapse", "optimizer_step": step, "scale": engine.last_scale,
                                  "offenders": offenders, "action": "raise"}
-        engine.events.append(event)
-        why_not = _why_no_fallback(engine, engine.config.collapse_policy, "collapse_policy")
+        why_not = _record_and_fall_back(engine, event, "collapse_policy")
         if why_not is None:
-            event["action"] = "fallback_bf16"
-            engine.fall_back_to_bf16()
             return
         raise ScaleCollapseError(
             f"loss scale collapsed: {engine.counters.overflows_at_floor} overflowing steps in a row at min_scale="
@@ -161,11 +158,8 @@ class Stall:
                                  "nonfinite_loss_steps": bad, "scale": engine.last_scale,
                                  "dtype": str(engine.amp_dtype).removeprefix("torch."),
                                  "offenders": offenders, "action": "raise"}
-        engine.events.append(event)
-        why_not = _why_no_fallback(engine, engine.config.stall_policy, "stall_policy")
+        why_not = _record_and_fall_back(engine, event, "stall_policy")
         if why_not is None:
-            event["action"] = "fallback_bf16"
-            engine.fall_back_to_bf16()
             return
         named = offenders or "none singled out (every gradient was non-finite)"
         raise TrainingStalledError(
@@ -176,6 +170,17 @@ class Stall:
 
 def _offenders(engine: "MixedPrecisionTrainer") -> list[str]:
     return [name for name, _ in engine.offenders.most_common(engine.config.attribution_top_k)]
+
+
+def _record_and_fall_back(engine: "MixedPrecisionTrainer", event: dict[str, Any], field: str) -> str | None:
+    """Record the policy's `event`; fall back to bf16 where the policy `field` asks for it and can (returns
+    None), else return the end of the error message saying why not (the caller raises)."""
+    engine.events.append(event)
+    why_not = _why_no_fallback(engine, getattr(engine.config, field), field)
+    if why_not is None:
+        event["action"] = "fallback_bf16"
+        engine.fall_back_to_bf16()
+    return why_not
 
 
 def _why_no_fallback(engine: "MixedPrecisionTrainer", policy: str, field: str) -> str | None:

@@ -545,7 +545,6 @@ class EvalBatches:
         self.rows = len(self._index)
         # Rank 0 has the most rows (ceil(rows / world_size)): the batch count every rank can keep step with.
         self.most_batches = (-(-rows // world_size) + batch_size - 1) // batch_size
-        self._total = rows
 
     def __len__(self) -> int:
         return (self.rows + self.batch_size - 1) // self.batch_size
