@@ -24,6 +24,7 @@ import psutil
 
 from ampray.actors.aggregator import read_scalars
 from ampray.orchestrator.cli import main
+from tests.unit.helpers import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -31,12 +32,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 JOB = ["--model.options.hidden", "32", "--model.options.in_features", "16", "--data.num_samples", "512",
        "--data.batch_size", "32", "--run.report_every", "10", "--run.checkpoint_every", "40"]
 DEADLINE_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(port: int) -> bool:
@@ -52,7 +47,7 @@ def other_cluster():
     """A second Ray head (`ray start --head --block`, with a dashboard and so a state API) in its own
     process group; teardown ends that group and whatever of its processes is left, by pid."""
     temp = tempfile.mkdtemp(prefix="ar2-", dir="/tmp")  # short: Ray's socket paths live below it
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = temp
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tests.unit.helpers import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.ui]
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +29,6 @@ def _need(what: str, ok: bool) -> None:
         pytest.skip(f"{what} is missing (pip install 'ampray[ui]' playwright; apt-get install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui_url(ray_address, tmp_path_factory):
     for module in ("gradio", "playwright"):
@@ -45,7 +40,7 @@ def ui_url(ray_address, tmp_path_factory):
         _need(module, found)
     _need("chromium", Path(CHROMIUM).exists())
     storage = tmp_path_factory.mktemp("ui-runs")
-    port = _free_port()
+    port = free_port()
     log = open(storage / "ui.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "ampray.orchestrator.cli", "ui", "--port", str(port),
                                "--storage-path", str(storage), "--address", ray_address],

@@ -87,3 +87,28 @@ def spawn_ranks(target, args_of_rank, world: int, deadline_s: float) -> tuple[li
             p.kill()
             p.join()
     return [p.exitcode for p in procs], hung
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's or a server's address)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_scenarios(names, run, rank: int, out_dir) -> None:
+    """In one rank of a multi-process test: `run(name)` for each scenario; its result, or the error it raised
+    (every rank must report the same one), into out_dir/rank<r>.json."""
+    import json
+    import traceback
+    from pathlib import Path
+
+    results = {}
+    for name in names:
+        try:
+            results[name] = run(name)
+        except Exception as err:  # the error itself is the result: every rank must report the same one
+            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from torch import nn
 from ampray.amp.adaptive import AdaptiveMixedPrecisionTrainer
 from ampray.amp.config import MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer, OutOfMemoryError
-from tests.unit.helpers import spawn_ranks
+from tests.unit.helpers import free_port, run_scenarios, spawn_ranks
 
 DEADLINE_S = 120
 STEPS = 6
@@ -149,25 +147,13 @@ def _rank_main(rank: int, world: int, port: int, names: list[str], out_dir: str,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-    results = {}
-    for name in names:
-        try:
-            results[name] = run_scenario(name, rank, rows)
-        except Exception as err:  # the error itself is the result: both ranks must report the same one
-            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    run_scenarios(names, lambda name: run_scenario(name, rank, rows), rank, out_dir)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_ranks(tmp_path: Path, names: list[str], rows=8, target=_rank_main) -> tuple[list, list[dict]]:
     """Run `names` in two spawned ranks; returns their exit codes and their results (kills on deadline)."""
-    port = _free_port()
+    port = free_port()
     codes, hung = spawn_ranks(target, lambda r: (r, 2, port, names, str(tmp_path), rows), 2, DEADLINE_S)
     assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) if (tmp_path / f"rank{r}.json").exists()

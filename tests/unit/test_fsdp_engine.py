@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from ampray.amp.config import ConfigError, MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer
-from tests.unit.helpers import spawn_ranks
+from tests.unit.helpers import free_port, run_scenarios, spawn_ranks
 
 DEADLINE_S = 120
 FAULT_STEP = 2  # the step at which rank 1 misbehaves
@@ -187,24 +186,12 @@ def _rank_main(rank: int, world: int, port: int, names: list[str], out_dir: str)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for name in names:
-        try:
-            results[name] = run_scenario(name, rank, mesh)
-        except Exception as err:  # the error is the result: both ranks must report the same one
-            results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    run_scenarios(names, lambda name: run_scenario(name, rank, mesh), rank, out_dir)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, names: list[str], world: int = 2, target=_rank_main) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     codes, hung = spawn_ranks(target, lambda r: (r, world, port, names, str(tmp_path)), world, DEADLINE_S)
     assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"
     assert codes == [0] * world, f"exit codes {codes}"

@@ -350,9 +350,9 @@ def test_a_nan_loss_on_one_rank_stalls_every_rank_at_the_same_step(tmp_path):
     import json
 
     from tests.unit.helpers import spawn_ranks
-    from tests.unit.test_consensus_ddp import _free_port
+    from tests.unit.helpers import free_port
 
-    port = _free_port()
+    port = free_port()
     codes, hung = spawn_ranks(_stall_rank, lambda r: (r, 2, port, str(tmp_path)), 2, 120)
     assert not hung and codes == [0, 0], (codes, hung)
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))

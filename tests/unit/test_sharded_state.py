@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ampray.actors.manifest import Files
-from tests.unit.helpers import spawn_ranks
+from tests.unit.helpers import free_port, spawn_ranks
 
 DEADLINE_S = 120
 
@@ -120,16 +119,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_tied_model_resumes_bitwise_from_its_shards_and_consolidates(tmp_path):
     from ampray.actors.sharded_state import consolidate
 
-    port = _free_port()
+    port = free_port()
     codes, hung = spawn_ranks(_rank_main, lambda r: (r, 2, port, str(tmp_path)), 2, DEADLINE_S)
     errors = [p.read_text() for p in tmp_path.glob("rank*.err")]
     assert not hung and codes == [0, 0], (codes, hung, errors)
