@@ -291,7 +291,8 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
     run, k = w.job.run, w.engine.config.gradient_accumulation_steps
     hparams = config.get("hparams", {}) if w.rank == 0 else None
     interval_loss = IntervalLoss(w.device)
-    last = (step, w.engine.counters.wall_time_s())
+    last = step  # the step the report interval started after
+    w.engine.counters.begin_interval()
     write_progress(w.run_dir, w.rank, step)
     _log_start(w.run_dir, w.rank, step)
     remove_stale_checkpoint_copies()
@@ -324,7 +325,8 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         except DIVERGENCE as err:
             step = rollback.recover(w, err, step, reporter)  # every rank, at the same step; or raises
             reporter, interval_loss = Reporter(w.run_dir, w.rank), IntervalLoss(w.device)
-            last = (step, w.engine.counters.wall_time_s())
+            last = step
+            w.engine.counters.begin_interval()
             continue
         if not tokens and w.spec.tokens_per_sample is not None:
             tokens = w.spec.tokens_per_sample(x)
@@ -341,15 +343,16 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         metrics.update(optimizer_records(w.scheduler, out))
         if w.job.model.compile:
             metrics["compile/graphs"] = compiled_graphs()
-        wall = w.engine.counters.wall_time_s()
-        # Step time over this report interval alone: the steady-state figure (no warm-up in it).
-        metrics["perf/interval_step_time_s"] = (wall - last[1]) / max(step - last[0], 1)
+        # Step time over this report interval alone: the steady-state figure (no warm-up in it, and nothing of
+        # the report, evaluation or checkpoint before it).
+        metrics["perf/interval_step_time_s"] = w.engine.counters.interval_time_s() / max(step - last, 1)
         metrics.update(interval_throughput(w.engine, metrics["perf/interval_step_time_s"], k * len(y), tokens,
                                            flops))
         if w.val is not None and (step % eval_every == 0 or final):
             metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches,
                                     lockstep=w.job.scaling.strategy == "fsdp").to_dict())
-        last = (step, w.engine.counters.wall_time_s())  # evaluation time is not step time
+        last = step
+        w.engine.counters.begin_interval()  # evaluation and checkpoint time are not step time
         metrics["final"] = final
         if final and hparams is not None:
             metrics["hparams"] = hparams

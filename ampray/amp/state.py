@@ -65,6 +65,11 @@ class TrainerCounters:
         cuda = device.type == "cuda"
         self._ev_start = torch.cuda.Event(enable_timing=True) if cuda else None
         self._ev_end = torch.cuda.Event(enable_timing=True) if cuda else None
+        # A report interval's steps alone (what happened between two steps, such as a report, an evaluation
+        # or a checkpoint, is not step time): from the start of the step after begin_interval().
+        self._interval_due = True
+        self._t_interval: float | None = None
+        self._ev_interval = torch.cuda.Event(enable_timing=True) if cuda else None
         self.grads_dirty = False      # a backward of this accumulation window has completed
         self.window_poisoned = False  # an OOM left this window's gradients unusable
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -78,6 +83,25 @@ class TrainerCounters:
             self._t_start = time.perf_counter()
             if self._ev_start is not None:
                 self._ev_start.record()
+        if self._interval_due:
+            self._interval_due = False
+            self._t_interval = time.perf_counter()
+            if self._ev_interval is not None:
+                self._ev_interval.record()
+
+    def begin_interval(self) -> None:
+        """Start a new interval at the next step's start (`interval_time_s` then measures from there)."""
+        self._interval_due = True
+
+    def interval_time_s(self) -> float:
+        """Time from the start of the interval's first step to the last step's end (0.0 before a step):
+        on CUDA by events on the stream, else on the host."""
+        if self._t_interval is None or self._interval_due:
+            return 0.0
+        if self._ev_interval is not None:
+            self._ev_end.synchronize()
+            return self._ev_interval.elapsed_time(self._ev_end) / 1e3
+        return self._t_end - self._t_interval
 
     def mark_end(self) -> None:
         self._t_end = time.perf_counter()

@@ -393,3 +393,26 @@ def test_clipping_with_a_sparse_gradient_uses_its_true_norm():
     eng = engine(init_scale=2.0**8, max_grad_norm=true.item() / 2)
     out = eng.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), F.cross_entropy, x, y)
     assert out.grad_norm.item() == pytest.approx(true.item(), rel=1e-3)
+
+
+def test_interval_time_counts_the_steps_not_what_happened_between_them():
+    """A report interval's time starts at the first step after begin_interval(): a pause between two steps
+    (a report, an evaluation, a checkpoint) is in the wall time but not in the interval's."""
+    import time
+
+    eng = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="fp32"), "cpu")
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y), = batches(1)
+    assert eng.counters.interval_time_s() == 0.0
+    for _ in range(2):
+        eng.train_step(model, opt, F.cross_entropy, x, y)
+    first = eng.counters.interval_time_s()
+    assert 0.0 < first < eng.counters.wall_time_s() + 1e-9
+    eng.counters.begin_interval()
+    assert eng.counters.interval_time_s() == 0.0  # no step of the new interval yet
+    time.sleep(0.3)  # the report
+    for _ in range(2):
+        eng.train_step(model, opt, F.cross_entropy, x, y)
+    assert 0.0 < eng.counters.interval_time_s() < 0.25
+    assert eng.counters.wall_time_s() > 0.3
