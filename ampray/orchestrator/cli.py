@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -46,6 +47,8 @@ def _precision_chooser(given: set[str], note):
         gpu_bf16 = local_gpus_bf16() if use_gpu and not job.run.address else None  # a cluster's: unknown here
         job, chosen = choose_precision(job, use_gpu, given, trained, gpu_bf16)
         job, compiled = choose_compile(job, use_gpu, given)
+        if use_gpu and not given & {"data.batch_size", "data.fill_gpu"} and job.scaling.strategy != "fsdp":
+            job = dataclasses.replace(job, data=dataclasses.replace(job.data, fill_gpu=True))  # run_training probes
         for line in [n for n in (chosen, compiled) if n] + precision_notes(job):
             note(line)
         return job

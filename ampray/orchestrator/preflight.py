@@ -427,7 +427,7 @@ def streaming_mode(job: JobConfig, plan: DataPlan, node_memory_bytes: float, num
 _MAY_CHANGE = frozenset({
     "model.compile", "scaling.find_unused_parameters",
     "run.eval_every", "run.eval_batches", "data.eval_batch_size", "data.val_path", "data.max_in_memory_mb",
-    "data.check",
+    "data.check", "data.fill_gpu",
     "run.steps", "run.report_every", "run.checkpoint_every", "run.num_to_keep", "run.max_failures",
     "run.address", "run.storage_path", "run.name",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
@@ -559,3 +559,12 @@ def _free_space(folder: Path, shutil) -> str:
             except OSError:
                 return ""
     return ""
+
+
+def saved_job_field(job: JobConfig, key: str) -> Any:
+    """The value of `key` ("data.batch_size") in the job.toml saved in the run's folder by an earlier start
+    of this run, or None (a new run, or a job.toml that cannot be read: the resume check reports that)."""
+    try:
+        return _flatten(tomllib.loads((job.run_dir() / "job.toml").read_text())).get(key)
+    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        return None

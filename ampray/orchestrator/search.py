@@ -415,6 +415,9 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
     # Into storage_path itself: the search's folder is made only once everything is checked.
     check_storage(folder.parent, "run.storage_path", job.run.storage_path, what="storage folder")
     job = absolute_paths(job)
+    if job.data.fill_gpu:
+        raise ConfigError("data.fill_gpu=True is not allowed with ampray tune: trials share GPUs, so no trial's "
+                          "probe would see a whole one; expected false, with data.batch_size set (or searched)")
     if job.scaling.bind_cpus:
         raise ConfigError("scaling.bind_cpus=True is not allowed with ampray tune: trials packed on one node "
                           "would be bound to the same cores; expected false")

@@ -504,6 +504,10 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
         num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
         if choose_precision is not None:
             job = choose_precision(job, use_gpu)
+        if job.data.fill_gpu:
+            from ampray.actors.batch_probe import choose_fill
+
+            job = choose_fill(job, plan.rows, num_workers, use_gpu, runtime_env, objects, notify)
         job = resolved(job, num_workers, use_gpu,
                        streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
         if plan.unused_parameters and job.scaling.find_unused_parameters == "true":
