@@ -5,7 +5,12 @@ the steady step time (the last report interval's) and each rank's peak GPU memor
 
 Runs on the embedded cluster (one worker per GPU); with one GPU FSDP shards over one rank, so the figures
 show what the sharded path costs, not what it saves (that needs several GPUs: issue 20). `--offload`
-adds an fsdp run with the parameters, gradients and optimizer state in CPU memory.
+adds an fsdp run with the parameters, gradients and optimizer state in CPU memory; `--checkpointing` adds
+activation checkpointing to it. `--strategies` picks the runs: "ddp,fsdp" (default), "ddp" alone, or "none"
+(only the offload run). A run that fails (out of GPU memory, say) is recorded with its error, and the
+others go on: that is how a preset too large for DDP at a batch shows.
+
+    python benchmarks/bench_fsdp.py --preset xl --batch 16 --dtypes bf16 --steps 6 --offload --checkpointing
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ def one(strategy: str, dtype: str, args, storage: str, offload: bool = False) ->
                  "scaling.strategy": strategy}
     if offload:
         overrides["scaling.fsdp_cpu_offload"] = True
-    outcome = run_training(JobConfig.load(None, overrides))
+        overrides["scaling.activation_checkpointing"] = args.checkpointing
+    if args.steps < 10:  # a short run: one report at the end (its interval is every step after the first)
+        overrides.update({"run.report_every": 1, "run.checkpoint_every": args.steps})
+    overrides["precision.oom_policy"] = "raise"  # an out-of-memory run fails at once instead of skipping
+    try:
+        outcome = run_training(JobConfig.load(None, overrides))
+    except Exception as err:  # noqa: BLE001 - recorded: a configuration that does not fit is a result
+        return {"strategy": strategy, "offload": offload, "dtype": dtype, "failed": f"{type(err).__name__}: "
+                f"{str(err)[-400:]}", "out_of_memory": "out of memory" in str(err).lower()}
     rank0 = outcome.final[0]
     return {"strategy": strategy, "offload": offload, "dtype": dtype, "workers": outcome.num_workers,
             "step_ms": 1e3 * rank0["perf/interval_step_time_s"],
@@ -45,12 +58,14 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the offload run")
+    parser.add_argument("--strategies", default="ddp,fsdp")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as storage:
         for dtype in args.dtypes.split(","):
-            for strategy in ("ddp", "fsdp"):
+            for strategy in [s for s in args.strategies.split(",") if s in ("ddp", "fsdp")]:
                 rows.append(one(strategy, dtype, args, storage))
                 print(json.dumps(rows[-1]), flush=True)
             if args.offload:

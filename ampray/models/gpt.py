@@ -12,11 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The "nano" and "micro" sizes build in milliseconds and train on CPU; "small" is GPT-2 124M.
+# The "nano" and "micro" sizes build in milliseconds and train on CPU; "small" is GPT-2 124M, and "medium",
+# "large" and "xl" are GPT-2's 350M, 774M and 1.5B (sizes for GPUs, and for scaling.strategy = "fsdp").
 _PRESETS: dict[str, dict[str, int]] = {
     "nano": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256),
     "micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=256),
     "small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    "medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304),
+    "large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50304),
+    "xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304),
 }
 _PRESETS["gpt2"] = _PRESETS["small"]
 GPT_PRESETS = tuple(_PRESETS)
