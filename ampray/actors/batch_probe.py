@@ -90,18 +90,26 @@ def _repeat(data: Any, index) -> Any:
     return data
 
 
-def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: int) -> dict[str, Any]:
-    """In a task on one GPU: probe the job's training step (see the module's docstring). Returns the chosen
-    micro-batch, the probes, the GPU's name and memory, and the seconds it took."""
+def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: int, reserve_bytes: int = 0,
+                          ddp: bool = False) -> dict[str, Any]:
+    """In a task on one GPU: probe the job's training step (see the module's docstring). `reserve_bytes`:
+    what a worker holds besides the step (its training data on the GPU); `ddp`: the workers also hold DDP's
+    gradient buckets (4 bytes a parameter). Returns the chosen micro-batch, the probes, the memory budget,
+    the GPU's name and memory, and the seconds it took."""
     import torch
 
     from ampray.actors.data import one_batch
-    from ampray.amp.trainer import to_device
     from ampray.actors.worker import build_engine
+    from ampray.amp.trainer import to_device
     from ampray.orchestrator.preflight import resolve_model
 
+    from ampray.amp.trainer import OutOfMemoryError
+
     t0 = time.perf_counter()
-    device = torch.device("cuda", torch.cuda.current_device())
+    cuda = torch.cuda.is_available()  # the task's GPU; the CPU only in this module's tests (no memory figures)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    # Before anything of the probe: what others hold of the GPU is not ours to use.
+    free, total = torch.cuda.mem_get_info(device) if cuda else (float("inf"), float("inf"))
     spec = resolve_model(job, objects)
     # One micro-batch per optimizer step, an out-of-memory error raised (so that the probe sees it).
     job = dataclasses.replace(job, precision=job.precision.replace(gradient_accumulation_steps=1, oom_policy="raise"))
@@ -111,8 +119,28 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     x0, y0 = to_device(one_batch(job, spec, min(start, 256)), device)
-    rows = len(y0) if y0 is not None else _rows_of(x0)
-    total = torch.cuda.mem_get_info(device)[1]
+    rows = _rows_of(x0)
+    params = sum(p.numel() for p in model.parameters())
+    # The step may peak at MEMORY_FRACTION of the GPU, less what other processes hold and what a worker
+    # holds besides the step.
+    budget = min(MEMORY_FRACTION * total, free - (1 - MEMORY_FRACTION) * total) - reserve_bytes - \
+        (4 * params if ddp else 0) if cuda else float("inf")
+
+    def timed_steps(x, y) -> float:
+        if not cuda:
+            times = []
+            for _ in range(3):
+                begin = time.perf_counter()
+                engine.train_step(model, optimizer, spec.loss, x, y)
+                times.append(time.perf_counter() - begin)
+            return min(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(3)]
+        for begin, end in events:
+            begin.record()
+            engine.train_step(model, optimizer, spec.loss, x, y)
+            end.record()
+        torch.cuda.synchronize(device)
+        return min(b.elapsed_time(e) for b, e in events) / 1e3
 
     def measure(m: int) -> Probe:
         index = torch.arange(m) % rows
@@ -120,29 +148,28 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
         try:
             x, y = _repeat(x0, index), _repeat(y0, index)
             gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             for _ in range(2):  # the first step creates the optimizer's state
                 engine.train_step(model, optimizer, spec.loss, x, y)
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(3)]
-            for begin, end in events:
-                begin.record()
-                engine.train_step(model, optimizer, spec.loss, x, y)
-                end.record()
-            torch.cuda.synchronize(device)
-            step_s = min(b.elapsed_time(e) for b, e in events) / 1e3
-            return Probe(m, torch.cuda.max_memory_allocated(device), step_s)
-        except torch.cuda.OutOfMemoryError:
+            step_s = timed_steps(x, y)
+            return Probe(m, torch.cuda.max_memory_allocated(device) if cuda else 0, step_s)
+        except OutOfMemoryError:
             return Probe(m, None, None)
         finally:
             del x, y
+            if engine.counters.micro_in_window:  # an error mid-step left its window open: close it
+                engine.end_window([optimizer])
             optimizer.zero_grad(set_to_none=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
 
-    micro, probes = choose_micro(measure, start, cap, MEMORY_FRACTION * total)
-    return {"micro": micro, "probes": [dataclasses.asdict(p) for p in probes], "gpu": torch.cuda.get_device_name(device),
-            "total_bytes": total, "seconds": time.perf_counter() - t0}
+    micro, probes = choose_micro(measure, start, cap, budget)
+    return {"micro": micro, "probes": [dataclasses.asdict(p) for p in probes], "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "total_bytes": total, "budget_bytes": budget, "seconds": time.perf_counter() - t0,
+            "optimizer_steps": engine.counters.optimizer_steps}
 
 
 def _rows_of(data: Any) -> int:
@@ -155,51 +182,65 @@ def _rows_of(data: Any) -> int:
     return _rows_of(data[0])
 
 
-def choose_fill(job, rows: int, num_workers: int, use_gpu: bool, runtime_env: dict | None,
-                objects: dict[str, Any] | None, notify: Callable[[str], None]):
+def choose_fill(job, plan, num_workers: int, use_gpu: bool, runtime_env: dict | None,
+                objects: dict[str, Any] | None, notify: Callable[[str], None], stream=None):
     """The job with data.batch_size chosen to fill a GPU (data.fill_gpu), and a note of what was measured.
-    On CPU workers, or for a run trained before (its saved batch is kept), the job is returned unchanged."""
+    Unchanged (with a note saying why) on CPU workers, on a fraction of a GPU, for a training stream the
+    probe cannot read, when no GPU comes free for the probe, when it fails, or when no micro-batch fits;
+    a run that resumes from a checkpoint keeps the batch it was trained with."""
     import ray
 
-    from ampray.orchestrator.preflight import saved_job_field
+    from ampray.orchestrator.preflight import trained_job_field
 
-    k = job.precision.gradient_accumulation_steps
-    if not use_gpu:
-        notify(f"data.fill_gpu: the workers have no GPU; data.batch_size={job.data.batch_size} kept")
-        return job
-    trained = saved_job_field(job, "data.batch_size")
+    k, kept = job.precision.gradient_accumulation_steps, f"data.batch_size={job.data.batch_size} kept"
+    trained = trained_job_field(job, "data.batch_size")
     if trained is not None:
         notify(f"data.batch_size={trained}: as the run was trained (data.fill_gpu chooses only a new run's batch)")
         return _with_batch(job, int(trained))
+    why_not = ("the workers have no GPU" if not use_gpu else
+               f"a worker has a fraction of a GPU (scaling.gpus_per_worker={job.scaling.gpus_per_worker})"
+               if job.scaling.gpus_per_worker < 1 else
+               "the training rows come from a ray.data.Dataset, which the probe does not read"
+               if stream is not None else None)
+    if why_not:
+        notify(f"data.fill_gpu: {why_not}; {kept}")
+        return job
     start = job.data.batch_size // k
-    cap = rows // num_workers if rows > 0 else MAX_MICRO
+    cap = plan.rows // num_workers if plan.rows > 0 else MAX_MICRO
+    on_gpu = 0 if job.data.streaming == "true" else plan.bytes  # in-memory training data lives on the GPU
     task = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(measure_micro_batches)  # max_calls: the GPU is freed
     if runtime_env:
         task = task.options(runtime_env=runtime_env)
+    ref = task.remote(job, objects, start, cap, on_gpu, num_workers > 1)
     try:
-        found = ray.get(task.remote(job, objects, start, cap), timeout=PROBE_TIMEOUT_S)
+        found = ray.get(ref, timeout=PROBE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
-        notify(f"data.fill_gpu: no GPU came free for the batch probe within {PROBE_TIMEOUT_S} s; "
-               f"data.batch_size={job.data.batch_size} kept")
+        ray.cancel(ref, force=True)  # not left queued to take a GPU from the workers later
+        notify(f"data.fill_gpu: no GPU came free for the batch probe within {PROBE_TIMEOUT_S} s; {kept}")
         return job
-    except ray.exceptions.RayTaskError as err:  # the workers meet the same failure and report it in full
-        notify(f"data.fill_gpu: the batch probe failed ({type(err.cause).__name__}: {str(err.cause)[:300]}); "
-               f"data.batch_size={job.data.batch_size} kept")
+    except ray.exceptions.RayError as err:  # the workers meet the same failure and report it in full
+        cause = getattr(err, "cause", None) or err
+        notify(f"data.fill_gpu: the batch probe failed ({type(cause).__name__}: {str(cause)[:300]}); {kept}")
         return job
     micro = found["micro"]
     by = {p["micro"]: p for p in found["probes"]}
     chosen, default = by[micro], by.get(start)
     gib = 2.0 ** 30
 
-    def speed(p) -> str:
+    def speed(p) -> str:  # a micro-batch's rows per second: an optimizer step of k of them has the same rate
         return f"{p['micro'] / p['step_s']:,.0f} samples/s" if p["step_s"] else "out of memory"
 
-    tried = ", ".join(f"{p['micro']}: {speed(p)}" + (f", peak {p['peak_bytes'] / gib:.1f} GiB" if p["peak_bytes"] else "")
-                      for p in found["probes"])
+    tried = ", ".join(f"{p['micro'] * k}: {speed(p)}" + (f", peak {p['peak_bytes'] / gib:.1f} GiB" if p["peak_bytes"]
+                                                         else "") for p in found["probes"])
+    if chosen["peak_bytes"] is None or chosen["peak_bytes"] > found["budget_bytes"]:
+        notify(f"data.fill_gpu: no micro-batch fits in {found['budget_bytes'] / gib:.1f} GiB of the "
+               f"{found['gpu']} (probed: {tried}); {kept}")
+        return job
     notify(f"data.batch_size={micro * k} chosen to fill the GPU (none was set; data.fill_gpu): per worker and step "
            f"{micro * k} rows, peak {chosen['peak_bytes'] / gib:.1f} of {found['total_bytes'] / gib:.1f} GiB on a "
-           f"{found['gpu']}, {speed(chosen)}" + (f" against {speed(default)} at {start * k}" if default and micro != start else "")
-           + f" (micro-batches probed in {found['seconds']:.0f} s: {tried}); --data.batch_size N to set one")
+           f"{found['gpu']}, {speed(chosen)}" + (f" against {speed(default)} at {start * k}" if default and micro != start
+                                                  else "")
+           + f" (probed in {found['seconds']:.0f} s: {tried}); --data.batch_size N to set one")
     return _with_batch(job, micro * k)
 
 

@@ -351,8 +351,6 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         if w.val is not None and (step % eval_every == 0 or final):
             metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches,
                                     lockstep=w.job.scaling.strategy == "fsdp").to_dict())
-        last = step
-        w.engine.counters.begin_interval()  # evaluation and checkpoint time are not step time
         metrics["final"] = final
         if final and hparams is not None:
             metrics["hparams"] = hparams
@@ -360,6 +358,8 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
             _submit_checkpoint(w, reporter, metrics, step, config)
         else:
             reporter.submit(metrics, None, "")
+        last = step
+        w.engine.counters.begin_interval()  # the report, evaluation and checkpoint are not step time
     profiler.close()
     reporter.close()
 

@@ -65,9 +65,9 @@ class TrainerCounters:
         cuda = device.type == "cuda"
         self._ev_start = torch.cuda.Event(enable_timing=True) if cuda else None
         self._ev_end = torch.cuda.Event(enable_timing=True) if cuda else None
-        # A report interval's steps alone (what happened between two steps, such as a report, an evaluation
-        # or a checkpoint, is not step time): from the start of the step after begin_interval().
-        self._interval_due = True
+        # A report interval: from begin_interval() (called once a report, its evaluation and its checkpoint
+        # are done: they are not step time; loading the next batch is) or else the first step's start.
+        self._stepped = False
         self._t_interval: float | None = None
         self._ev_interval = torch.cuda.Event(enable_timing=True) if cuda else None
         self.grads_dirty = False      # a backward of this accumulation window has completed
@@ -83,20 +83,20 @@ class TrainerCounters:
             self._t_start = time.perf_counter()
             if self._ev_start is not None:
                 self._ev_start.record()
-        if self._interval_due:
-            self._interval_due = False
-            self._t_interval = time.perf_counter()
-            if self._ev_interval is not None:
-                self._ev_interval.record()
+        if self._t_interval is None:
+            self.begin_interval()
 
     def begin_interval(self) -> None:
-        """Start a new interval at the next step's start (`interval_time_s` then measures from there)."""
-        self._interval_due = True
+        """Start a new interval now (`interval_time_s` measures from here to the end of its last step)."""
+        self._stepped = False
+        self._t_interval = time.perf_counter()
+        if self._ev_interval is not None:
+            self._ev_interval.record()
 
     def interval_time_s(self) -> float:
-        """Time from the start of the interval's first step to the last step's end (0.0 before a step):
-        on CUDA by events on the stream, else on the host."""
-        if self._t_interval is None or self._interval_due:
+        """Time from the interval's start to its last step's end (0.0 before a step): on CUDA by events on
+        the stream, else on the host."""
+        if self._t_interval is None or not self._stepped:
             return 0.0
         if self._ev_interval is not None:
             self._ev_end.synchronize()
@@ -104,6 +104,7 @@ class TrainerCounters:
         return self._t_end - self._t_interval
 
     def mark_end(self) -> None:
+        self._stepped = True
         self._t_end = time.perf_counter()
         if self._ev_end is not None:
             self._ev_end.record()

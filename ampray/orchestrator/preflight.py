@@ -561,10 +561,14 @@ def _free_space(folder: Path, shutil) -> str:
     return ""
 
 
-def saved_job_field(job: JobConfig, key: str) -> Any:
-    """The value of `key` ("data.batch_size") in the job.toml saved in the run's folder by an earlier start
-    of this run, or None (a new run, or a job.toml that cannot be read: the resume check reports that)."""
+def trained_job_field(job: JobConfig, key: str) -> Any:
+    """The value of `key` ("data.batch_size") in the job.toml of the run's latest checkpoint (what a rerun
+    resumes from), or None: no checkpoint (the run starts at step 0), or a job.toml that cannot be read
+    (check_resume reports that)."""
+    checkpoint = latest_checkpoint(job.run_dir())
+    if checkpoint is None:
+        return None
     try:
-        return _flatten(tomllib.loads((job.run_dir() / "job.toml").read_text())).get(key)
+        return _flatten(tomllib.loads((checkpoint / "job.toml").read_text())).get(key)
     except (OSError, ValueError, tomllib.TOMLDecodeError):
         return None

@@ -504,21 +504,21 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
         num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
         if choose_precision is not None:
             job = choose_precision(job, use_gpu)
-        if job.data.fill_gpu:
-            from ampray.actors.batch_probe import choose_fill
-
-            job = choose_fill(job, plan.rows, num_workers, use_gpu, runtime_env, objects, notify)
         job = resolved(job, num_workers, use_gpu,
                        streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
         if plan.unused_parameters and job.scaling.find_unused_parameters == "true":
             notify(f"{len(plan.unused_parameters)} parameter(s) get no gradient from the loss "
                    f"({', '.join(plan.unused_parameters[:3])}{', ...' if len(plan.unused_parameters) > 3 else ''}): "
                    "DDP looks for them in every step (scaling.find_unused_parameters)")
-        check_batch_fits(job, plan.rows, num_workers)
         from ampray.orchestrator.checkpoints import settle_checkpoints
 
         for note in settle_checkpoints(job.run_dir()):  # resume only from a checkpoint that verifies
             notify(note)
+        if job.data.fill_gpu:  # the job as the workers get it (paths, padding), and the checkpoint resumed
+            from ampray.actors.batch_probe import choose_fill
+
+            job = choose_fill(job, plan, num_workers, use_gpu, runtime_env, objects, notify, stream)
+        check_batch_fits(job, plan.rows, num_workers)
         for note in check_resume(job, num_workers):
             notify(note)
         stale = set_aside_stale_events(job.run_dir())

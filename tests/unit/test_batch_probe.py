@@ -1,10 +1,16 @@
 """data.fill_gpu: the decision from probed micro-batches, and what the driver keeps without probing.
 The probe itself runs on a GPU (tests/gpu/test_batch_probe_gpu.py)."""
 
-import pytest
+import types
 
-from ampray.actors.batch_probe import MIN_GAIN, Probe, choose_fill, choose_micro
+import pytest
+import torch
+from torch import nn
+
+from ampray.actors.batch_probe import MIN_GAIN, Probe, choose_fill, choose_micro, measure_micro_batches
+from ampray.amp.trainer import OutOfMemoryError
 from ampray.job import JobConfig
+from tests.own_project import write_project
 
 GIB = 2 ** 30
 
@@ -54,16 +60,67 @@ def test_halves_a_micro_batch_that_does_not_fit_and_respects_the_rows_cap():
     assert choose_micro(measure, 4, 100, budget_bytes=70 * GIB)[0] == 1
 
 
-def test_the_driver_keeps_the_batch_on_cpu_workers_and_a_rerun_keeps_its_trained_batch(tmp_path):
+def test_the_driver_keeps_the_batch_where_it_cannot_probe_and_a_resumed_run_keeps_its_trained_batch(tmp_path):
     notes = []
+    plan = types.SimpleNamespace(rows=4096, bytes=0)
     job = JobConfig.load(None, {"data.fill_gpu": True, "data.batch_size": 32, "run.storage_path": str(tmp_path),
                                 "run.name": "r"})
-    assert choose_fill(job, 4096, 1, False, None, None, notes.append) is job
+    assert choose_fill(job, plan, 1, False, None, None, notes.append) is job
     assert "no GPU" in notes[-1] and "data.batch_size=32 kept" in notes[-1]
+    half = JobConfig.load(None, {"data.fill_gpu": True, "scaling.gpus_per_worker": 0.5,
+                                 "run.storage_path": str(tmp_path), "run.name": "half"})
+    assert choose_fill(half, plan, 1, True, None, None, notes.append) is half
+    assert "fraction of a GPU" in notes[-1]
+    assert choose_fill(job, plan, 1, True, None, None, notes.append, stream=object()) is job
+    assert "ray.data.Dataset" in notes[-1]
+    # A job.toml in the run folder alone (a start that never checkpointed) is not a trained run ...
     job.run_dir().mkdir(parents=True)
-    (job.run_dir() / "job.toml").write_text(JobConfig.load(None, {"data.batch_size": 256}).to_toml())
-    kept = choose_fill(job, 4096, 1, True, None, None, notes.append)  # no probe: the run was trained at 256
+    (job.run_dir() / "job.toml").write_text(JobConfig.load(None, {"data.batch_size": 512}).to_toml())
+    assert choose_fill(job, plan, 1, False, None, None, notes.append) is job
+    # ... the latest checkpoint's is: the rerun resumes from it, with its batch, and nothing is probed.
+    checkpoint = job.run_dir() / "checkpoint_000040"
+    checkpoint.mkdir()
+    (checkpoint / "job.toml").write_text(JobConfig.load(None, {"data.batch_size": 256}).to_toml())
+    import json
+
+    from ampray.orchestrator.checkpoints import SNAPSHOT
+
+    # Ray Train's own record of the checkpoint it registered last: the one a rerun resumes from.
+    (job.run_dir() / SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {
+        "checkpoint_dir_name": checkpoint.name}}))
+    kept = choose_fill(job, plan, 1, True, None, None, notes.append)
     assert kept.data.batch_size == 256 and "as the run was trained" in notes[-1]
+
+
+class _OutOfMemoryAbove(nn.Module):
+    """The user's model, raising torch's OutOfMemoryError for a batch of more than `limit` rows, as the CUDA
+    allocator would."""
+
+    def __init__(self, net: nn.Module, limit: int):
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, batch):
+        if batch["pixels"].shape[0] > self.limit:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (test)")
+        return self.net(batch)
+
+
+def test_the_probe_halves_after_an_out_of_memory_error_and_its_optimizer_still_steps(tmp_path, monkeypatch):
+    """On the CPU (the probe's own code, no memory figures): the job's micro-batch of 32 rows runs out of
+    memory, 16 fits; the window the error left open is closed, so the 16-row steps are optimizer steps."""
+    root = write_project(tmp_path / "project")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.chdir(root)
+    import mynets
+
+    job = JobConfig.load(root / "job.toml", {"precision.dtype": "fp32"})
+    objects = {"model.factory": lambda **options: _OutOfMemoryAbove(mynets.build(**options), 16)}
+    found = measure_micro_batches(job, objects, start=32, cap=512)
+    assert [(p["micro"], p["peak_bytes"] is None) for p in found["probes"]] == [(32, True), (16, False)]
+    assert found["micro"] == 16
+    assert found["optimizer_steps"] == 5  # two warm-up and three timed steps of 16 rows, none lost
+    assert torch.get_default_dtype() == torch.float32
 
 
 @pytest.mark.parametrize("use_gpu,overrides,expected", [
