@@ -244,10 +244,16 @@ def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer)
     from ampray.amp.sharding import build_mp_policy, shard_model
 
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
     policy = build_mp_policy(engine.config, reduce_dtype=parse_dtype(job.scaling.allreduce_dtype))
-    return shard_model(model, mesh, policy, blocks=fsdp_blocks(model, job), offload=job.scaling.fsdp_cpu_offload,
-                       checkpoint=job.scaling.activation_checkpointing)
+    offload = job.scaling.fsdp_cpu_offload
+    # One worker without offload: freeing each block's gathered parameters after forward saves nothing worth
+    # a second gather in backward (GPT-2 small on an H100: 62.4 ms a step kept, 71.6 ms resharded;
+    # benchmarks/profile_fsdp.py, BENCHMARKS.md). With offload the point is to keep them off the GPU.
+    return shard_model(model, mesh, policy, blocks=fsdp_blocks(model, job), offload=offload,
+                       checkpoint=job.scaling.activation_checkpointing,
+                       reshard_after_forward=not (world == 1 and not offload))
 
 
 def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:

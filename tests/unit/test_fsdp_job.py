@@ -62,3 +62,45 @@ def test_the_blocks_sharded_by_default():
     assert fsdp_blocks(Flat(), mlp) == []
     given = JobConfig.load(None, {"scaling.strategy": "fsdp", "scaling.fsdp_blocks": ["Layer", "Other"]})
     assert fsdp_blocks(Net(), given) == ["Layer", "Other"]
+
+
+def test_one_worker_without_offload_keeps_the_gathered_parameters_and_trains_the_same(monkeypatch):
+    """worker.shard on a world of one: each block's parameters stay gathered after forward (no second gather
+    in backward), unless they are offloaded to the CPU; the weights after three fp32 steps are the same
+    either way, bit for bit."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from ampray.actors.worker import build_engine, shard
+    from ampray.models import build_criterion, example_batch
+    from tests.unit.helpers import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        base = build_model("gpt", preset="nano")
+        x, y = example_batch("gpt", base.config, 4, generator=torch.Generator().manual_seed(0))
+        weights, gathered = {}, {}
+        for offload in (False, True):
+            job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32",
+                                        "scaling.fsdp_cpu_offload": offload})
+            engine = build_engine(job, torch.device("cpu"))
+            model = shard(engine.prepare_model(copy.deepcopy(base)), job, engine)
+            opt = engine.build_optimizer(model, "adamw", lr=1e-3)
+            model(x)  # a forward alone: what each block holds after it
+            gathered[offload] = not isinstance(next(model.blocks[0].parameters()), DTensor)
+            model.zero_grad(set_to_none=True)
+            model.reshard()
+            for _ in range(3):
+                engine.train_step(model, opt, build_criterion("gpt"), x, y)
+            weights[offload] = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        assert gathered == {False: True, True: False}
+        for name, value in weights[False].items():
+            assert torch.equal(value, weights[True][name]), name
+    finally:
+        dist.destroy_process_group()
