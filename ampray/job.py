@@ -414,9 +414,6 @@ class JobConfig:
         if self.data.fill_gpu:
             _fail("data", "fill_gpu", True, f"false {why}: the probe measures the unsharded model, which is not "
                   "what a sharded worker holds; set data.batch_size")
-        if self.run.on_divergence == "rollback":
-            _fail("run", "on_divergence", "rollback", f"'stop' {why} (rolling sharded state back is not supported "
-                  "by ampray yet)")
         if p.autocast_enabled and p.fp32_modules:
             _fail("precision", "fp32_modules", list(p.fp32_modules), f"[] {why}: FSDP casts every parameter to "
                   "precision.dtype")

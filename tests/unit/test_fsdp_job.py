@@ -17,7 +17,8 @@ from ampray.models import build_model
     ({"scaling.strategy": "fsdp", "precision.oom_policy": "split"},
      "precision.oom_policy='split' is not allowed: expected 'raise' with scaling.strategy='fsdp'"),
     ({"scaling.strategy": "fsdp", "model.compile": True}, "model.compile=True is not allowed"),
-    ({"scaling.strategy": "fsdp", "run.on_divergence": "rollback"}, "run.on_divergence='rollback' is not allowed"),
+    ({"scaling.strategy": "fsdp", "data.fill_gpu": True}, "data.fill_gpu=True is not allowed: expected false with "
+                                                          "scaling.strategy='fsdp'"),
     ({"scaling.strategy": "fsdp", "precision.fp32_modules": ["LayerNorm"]}, "precision.fp32_modules=['LayerNorm']"),
     ({"scaling.strategy": "fsdp", "precision.stall_policy": "fallback_bf16"},
      "precision.stall_policy='fallback_bf16' is not allowed: expected 'raise' with scaling.strategy='fsdp' and fp16"),
@@ -102,5 +103,56 @@ def test_one_worker_without_offload_keeps_the_gathered_parameters_and_trains_the
         assert gathered == {False: True, True: False}
         for name, value in weights[False].items():
             assert torch.equal(value, weights[True][name]), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_rollback_snapshot_of_a_sharded_model_restores_it_bitwise(monkeypatch):
+    """run.on_divergence = "rollback" before the run's first checkpoint returns to the session's initial
+    state, kept in memory: for an FSDP model its sharded parameters and optimizer state (DTensors) come back
+    bit for bit, and training on from there repeats the same steps."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from ampray.actors.checkpoint import restore, snapshot
+    from ampray.actors.worker import build_engine, shard
+    from ampray.models import build_criterion, example_batch
+    from tests.unit.helpers import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x, y = example_batch("gpt", build_model("gpt", preset="nano").config, 4,
+                             generator=torch.Generator().manual_seed(0))
+        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "bf16",
+                                    "run.on_divergence": "rollback"})
+        engine = build_engine(job, torch.device("cpu"))
+        model = shard(engine.prepare_model(build_model("gpt", preset="nano")), job, engine)
+        opt = engine.build_optimizer(model, "adamw", lr=1e-3)
+        crit = build_criterion("gpt")
+
+        def weights():
+            return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+
+        def moments():
+            return [s["exp_avg"].full_tensor().clone() for s in opt.state.values()]
+
+        engine.train_step(model, opt, crit, x, y)  # optimizer state exists
+        kept = snapshot(model=model, optimizer=opt, scheduler=None, engine=engine, step=1)
+        before, state_before = weights(), moments()
+        losses = [engine.train_step(model, opt, crit, x, y).loss.item() for _ in range(3)]
+        after = weights()
+        assert any(not torch.equal(after[n], before[n]) for n in before)  # the three steps changed them
+        assert restore(copy.deepcopy(kept), model=model, optimizer=opt, scheduler=None, engine=engine) == 1
+        for name, value in weights().items():
+            assert torch.equal(value, before[name]), name
+        for a, b in zip(moments(), state_before):
+            assert torch.equal(a, b)
+        again = [engine.train_step(model, opt, crit, x, y).loss.item() for _ in range(3)]
+        assert again == losses
     finally:
         dist.destroy_process_group()
