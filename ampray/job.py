@@ -250,9 +250,11 @@ class ScalingSection:
     on the root), for models whose training state does not fit one GPU. fsdp reduce-scatters gradients in
     scaling.allreduce_dtype (fp32 by default) and computes in precision.dtype."""
     fsdp_blocks: list = field(default_factory=list)
-    """fsdp: class names of the modules sharded one by one (each all-gathered only while it runs); empty:
-    the built-in gpt's "Block", else the classes of the modules held in an nn.ModuleList (a transformer's
-    layers), else only the whole model."""
+    """fsdp: the modules sharded one by one (each all-gathered only while it runs): class names, or
+    "package.module:function" import paths of a wrap policy, function(module) -> bool (shipped to the
+    workers like model.factory); every entry must select some module of the model. Empty: the built-in
+    gpt's "Block", else the classes of the modules held in an nn.ModuleList (a transformer's layers), else
+    only the whole model."""
     fsdp_cpu_offload: bool = False
     """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (slower; fits larger
     models)."""
@@ -269,7 +271,8 @@ class ScalingSection:
         _validate(self)
         _check_choice("scaling", "strategy", self.strategy, ("ddp", "fsdp"))
         if not all(isinstance(b, str) and b for b in self.fsdp_blocks):
-            _fail("scaling", "fsdp_blocks", self.fsdp_blocks, "a list of module class names (non-empty strings)")
+            _fail("scaling", "fsdp_blocks", self.fsdp_blocks, "a list of module class names or \"package.module:"
+                  "function\" import paths of a wrap policy (non-empty strings)")
         if self.strategy != "fsdp":
             for name in ("fsdp_blocks", "fsdp_cpu_offload", "activation_checkpointing"):
                 if getattr(self, name):

@@ -12,6 +12,9 @@
 #   bash benchmarks/h200.sh gputests OUT  # Ray Train on every GPU, fp16 and bf16
 #   bash benchmarks/h200.sh compile OUT   # model.compile against eager at micro-batch 8, one GPU
 #   PART=train|tune bash benchmarks/h200.sh scale OUT  # issue 5 on a 4- or 8-GPU host
+#   bash benchmarks/h200.sh fsdp OUT      # issue 19, one GPU: fsdp against ddp (GPT-2 small), then GPT-2 xl at
+#                                         # batch 16: ddp (out of memory expected) against fsdp + CPU offload
+#   bash benchmarks/h200.sh fill OUT      # issue 18: the batch data.fill_gpu chooses for GPT-2 small, trained at
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
 # The GPU host has torch but neither Ray nor ampray's own small dependencies: build the kit here with
 #   bash ../shared/gpu/build-kit.sh tomli_w==1.2.0 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
@@ -108,5 +111,16 @@ compile)
   cleanup ;;
 gputests)
   timeout 300 python -m pytest -q -p no:cacheprovider tests/gpu/test_train_gpu.py 2>&1 | tail -5 ;;
+fsdp)
+  timeout 200 python benchmarks/bench_fsdp.py --preset small --batch 8 --dtypes bf16 --steps 40 --out "$out/fsdp_small.json"
+  cleanup
+  timeout 380 python benchmarks/bench_fsdp.py --preset xl --batch 16 --dtypes bf16 --steps 6 --strategies ddp,none \
+    --offload --checkpointing --out "$out/fsdp_fit_xl.json"
+  cleanup ;;
+fill)
+  (cd "$out" && timeout 300 python -m ampray.orchestrator.cli train --model gpt --model.options.preset small \
+    --run.steps 60 --run.report_every 20 --run.checkpoint_every 60 --name fill --run.storage_path "$out/runs" \
+    2>&1 | tee "$out/fill.log" | grep -E "note|error|tokens" )
+  cleanup ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -251,14 +251,32 @@ def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer)
     # One worker without offload: freeing each block's gathered parameters after forward saves nothing worth
     # a second gather in backward (GPT-2 small on an H100: 62.4 ms a step kept, 71.6 ms resharded;
     # benchmarks/profile_fsdp.py, BENCHMARKS.md). With offload the point is to keep them off the GPU.
-    return shard_model(model, mesh, policy, blocks=fsdp_blocks(model, job), offload=offload,
+    blocks = block_selector(fsdp_blocks(model, job), "scaling.fsdp_blocks")
+    return shard_model(model, mesh, policy, blocks=blocks, offload=offload,
                        checkpoint=job.scaling.activation_checkpointing,
                        reshard_after_forward=not (world == 1 and not offload))
 
 
+def block_selector(entries, field: str = "blocks"):
+    """`shard_model`'s `blocks` from a job's entries: class names, and "package.module:function" import paths
+    of wrap policies, function(module) -> bool (a module is a block when any entry selects it). Plain
+    names stay a list; an import path is imported here (ImportPathError names `field`)."""
+    from ampray.amp.sharding import _block_test
+    from ampray.models.registry import import_object
+
+    entries = list(entries)
+    policies = [import_object(e, field) for e in entries if ":" in e]
+    if not policies:
+        return entries
+    names = [e for e in entries if ":" not in e]
+    by_name = _block_test(names) if names else (lambda m: False)
+    return lambda m: by_name(m) or any(bool(policy(m)) for policy in policies)
+
+
 def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
-    """The module classes sharded one by one: scaling.fsdp_blocks, else the built-in gpt's Block, else the
-    classes of the modules an nn.ModuleList holds (a transformer's layers), else none (the root only)."""
+    """The modules sharded one by one: scaling.fsdp_blocks (class names, and import paths of wrap policies),
+    else the built-in gpt's Block, else the classes of the modules an nn.ModuleList holds (a transformer's
+    layers), else none (the root only)."""
     if job.scaling.fsdp_blocks:
         return list(job.scaling.fsdp_blocks)
     if job.model.kind == "gpt" and not job.model.factory:

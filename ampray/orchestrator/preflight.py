@@ -111,6 +111,7 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     its loss is a number. `stream`: a ray.data.Dataset given instead of data.path (its schema is checked);
     `objects`: the factory and loss by value (the Python API's), instead of by import path."""
     spec = resolve_model(job, objects)
+    check_fsdp_blocks(job, spec)
     d = job.data
     where = f"data.path={d.path!r}"
     rows, size, columns = d.num_samples, 0, []
@@ -163,6 +164,45 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
         size = _decoded_bytes(job, rows)
     unused = () if spec.builtin else check_one_batch(job, spec, stream)
     return DataPlan(spec, rows, size, columns, unused, widths, report)
+
+
+def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
+    """With scaling.strategy = "fsdp", every entry of scaling.fsdp_blocks selects some module of the model (a
+    misspelt class name would shard only the whole model, and nothing would say so), and every wrap policy
+    imports and answers for each module. The model is built on the meta device: no memory, no weights."""
+    import torch
+
+    from ampray.actors.worker import block_selector
+    from ampray.models.registry import ImportPathError
+
+    entries = job.scaling.fsdp_blocks
+    if job.scaling.strategy != "fsdp" or not entries:
+        return
+    try:
+        with torch.device("meta"):
+            model = spec.build_model(job.model.options)
+    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' sharding decides
+        return
+    modules = [m for m in model.modules() if m is not model]
+    classes = sorted({type(m).__name__ for m in modules})
+    for entry in entries:
+        try:
+            test = block_selector([entry], "scaling.fsdp_blocks")
+        except ImportPathError as err:
+            raise ConfigError(str(err)) from None
+        if callable(test):
+            try:
+                hits = sum(1 for m in modules if test(m))
+            except Exception as err:  # noqa: BLE001 - the user's policy: its error, with the field
+                raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} raised {type(err).__name__} on the model's "
+                                  f"modules: {err}; expected a function(module) -> bool") from None
+        else:
+            hits = sum(1 for m in modules if entry in (type(m).__name__,
+                                                       f"{type(m).__module__}.{type(m).__qualname__}"))
+        if not hits:
+            raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects no module of the model; expected a "
+                              f"class name of its modules ({', '.join(classes)}) or a wrap policy that selects "
+                              "some of them")
 
 
 def check_data_files(job: JobConfig, spec: ModelSpec) -> DataCheck | None:

@@ -468,9 +468,14 @@ def node_memory() -> float:
 
 
 def user_code(job: JobConfig, objects: dict[str, Any] | None = None) -> dict[str, str]:
-    """The job's import paths of the user's own code, by field (not those handed over by value)."""
-    return {f"model.{name}": value for name in ("factory", "loss")
+    """The job's import paths of the user's own code, by field (not those handed over by value): the model's
+    factory and loss, and the wrap policies among scaling.fsdp_blocks."""
+    code = {f"model.{name}": value for name in ("factory", "loss")
             if (value := getattr(job.model, name)) and f"model.{name}" not in (objects or {})}
+    if job.scaling.strategy == "fsdp":
+        code.update({f"scaling.fsdp_blocks[{i}]": entry for i, entry in enumerate(job.scaling.fsdp_blocks)
+                     if ":" in entry})
+    return code
 
 
 def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, stream=None,

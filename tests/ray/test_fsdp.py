@@ -173,21 +173,26 @@ def test_the_gpt_resumes_from_its_sharded_checkpoint_bitwise(ray_address, tmp_pa
 def test_a_divergence_rolls_every_rank_back_to_its_shards_of_the_last_checkpoint(ray_address, project):
     """run.on_divergence = "rollback" under fsdp: a loss that is NaN for optimizer steps 25..29 stalls the run
     at step 29 on both ranks; each rank reloads its shards of checkpoint_000020, and since FSDP keeps the
-    parameters cast to fp16 the remedy is gentler loss scaling (not bf16). The run completes."""
+    parameters cast to fp16 the remedy is gentler loss scaling (not bf16). The run completes. Each Linear is
+    sharded on its own by a wrap policy in a module of the user's that only scaling.fsdp_blocks names (it
+    reaches the workers as model.factory's module does)."""
     import math
     import sys
 
     from tests.ray.test_rollback import DIVERGE
 
     (project / "diverge.py").write_text(DIVERGE)
+    (project / "wraps.py").write_text("import torch\n\n\ndef linears(module):\n"
+                                      "    return isinstance(module, torch.nn.Linear)\n")
     notes: list[str] = []
     try:
         outcome = run_training(_own(project, "healed", ray_address, **{
             "model.loss": "diverge:nan_window", "precision.dtype": "fp16", "precision.stall_patience": 5,
             "run.on_divergence": "rollback", "run.steps": 60, "run.report_every": 10, "run.checkpoint_every": 20,
-            "data.val_path": ""}), notify=notes.append)
+            "data.val_path": "", "scaling.fsdp_blocks": ["wraps:linears"]}), notify=notes.append)
     finally:
-        sys.modules.pop("diverge", None)
+        for name in ("diverge", "wraps"):
+            sys.modules.pop(name, None)
     expected = ("rolled back at optimizer step 29 to checkpoint_000020 (step 20) after TrainingStalledError: "
                 "training stalled: 5 optimizer steps in a row were skipped")
     assert any(n.startswith(expected) for n in notes), notes
@@ -198,6 +203,8 @@ def test_a_divergence_rolls_every_rank_back_to_its_shards_of_the_last_checkpoint
         assert outcome.final[rank]["events/rollback"] == 1.0
     folder = Path(outcome.checkpoint)
     assert sorted(p.name for p in folder.glob("shard_rank*.pt")) == ["shard_rank0.pt", "shard_rank1.pt"]
+    shard = torch.load(folder / "shard_rank1.pt", weights_only=True)
+    assert shard["model"]["body.0.weight"].shape == (32, 17)  # rank 1's half of the first Linear's 64 rows
     state = torch.load(folder / "state.pt", weights_only=True)
     (event,) = [e for e in state["engine"]["events"] if e["kind"] == "rollback"]
     assert (event["failed_at"], event["to_step"], event["to"]) == (29, 20, "checkpoint_000020")

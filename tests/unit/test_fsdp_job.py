@@ -1,6 +1,8 @@
 """scaling.strategy = "fsdp" as a job field: its settings checked, what it cannot do refused before any
 worker starts, the blocks it shards by default."""
 
+import sys
+
 import pytest
 from torch import nn
 
@@ -156,3 +158,73 @@ def test_the_rollback_snapshot_of_a_sharded_model_restores_it_bitwise(monkeypatc
         assert again == losses
     finally:
         dist.destroy_process_group()
+
+
+POLICIES = '''
+import torch
+
+
+def linears(module):
+    return isinstance(module, torch.nn.Linear)
+
+
+def nothing(module):
+    return False
+
+
+def broken(module):
+    raise RuntimeError("no rule for " + type(module).__name__)
+'''
+
+
+def test_each_fsdp_blocks_entry_must_select_a_module_and_wrap_policies_import(tmp_path, monkeypatch):
+    from ampray.orchestrator.preflight import check_fsdp_blocks, resolve_model
+
+    (tmp_path / "wraps.py").write_text(POLICIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def check(*entries):
+        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "model.options.preset": "xl",
+                                    "scaling.fsdp_blocks": list(entries)})
+        check_fsdp_blocks(job, resolve_model(job))  # xl: built on the meta device, in no time
+
+    check("Block")
+    check("wraps:linears", "Block")
+    with pytest.raises(ConfigError, match=r"scaling.fsdp_blocks entry 'Blocks' selects no module of the model; "
+                                          r"expected a class name of its modules \(Block, CausalSelfAttention"):
+        check("Block", "Blocks")
+    with pytest.raises(ConfigError, match="entry 'wraps:nothing' selects no module"):
+        check("wraps:nothing")
+    with pytest.raises(ConfigError, match="entry 'wraps:broken' raised RuntimeError on the model's modules: no "
+                                          "rule for"):
+        check("wraps:broken")
+    with pytest.raises(ConfigError, match="scaling.fsdp_blocks='wraps:absent'"):
+        check("wraps:absent")
+    sys.modules.pop("wraps", None)
+
+
+def test_a_wrap_policy_shards_the_modules_it_selects(tmp_path, monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from ampray.actors.worker import build_engine, shard
+    from ampray.amp.sharding import fsdp_modules
+    from tests.unit.helpers import free_port
+
+    (tmp_path / "wraps.py").write_text(POLICIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32",
+                                    "scaling.fsdp_blocks": ["wraps:linears"]})
+        model = build_model("gpt", preset="nano")
+        linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+        engine = build_engine(job, torch.device("cpu"))
+        sharded = shard(engine.prepare_model(model), job, engine)
+        kinds = [type(m).__name__ for m in fsdp_modules(sharded)]
+        assert sorted(kinds) == ["FSDPGPT"] + ["FSDPLinear"] * linears  # each Linear, and the root
+    finally:
+        dist.destroy_process_group()
+        sys.modules.pop("wraps", None)
