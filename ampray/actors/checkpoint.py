@@ -105,7 +105,11 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, en
     """Load a checkpoint's state into live objects; returns the step to continue from. The engine's state
     is checked before anything is loaded: one it cannot take changes nothing."""
     engine.check_state(state["engine"])
-    if state.get("sharded"):  # model and optimizer are in every rank's shard files: (folder, rank, world now)
+    if state.get("shards_in_memory") is not None:  # a rollback's snapshot of an FSDP model (same world)
+        from ampray.actors.sharded_state import load_local_state
+
+        load_local_state(state["shards_in_memory"], model, optimizer)
+    elif state.get("sharded"):  # model and optimizer are in every rank's shard files: (folder, rank, world now)
         if shards is None:
             raise CheckpointError("a sharded (FSDP) checkpoint's state must be restored from its folder")
         from ampray.actors.sharded_state import load_shards
@@ -166,11 +170,35 @@ def snapshot(*, model: nn.Module, optimizer, scheduler, engine, step: int) -> di
     checkpoint yet."""
     import copy
 
+    engine_state = engine.state_dict()  # first: it settles a deferred step (see save_checkpoint)
+    from ampray.amp.sharding import is_sharded
+
+    if is_sharded(model):
+        # FSDP: this rank's shards as plain CPU tensors, put back as sharded_state puts a checkpoint's back.
+        import torch.distributed as dist
+
+        from ampray.actors.sharded_state import local_state
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return {"step": int(step), "engine": engine_state, "shards_in_memory": local_state(model, optimizer, rank, world),
+                "sharded": True, "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+                "rng": rng_state()}
     return {
         "step": int(step),
-        "engine": engine.state_dict(),  # first: it settles a deferred step (see save_checkpoint)
+        "engine": engine_state,
         "model": {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "optimizer": _to_cpu(optimizer.state_dict()),  # load_state_dict moves it back to the parameters' device
         "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
         "rng": rng_state(),
     }
+
+
+def _to_cpu(value: Any) -> Any:
+    """`value` (an optimizer's state dict) with every tensor copied to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value

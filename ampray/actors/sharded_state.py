@@ -45,18 +45,25 @@ def _local(t: Any) -> Any:
     return t
 
 
-def save_shards(files: Files, model: nn.Module, optimizer, rank: int, world: int) -> None:
-    """Write this rank's shards of the model's parameters and buffers and of the optimizer's state."""
+def local_state(model: nn.Module, optimizer, rank: int, world: int) -> dict[str, Any]:
+    """This rank's shards of the model's parameters and buffers and of the optimizer's state, as plain
+    tensors on the CPU (what `save_shards` writes, and a rollback's in-memory snapshot keeps)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model_sd = get_model_state_dict(model)
     # An optimizer without state yet (every step so far skipped): torch's get_optimizer_state_dict would
-    # create it by stepping on zero gradients, which changes the run (Adam's step count); nothing to save.
+    # create it by stepping on zero gradients, which changes the run (Adam's step count). Its groups'
+    # settings are kept, so that a load into an optimizer that has stepped since puts them back.
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer.state else {"state": {}, "param_groups": None}
     sharded = sorted(k for k, v in model_sd.items() if _is_dtensor(v))
-    files.save(SHARD_FILE.format(rank=rank), {
-        "format": FORMAT, "rank": rank, "world": world, "sharded": sharded,
-        "model": _local(model_sd), "optimizer": _local(optim_sd)})
+    return {"format": FORMAT, "rank": rank, "world": world, "sharded": sharded, "model": _local(model_sd),
+            "optimizer": _local(optim_sd), "groups": _local(groups)}
+
+
+def save_shards(files: Files, model: nn.Module, optimizer, rank: int, world: int) -> None:
+    """Write this rank's shards of the model's parameters and buffers and of the optimizer's state."""
+    files.save(SHARD_FILE.format(rank=rank), local_state(model, optimizer, rank, world))
 
 
 def _read(folder: Path, rank: int) -> dict[str, Any]:
@@ -72,21 +79,40 @@ def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int
 
     own = _read(folder, rank) if (Path(folder) / SHARD_FILE.format(rank=rank)).is_file() else None
     if own is not None and own["world"] == world:
-        params = _named_tensors(model)
-        model_sd = {k: _shard_like(v, params.get(k)) for k, v in own["model"].items()}
-        optim = own["optimizer"]
-        optim_sd = {"state": {k: {n: _shard_like(v, params.get(k)) for n, v in s.items()}
-                              for k, s in optim["state"].items()},
-                    "param_groups": optim["param_groups"]}
-        set_model_state_dict(model, model_sd)
-        if optim_sd["state"]:  # else saved before the optimizer's first step: it stays as built
-            set_optimizer_state_dict(model, optimizer, optim_sd)
+        load_local_state(own, model, optimizer)
         return
     full = consolidate(folder)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, full["model"], options=options)
     if full["optimizer"]["state"]:
         set_optimizer_state_dict(model, optimizer, full["optimizer"], options=options)
+    else:
+        _reset_optimizer(optimizer, own or _read(folder, 0))
+
+
+def load_local_state(own: dict[str, Any], model: nn.Module, optimizer) -> None:
+    """Put one rank's `local_state` back into the sharded model and optimizer (the same world size)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    params = _named_tensors(model)
+    model_sd = {k: _shard_like(v, params.get(k)) for k, v in own["model"].items()}
+    optim = own["optimizer"]
+    optim_sd = {"state": {k: {n: _shard_like(v, params.get(k)) for n, v in s.items()}
+                          for k, s in optim["state"].items()},
+                "param_groups": optim["param_groups"]}
+    set_model_state_dict(model, model_sd)
+    if optim_sd["state"]:
+        set_optimizer_state_dict(model, optimizer, optim_sd)
+    else:
+        _reset_optimizer(optimizer, own)
+
+
+def _reset_optimizer(optimizer, saved: dict[str, Any]) -> None:
+    """Saved before the optimizer's first step: no state (a rollback to it drops what the steps since made),
+    and the groups' settings as they were (files of format 1 written before "groups" was kept have none)."""
+    optimizer.state.clear()
+    for group, settings in zip(optimizer.param_groups, saved.get("groups") or ()):
+        group.update({k: v for k, v in settings.items() if k != "params"})
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -316,7 +316,6 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
     hparams = config.get("hparams", {}) if w.rank == 0 else None
     interval_loss = IntervalLoss(w.device)
     last = step  # the step the report interval started after
-    w.engine.counters.begin_interval()
     write_progress(w.run_dir, w.rank, step)
     _log_start(w.run_dir, w.rank, step)
     remove_stale_checkpoint_copies()
@@ -337,6 +336,7 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         reporter.submit(metrics, None, "")
     eval_every = run.eval_every or run.report_every
     rollback = Rollback(w, step, restored=_resumed())
+    w.engine.counters.begin_interval()  # after the set-up above (a rollback's snapshot): not step time
     while step < run.steps:
         try:
             for _ in range(k):

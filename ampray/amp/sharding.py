@@ -169,7 +169,9 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     device type) with `policy` (default: none: FSDP computes in the parameters' dtype). `offload` moves the
     sharded parameters, gradients and optimizer state to CPU (`CPUOffloadPolicy`); `checkpoint`
     recomputes each block's activations in backward (torch's checkpoint wrapper: parameter names and state
-    dict keys stay the same). Returns the model, now an FSDPModule, sharded in place."""
+    dict keys stay the same). `reshard_after_forward` is the blocks' (False: each keeps its gathered
+    parameters from forward to backward); the root keeps torch's default, which does not reshard it.
+    Returns the model, now an FSDPModule, sharded in place."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     is_block = _block_test(blocks)
@@ -196,5 +198,6 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     found = [m for m in reversed(list(model.modules())) if m is not model and matches(m)]  # innermost first
     for block in found:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root with torch's own default: it stays gathered from forward to backward, which begins with it.
+    fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
     return model

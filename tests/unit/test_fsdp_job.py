@@ -228,3 +228,41 @@ def test_a_wrap_policy_shards_the_modules_it_selects(tmp_path, monkeypatch):
     finally:
         dist.destroy_process_group()
         sys.modules.pop("wraps", None)
+
+
+def test_restoring_state_saved_before_the_first_step_drops_the_optimizer_state_made_since(monkeypatch):
+    """A rollback to a state saved before the optimizer's first step (every step so far skipped, or the
+    session's start): the sharded optimizer's state made since is dropped and its groups' settings come
+    back, in memory and from a shard file alike."""
+    import torch
+    import torch.distributed as dist
+
+    from ampray.actors.checkpoint import restore, snapshot
+    from ampray.actors.sharded_state import load_local_state, local_state
+    from ampray.actors.worker import build_engine, shard
+    from ampray.models import build_criterion, example_batch
+    from tests.unit.helpers import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model0 = build_model("gpt", preset="nano")
+        x, y = example_batch("gpt", model0.config, 4, generator=torch.Generator().manual_seed(0))
+        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32"})
+        engine = build_engine(job, torch.device("cpu"))
+        model = shard(engine.prepare_model(model0), job, engine)
+        opt = engine.build_optimizer(model, "adamw", lr=1e-3)
+        kept, saved = snapshot(model=model, optimizer=opt, scheduler=None, engine=engine, step=0), \
+            local_state(model, opt, 0, 1)
+        for restore_it in (lambda: restore(kept, model=model, optimizer=opt, scheduler=None, engine=engine),
+                           lambda: load_local_state(saved, model, opt)):
+            for _ in range(2):
+                engine.train_step(model, opt, build_criterion("gpt"), x, y)
+            opt.param_groups[0]["lr"] = 0.5
+            assert opt.state
+            restore_it()
+            assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
+    finally:
+        dist.destroy_process_group()
