@@ -93,6 +93,13 @@ def test_tune_refuses_scaling_num_workers_it_would_overwrite(tmp_path, capsys):
     assert not (tmp_path / "ampray-tune").exists()
 
 
+def test_tune_refuses_data_fill_gpu_before_ray_starts(tmp_path, capsys):
+    code, err = run_cli(capsys, "tune", "--data.fill_gpu", "true", "--run.storage_path", str(tmp_path))
+    assert code == 2
+    assert "data.fill_gpu=True is not allowed with ampray tune: trials share GPUs" in err
+    assert not (tmp_path / "ampray-tune").exists()
+
+
 def test_a_search_name_in_use_is_refused_with_both_ways_on(tmp_path):
     (tmp_path / "old").mkdir()
     check_new_search(tmp_path / "old", "old")  # an empty folder (a refused attempt) holds no search
