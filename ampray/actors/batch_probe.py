@@ -15,6 +15,7 @@ The choice is the driver's (`choose_fill`); `measure_micro_batches` runs in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from collections.abc import Callable
@@ -100,10 +101,11 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
 
     from ampray.actors.data import one_batch
     from ampray.actors.worker import build_engine
+    from ampray.amp.bench import time_steps
     from ampray.amp.trainer import to_device
     from ampray.orchestrator.preflight import resolve_model
 
-    from ampray.amp.trainer import OutOfMemoryError
+    from ampray.amp.trainer import OutOfMemoryError, batch_size
 
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()  # the task's GPU; the CPU only in this module's tests (no memory figures)
@@ -119,46 +121,31 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     x0, y0 = to_device(one_batch(job, spec, min(start, 256)), device)
-    rows = _rows_of(x0)
+    rows = batch_size(x0)
     params = sum(p.numel() for p in model.parameters())
     # The step may peak at MEMORY_FRACTION of the GPU, less what other processes hold and what a worker
     # holds besides the step.
     budget = min(MEMORY_FRACTION * total, free - (1 - MEMORY_FRACTION) * total) - reserve_bytes - \
         (4 * params if ddp else 0) if cuda else float("inf")
 
-    def timed_steps(x, y) -> float:
-        if not cuda:
-            times = []
-            for _ in range(3):
-                begin = time.perf_counter()
-                engine.train_step(model, optimizer, spec.loss, x, y)
-                times.append(time.perf_counter() - begin)
-            return min(times)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(3)]
-        for begin, end in events:
-            begin.record()
-            engine.train_step(model, optimizer, spec.loss, x, y)
-            end.record()
-        torch.cuda.synchronize(device)
-        return min(b.elapsed_time(e) for b, e in events) / 1e3
-
     def measure(m: int) -> Probe:
         index = torch.arange(m) % rows
-        x = y = None
+        x = y = step = None
         try:
             x, y = _repeat(x0, index), _repeat(y0, index)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
+            step = functools.partial(engine.train_step, model, optimizer, spec.loss, x, y)
             for _ in range(2):  # the first step creates the optimizer's state
-                engine.train_step(model, optimizer, spec.loss, x, y)
-            step_s = timed_steps(x, y)
+                step()
+            step_s = min(time_steps(step, 3, device))
             return Probe(m, torch.cuda.max_memory_allocated(device) if cuda else 0, step_s)
         except OutOfMemoryError:
             return Probe(m, None, None)
         finally:
-            del x, y
+            x = y = step = None  # noqa: F841 - the batch is released before the cache is emptied
             if engine.counters.micro_in_window:  # an error mid-step left its window open: close it
                 engine.end_window([optimizer])
             optimizer.zero_grad(set_to_none=True)
@@ -170,16 +157,6 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     return {"micro": micro, "probes": [dataclasses.asdict(p) for p in probes], "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
             "total_bytes": total, "budget_bytes": budget, "seconds": time.perf_counter() - t0,
             "optimizer_steps": engine.counters.optimizer_steps}
-
-
-def _rows_of(data: Any) -> int:
-    import torch
-
-    if isinstance(data, torch.Tensor):
-        return data.shape[0]
-    if isinstance(data, dict):
-        return _rows_of(next(iter(data.values())))
-    return _rows_of(data[0])
 
 
 def choose_fill(job, plan, num_workers: int, use_gpu: bool, runtime_env: dict | None,

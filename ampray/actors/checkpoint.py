@@ -171,6 +171,7 @@ def snapshot(*, model: nn.Module, optimizer, scheduler, engine, step: int) -> di
     import copy
 
     engine_state = engine.state_dict()  # first: it settles a deferred step (see save_checkpoint)
+    from ampray.actors.sharded_state import cpu_copy
     from ampray.amp.sharding import is_sharded
 
     if is_sharded(model):
@@ -187,18 +188,8 @@ def snapshot(*, model: nn.Module, optimizer, scheduler, engine, step: int) -> di
         "step": int(step),
         "engine": engine_state,
         "model": {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
-        "optimizer": _to_cpu(optimizer.state_dict()),  # load_state_dict moves it back to the parameters' device
+        "optimizer": cpu_copy(optimizer.state_dict()),  # load_state_dict moves it back to the parameters' device
         "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
         "rng": rng_state(),
     }
 
-
-def _to_cpu(value: Any) -> Any:
-    """`value` (an optimizer's state dict) with every tensor copied to the CPU."""
-    if torch.is_tensor(value):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value

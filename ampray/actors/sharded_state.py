@@ -32,16 +32,17 @@ def _is_dtensor(t: Any) -> bool:
     return torch.is_tensor(t) and type(t).__name__ == "DTensor"
 
 
-def _local(t: Any) -> Any:
-    """A DTensor's local shard (a plain tensor on the CPU); other values as they are."""
+def cpu_copy(t: Any) -> Any:
+    """`t` with every tensor copied to the CPU, a DTensor as its local shard (a plain tensor), inside dicts
+    and lists; other values as they are."""
     if _is_dtensor(t):
         return t.to_local().detach().to("cpu", copy=True)
     if torch.is_tensor(t):
         return t.detach().to("cpu", copy=True)
     if isinstance(t, dict):
-        return {k: _local(v) for k, v in t.items()}
+        return {k: cpu_copy(v) for k, v in t.items()}
     if isinstance(t, list):
-        return [_local(v) for v in t]
+        return [cpu_copy(v) for v in t]
     return t
 
 
@@ -57,8 +58,8 @@ def local_state(model: nn.Module, optimizer, rank: int, world: int) -> dict[str,
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer.state else {"state": {}, "param_groups": None}
     sharded = sorted(k for k, v in model_sd.items() if _is_dtensor(v))
-    return {"format": FORMAT, "rank": rank, "world": world, "sharded": sharded, "model": _local(model_sd),
-            "optimizer": _local(optim_sd), "groups": _local(groups)}
+    return {"format": FORMAT, "rank": rank, "world": world, "sharded": sharded, "model": cpu_copy(model_sd),
+            "optimizer": cpu_copy(optim_sd), "groups": cpu_copy(groups)}
 
 
 def save_shards(files: Files, model: nn.Module, optimizer, rank: int, world: int) -> None:

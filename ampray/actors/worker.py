@@ -258,18 +258,15 @@ def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer)
 
 
 def block_selector(entries, field: str = "blocks"):
-    """`shard_model`'s `blocks` from a job's entries: class names, and "package.module:function" import paths
-    of wrap policies, function(module) -> bool (a module is a block when any entry selects it). Plain
-    names stay a list; an import path is imported here (ImportPathError names `field`)."""
+    """`shard_model`'s `blocks` test from a job's entries: class names, and "package.module:function" import
+    paths of wrap policies, function(module) -> bool; a module is a block when any entry selects it. The
+    import paths are imported here (ImportPathError names `field`)."""
     from ampray.amp.sharding import _block_test
     from ampray.models.registry import import_object
 
     entries = list(entries)
     policies = [import_object(e, field) for e in entries if ":" in e]
-    if not policies:
-        return entries
-    names = [e for e in entries if ":" not in e]
-    by_name = _block_test(names) if names else (lambda m: False)
+    by_name = _block_test([e for e in entries if ":" not in e])
     return lambda m: by_name(m) or any(bool(policy(m)) for policy in policies)
 
 

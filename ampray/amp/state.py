@@ -98,10 +98,15 @@ class TrainerCounters:
         the stream, else on the host."""
         if self._t_interval is None or not self._stepped:
             return 0.0
-        if self._ev_interval is not None:
+        return self._until_end(self._t_interval, self._ev_interval)
+
+    def _until_end(self, t0: float, ev0) -> float:
+        """From a start (its host time, its event on CUDA) to the last step's end: on CUDA by the events on
+        the stream (the GPU's own time, waiting for it), else on the host."""
+        if ev0 is not None:
             self._ev_end.synchronize()
-            return self._ev_interval.elapsed_time(self._ev_end) / 1e3
-        return self._t_end - self._t_interval
+            return ev0.elapsed_time(self._ev_end) / 1e3
+        return self._t_end - t0
 
     def mark_end(self) -> None:
         self._stepped = True
@@ -114,12 +119,7 @@ class TrainerCounters:
         stream (the GPU's own time, waiting for it), else on the host."""
         if self._t_start is None:
             return self.wall_time_before_s
-        if self._ev_start is not None:
-            self._ev_end.synchronize()
-            span = self._ev_start.elapsed_time(self._ev_end) / 1e3
-        else:
-            span = self._t_end - self._t_start
-        return self.wall_time_before_s + span
+        return self.wall_time_before_s + self._until_end(self._t_start, self._ev_start)
 
     @torch.no_grad()
     def add_loss(self, loss: torch.Tensor, check: bool) -> None:

@@ -182,7 +182,7 @@ class MixedPrecisionTrainer:
             loss = torch.full((), math.nan, device=self.device)
             c.window_poisoned = True
         c.training_steps += 1
-        c.samples += _batch_size(data)
+        c.samples += batch_size(data)
         scale = self._scale_after
         out = StepResult(loss=loss, is_boundary=boundary, optimizer_stepped=self._flags[False],
                          skipped=self._flags[False], scale=scale, scale_used=scale)
@@ -222,7 +222,7 @@ class MixedPrecisionTrainer:
 
     def _forward_backward(self, model, criterion, data, target, weight: float, boundary: bool) -> torch.Tensor:
         """Forward and backward over the micro-batch, piece by piece once the OOM policy has split it."""
-        n, c = _batch_size(data), self.counters
+        n, c = batch_size(data), self.counters
         # Under a process group every rank cuts the same number of pieces (some may be empty).
         empty_ok = self._agreeing()
         queue = [(a, b, c.pieces) for a, b in piece_bounds(n, c.pieces, empty_ok)]
@@ -537,13 +537,14 @@ def _rows(value: Any, start: int, stop: int) -> Any:
     return value
 
 
-def _batch_size(value: Any) -> int:
+def batch_size(value: Any) -> int:
+    """Rows of a batch: a tensor's first dimension, or its first tensor's (in a tuple, list or dict)."""
     if isinstance(value, torch.Tensor):
         return int(value.shape[0]) if value.dim() else 1
     if isinstance(value, (tuple, list)) and value:
-        return _batch_size(value[0])
+        return batch_size(value[0])
     if isinstance(value, dict) and value:
-        return _batch_size(next(iter(value.values())))
+        return batch_size(next(iter(value.values())))
     return 1
 
 

@@ -190,15 +190,11 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
             test = block_selector([entry], "scaling.fsdp_blocks")
         except ImportPathError as err:
             raise ConfigError(str(err)) from None
-        if callable(test):
-            try:
-                hits = sum(1 for m in modules if test(m))
-            except Exception as err:  # noqa: BLE001 - the user's policy: its error, with the field
-                raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} raised {type(err).__name__} on the model's "
-                                  f"modules: {err}; expected a function(module) -> bool") from None
-        else:
-            hits = sum(1 for m in modules if entry in (type(m).__name__,
-                                                       f"{type(m).__module__}.{type(m).__qualname__}"))
+        try:
+            hits = sum(1 for m in modules if test(m))
+        except Exception as err:  # noqa: BLE001 - the user's policy: its error, with the field
+            raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} raised {type(err).__name__} on the model's "
+                              f"modules: {err}; expected a function(module) -> bool") from None
         if not hits:
             raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects no module of the model; expected a "
                               f"class name of its modules ({', '.join(classes)}) or a wrap policy that selects "

@@ -67,97 +67,95 @@ def test_the_blocks_sharded_by_default():
     assert fsdp_blocks(Net(), given) == ["Layer", "Other"]
 
 
-def test_one_worker_without_offload_keeps_the_gathered_parameters_and_trains_the_same(monkeypatch):
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """A gloo process group of one rank in this process, for FSDP on the CPU (destroyed afterwards)."""
+    import torch.distributed as dist
+
+    from tests.unit.helpers import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_worker_without_offload_keeps_the_gathered_parameters_and_trains_the_same(world_of_one):
     """worker.shard on a world of one: each block's parameters stay gathered after forward (no second gather
     in backward), unless they are offloaded to the CPU; the weights after three fp32 steps are the same
     either way, bit for bit."""
     import copy
 
     import torch
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from ampray.actors.worker import build_engine, shard
     from ampray.models import build_criterion, example_batch
-    from tests.unit.helpers import free_port
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        base = build_model("gpt", preset="nano")
-        x, y = example_batch("gpt", base.config, 4, generator=torch.Generator().manual_seed(0))
-        weights, gathered = {}, {}
-        for offload in (False, True):
-            job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32",
-                                        "scaling.fsdp_cpu_offload": offload})
-            engine = build_engine(job, torch.device("cpu"))
-            model = shard(engine.prepare_model(copy.deepcopy(base)), job, engine)
-            opt = engine.build_optimizer(model, "adamw", lr=1e-3)
-            model(x)  # a forward alone: what each block holds after it
-            gathered[offload] = not isinstance(next(model.blocks[0].parameters()), DTensor)
-            model.zero_grad(set_to_none=True)
-            model.reshard()
-            for _ in range(3):
-                engine.train_step(model, opt, build_criterion("gpt"), x, y)
-            weights[offload] = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
-        assert gathered == {False: True, True: False}
-        for name, value in weights[False].items():
-            assert torch.equal(value, weights[True][name]), name
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    base = build_model("gpt", preset="nano")
+    x, y = example_batch("gpt", base.config, 4, generator=torch.Generator().manual_seed(0))
+    weights, gathered = {}, {}
+    for offload in (False, True):
+        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32",
+                                    "scaling.fsdp_cpu_offload": offload})
+        engine = build_engine(job, torch.device("cpu"))
+        model = shard(engine.prepare_model(copy.deepcopy(base)), job, engine)
+        opt = engine.build_optimizer(model, "adamw", lr=1e-3)
+        model(x)  # a forward alone: what each block holds after it
+        gathered[offload] = not isinstance(next(model.blocks[0].parameters()), DTensor)
+        model.zero_grad(set_to_none=True)
+        model.reshard()
+        for _ in range(3):
+            engine.train_step(model, opt, build_criterion("gpt"), x, y)
+        weights[offload] = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    assert gathered == {False: True, True: False}
+    for name, value in weights[False].items():
+        assert torch.equal(value, weights[True][name]), name
 
 
-def test_the_rollback_snapshot_of_a_sharded_model_restores_it_bitwise(monkeypatch):
+def test_the_rollback_snapshot_of_a_sharded_model_restores_it_bitwise(world_of_one):
     """run.on_divergence = "rollback" before the run's first checkpoint returns to the session's initial
     state, kept in memory: for an FSDP model its sharded parameters and optimizer state (DTensors) come back
     bit for bit, and training on from there repeats the same steps."""
     import copy
 
     import torch
-    import torch.distributed as dist
 
     from ampray.actors.checkpoint import restore, snapshot
     from ampray.actors.worker import build_engine, shard
     from ampray.models import build_criterion, example_batch
-    from tests.unit.helpers import free_port
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        x, y = example_batch("gpt", build_model("gpt", preset="nano").config, 4,
-                             generator=torch.Generator().manual_seed(0))
-        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "bf16",
-                                    "run.on_divergence": "rollback"})
-        engine = build_engine(job, torch.device("cpu"))
-        model = shard(engine.prepare_model(build_model("gpt", preset="nano")), job, engine)
-        opt = engine.build_optimizer(model, "adamw", lr=1e-3)
-        crit = build_criterion("gpt")
+    torch.manual_seed(0)
+    x, y = example_batch("gpt", build_model("gpt", preset="nano").config, 4,
+                         generator=torch.Generator().manual_seed(0))
+    job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "bf16",
+                                "run.on_divergence": "rollback"})
+    engine = build_engine(job, torch.device("cpu"))
+    model = shard(engine.prepare_model(build_model("gpt", preset="nano")), job, engine)
+    opt = engine.build_optimizer(model, "adamw", lr=1e-3)
+    crit = build_criterion("gpt")
 
-        def weights():
-            return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    def weights():
+        return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
 
-        def moments():
-            return [s["exp_avg"].full_tensor().clone() for s in opt.state.values()]
+    def moments():
+        return [s["exp_avg"].full_tensor().clone() for s in opt.state.values()]
 
-        engine.train_step(model, opt, crit, x, y)  # optimizer state exists
-        kept = snapshot(model=model, optimizer=opt, scheduler=None, engine=engine, step=1)
-        before, state_before = weights(), moments()
-        losses = [engine.train_step(model, opt, crit, x, y).loss.item() for _ in range(3)]
-        after = weights()
-        assert any(not torch.equal(after[n], before[n]) for n in before)  # the three steps changed them
-        assert restore(copy.deepcopy(kept), model=model, optimizer=opt, scheduler=None, engine=engine) == 1
-        for name, value in weights().items():
-            assert torch.equal(value, before[name]), name
-        for a, b in zip(moments(), state_before):
-            assert torch.equal(a, b)
-        again = [engine.train_step(model, opt, crit, x, y).loss.item() for _ in range(3)]
-        assert again == losses
-    finally:
-        dist.destroy_process_group()
+    engine.train_step(model, opt, crit, x, y)  # optimizer state exists
+    kept = snapshot(model=model, optimizer=opt, scheduler=None, engine=engine, step=1)
+    before, state_before = weights(), moments()
+    losses = [engine.train_step(model, opt, crit, x, y).loss.item() for _ in range(3)]
+    after = weights()
+    assert any(not torch.equal(after[n], before[n]) for n in before)  # the three steps changed them
+    assert restore(copy.deepcopy(kept), model=model, optimizer=opt, scheduler=None, engine=engine) == 1
+    for name, value in weights().items():
+        assert torch.equal(value, before[name]), name
+    for a, b in zip(moments(), state_before):
+        assert torch.equal(a, b)
+    again = [engine.train_step(model, opt, crit, x, y).loss.item() for _ in range(3)]
+    assert again == losses
 
 
 POLICIES = '''
@@ -177,11 +175,18 @@ def broken(module):
 '''
 
 
-def test_each_fsdp_blocks_entry_must_select_a_module_and_wrap_policies_import(tmp_path, monkeypatch):
-    from ampray.orchestrator.preflight import check_fsdp_blocks, resolve_model
-
+@pytest.fixture
+def wraps(tmp_path, monkeypatch):
+    """The user's module `wraps` of wrap policies, importable while the test runs."""
     (tmp_path / "wraps.py").write_text(POLICIES)
     monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("wraps", None)
+
+
+def test_each_fsdp_blocks_entry_must_select_a_module_and_wrap_policies_import(wraps):
+    from ampray.orchestrator.preflight import check_fsdp_blocks, resolve_model
+
 
     def check(*entries):
         job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "model.options.preset": "xl",
@@ -200,69 +205,49 @@ def test_each_fsdp_blocks_entry_must_select_a_module_and_wrap_policies_import(tm
         check("wraps:broken")
     with pytest.raises(ConfigError, match="scaling.fsdp_blocks='wraps:absent'"):
         check("wraps:absent")
-    sys.modules.pop("wraps", None)
 
 
-def test_a_wrap_policy_shards_the_modules_it_selects(tmp_path, monkeypatch):
+def test_a_wrap_policy_shards_the_modules_it_selects(wraps, world_of_one):
     import torch
-    import torch.distributed as dist
 
     from ampray.actors.worker import build_engine, shard
     from ampray.amp.sharding import fsdp_modules
-    from tests.unit.helpers import free_port
 
-    (tmp_path / "wraps.py").write_text(POLICIES)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32",
-                                    "scaling.fsdp_blocks": ["wraps:linears"]})
-        model = build_model("gpt", preset="nano")
-        linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-        engine = build_engine(job, torch.device("cpu"))
-        sharded = shard(engine.prepare_model(model), job, engine)
-        kinds = [type(m).__name__ for m in fsdp_modules(sharded)]
-        assert sorted(kinds) == ["FSDPGPT"] + ["FSDPLinear"] * linears  # each Linear, and the root
-    finally:
-        dist.destroy_process_group()
-        sys.modules.pop("wraps", None)
+    job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32",
+                                "scaling.fsdp_blocks": ["wraps:linears"]})
+    model = build_model("gpt", preset="nano")
+    linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    engine = build_engine(job, torch.device("cpu"))
+    sharded = shard(engine.prepare_model(model), job, engine)
+    kinds = [type(m).__name__ for m in fsdp_modules(sharded)]
+    assert sorted(kinds) == ["FSDPGPT"] + ["FSDPLinear"] * linears  # each Linear, and the root
 
 
-def test_restoring_state_saved_before_the_first_step_drops_the_optimizer_state_made_since(monkeypatch):
+def test_restoring_state_saved_before_the_first_step_drops_the_optimizer_state_made_since(world_of_one):
     """A rollback to a state saved before the optimizer's first step (every step so far skipped, or the
     session's start): the sharded optimizer's state made since is dropped and its groups' settings come
     back, in memory and from a shard file alike."""
     import torch
-    import torch.distributed as dist
 
     from ampray.actors.checkpoint import restore, snapshot
     from ampray.actors.sharded_state import load_local_state, local_state
     from ampray.actors.worker import build_engine, shard
     from ampray.models import build_criterion, example_batch
-    from tests.unit.helpers import free_port
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model0 = build_model("gpt", preset="nano")
-        x, y = example_batch("gpt", model0.config, 4, generator=torch.Generator().manual_seed(0))
-        job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32"})
-        engine = build_engine(job, torch.device("cpu"))
-        model = shard(engine.prepare_model(model0), job, engine)
-        opt = engine.build_optimizer(model, "adamw", lr=1e-3)
-        kept, saved = snapshot(model=model, optimizer=opt, scheduler=None, engine=engine, step=0), \
-            local_state(model, opt, 0, 1)
-        for restore_it in (lambda: restore(kept, model=model, optimizer=opt, scheduler=None, engine=engine),
-                           lambda: load_local_state(saved, model, opt)):
-            for _ in range(2):
-                engine.train_step(model, opt, build_criterion("gpt"), x, y)
-            opt.param_groups[0]["lr"] = 0.5
-            assert opt.state
-            restore_it()
-            assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model0 = build_model("gpt", preset="nano")
+    x, y = example_batch("gpt", model0.config, 4, generator=torch.Generator().manual_seed(0))
+    job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "gpt", "precision.dtype": "fp32"})
+    engine = build_engine(job, torch.device("cpu"))
+    model = shard(engine.prepare_model(model0), job, engine)
+    opt = engine.build_optimizer(model, "adamw", lr=1e-3)
+    kept, saved = snapshot(model=model, optimizer=opt, scheduler=None, engine=engine, step=0), \
+        local_state(model, opt, 0, 1)
+    for restore_it in (lambda: restore(kept, model=model, optimizer=opt, scheduler=None, engine=engine),
+                       lambda: load_local_state(saved, model, opt)):
+        for _ in range(2):
+            engine.train_step(model, opt, build_criterion("gpt"), x, y)
+        opt.param_groups[0]["lr"] = 0.5
+        assert opt.state
+        restore_it()
+        assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
