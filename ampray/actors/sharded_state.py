@@ -82,7 +82,7 @@ def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int
     if own is not None and own["world"] == world:
         load_local_state(own, model, optimizer)
         return
-    full = consolidate(folder)
+    full = consolidate(folder, verified=True)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, full["model"], options=options)
     if full["optimizer"]["state"]:
@@ -140,10 +140,19 @@ def _shard_like(value: Any, like: torch.Tensor | None) -> Any:
                               shape=like.shape, stride=like.stride())
 
 
-def consolidate(folder: str | Path) -> dict[str, Any]:
+def consolidate(folder: str | Path, verified: bool = False) -> dict[str, Any]:
     """The full model and optimizer state of a sharded checkpoint (every rank's file, shards concatenated
-    along dim 0), keyed by parameter name: `{"model": ..., "optimizer": {"state": ..., "param_groups": ...}}`."""
+    along dim 0), keyed by parameter name: `{"model": ..., "optimizer": {"state": ..., "param_groups": ...}}`.
+    The checkpoint is verified against its manifests first (a CheckpointError names the file that does not
+    match); `verified=True`: the caller has just done that."""
     folder = Path(folder)
+    if not verified:
+        from ampray.actors.checkpoint import CheckpointError
+        from ampray.actors.manifest import verify
+
+        reason = verify(folder)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {folder} does not verify: {reason}")
     first = _read(folder, 0)
     parts = [first] + [_read(folder, r) for r in range(1, first["world"])]
     sharded = set(first["sharded"])

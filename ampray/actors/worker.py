@@ -252,9 +252,12 @@ def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer)
     # a second gather in backward (GPT-2 small on an H100: 62.4 ms a step kept, 71.6 ms resharded;
     # benchmarks/profile_fsdp.py, BENCHMARKS.md). With offload the point is to keep them off the GPU.
     blocks = block_selector(fsdp_blocks(model, job), "scaling.fsdp_blocks")
+    # Parameters some rank may leave unused (found on the driver, or said by the job): FSDP reduce-scatters
+    # zero gradients for them, and checks that every rank ran the same blocks.
     return shard_model(model, mesh, policy, blocks=blocks, offload=offload,
                        checkpoint=job.scaling.activation_checkpointing,
-                       reshard_after_forward=not (world == 1 and not offload))
+                       reshard_after_forward=not (world == 1 and not offload),
+                       unused_params=job.scaling.find_unused_parameters == "true")
 
 
 def block_selector(entries, field: str = "blocks"):
@@ -273,7 +276,10 @@ def block_selector(entries, field: str = "blocks"):
 def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
     """The modules sharded one by one: scaling.fsdp_blocks (class names, and import paths of wrap policies),
     else the built-in gpt's Block, else the classes of the modules an nn.ModuleList holds (a transformer's
-    layers), else none (the root only)."""
+    layers) except those sharing a parameter with a module outside them (tied weights stay in the root),
+    else none (the root only)."""
+    from ampray.amp.sharding import shared_outside
+
     if job.scaling.fsdp_blocks:
         return list(job.scaling.fsdp_blocks)
     if job.model.kind == "gpt" and not job.model.factory:
@@ -287,7 +293,7 @@ def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
                 name = type(child).__name__
                 if composite and name not in found:
                     found.append(name)
-    return found
+    return [name for name in found if not shared_outside(model, lambda m, name=name: type(m).__name__ == name)]
 
 
 def restore_latest(w: Worker, init_checkpoint=None) -> tuple[int, dict[str, Any] | None]:

@@ -35,6 +35,18 @@ What the engine does differently under FSDP (one extra collective, nothing else)
 - Micro-batches of an accumulation window reduce-scatter their gradients each (FSDP's default: memory
   stays sharded); there is no `no_sync()`.
 - A 1-D mesh only (plain FSDP); HSDP's 2-D mesh is refused (the norm would count replicas twice).
+- Every parameter the optimizers step must be sharded (a DTensor): FSDP reduces no other gradient, so a
+  plain parameter would differ from rank to rank (a ConfigError at the first step names it).
+
+What FSDP itself asks of the model (`shard_model` checks it):
+- A parameter lives in one unit: weights tied between a block and a module outside it (an embedding
+  shared by an encoder and a decoder block) cannot be sharded block by block; `shard_model` refuses the
+  block, naming both uses (leave it to the root, which holds every tie).
+- Parameters used by some ranks and not others (routing, a modality missing from a batch):
+  `unused_params=True` reduce-scatters zero gradients for them (DDP's `find_unused_parameters`), and
+  checks after each training forward, with one small all-reduce, that every rank ran the same blocks: a
+  block that one rank skipped entirely has no backward there, so the ranks' collectives would not line up
+  (an abort on gloo, a hang on NCCL). The check raises the same error on every rank instead.
 """
 
 from __future__ import annotations
@@ -161,9 +173,77 @@ def _block_test(blocks: Iterable[str] | Callable[[nn.Module], bool]) -> Callable
     return lambda m: type(m).__name__ in names or f"{type(m).__module__}.{type(m).__qualname__}" in names
 
 
+def shared_outside(model: nn.Module, is_block: Callable[[nn.Module], bool]) -> list[tuple[str, str, str]]:
+    """The blocks (modules other than `model` for which `is_block` is true) holding a parameter that is
+    also reachable from outside the block: one (block's name, the parameter's name inside it, a name
+    outside it) each. FSDP shards a parameter in one unit, so such a block cannot be a unit of its own."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    prefixes: dict[int, list[str]] = {}
+    blocks: dict[int, nn.Module] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if m is not model and is_block(m):
+            prefixes.setdefault(id(m), []).append(name + ".")  # a module held twice has two names
+            blocks[id(m)] = m
+    out = []
+    for key, block in blocks.items():
+        inside = tuple(prefixes[key])
+        for p in block.parameters():
+            outside = [n for n in names_of[id(p)] if not n.startswith(inside)]
+            if outside:
+                mine = next(n for n in names_of[id(p)] if n.startswith(inside))
+                out.append((inside[0][:-1], mine, outside[0]))
+                break
+    return out
+
+
+class UnitUsage:
+    """Checks, after each training forward of the root, that every rank ran the same FSDP units (one
+    all-reduce of a few bytes over the mesh's group). FSDP reduce-scatters a unit's gradients only on the
+    ranks whose forward ran it; a unit skipped by some ranks would leave the collectives of backward
+    mismatched. A difference raises the same ConfigError on every rank, before backward."""
+
+    def __init__(self, model: nn.Module, mesh: "DeviceMesh"):
+        names = {id(m): n for n, m in model.named_modules()}
+        units = [m for m in fsdp_modules(model) if m is not model]
+        # Named by the user's class: not FSDP's FSDP<class>, nor the activation checkpoint wrapper.
+        inner = [getattr(u, "_checkpoint_wrapped_module", u) for u in units]
+        self.names = [(names.get(id(u), "?"), type(m).__name__.removeprefix("FSDP")) for u, m in zip(units, inner)]
+        self.ran = [False] * len(units)
+        self.group, self.device = mesh.get_group(), mesh.device_type
+        self.model = model
+        for i, unit in enumerate(units):
+            unit.register_forward_pre_hook(lambda *_, i=i: self._mark(i))
+        model.register_forward_pre_hook(lambda *_: self._reset())
+        model.register_forward_hook(lambda *_: self._check())
+
+    def _mark(self, i: int) -> None:
+        self.ran[i] = True
+
+    def _reset(self) -> None:
+        self.ran = [False] * len(self.ran)
+
+    def _check(self) -> None:
+        if not self.ran or not (self.model.training and torch.is_grad_enabled()):
+            return  # evaluation: no backward, and the ranks may run different numbers of batches
+        flags = torch.tensor([float(r) for r in self.ran] + [float(not r) for r in self.ran], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        n, seen = len(self.ran), flags.tolist()
+        split = [self.names[i] for i in range(n) if seen[i] and seen[n + i]]
+        if split:
+            shown = ", ".join(f"{name!r} ({cls})" for name, cls in split[:4])
+            raise ConfigError(f"FSDP units {shown} ran in this forward on some ranks and not on others: FSDP "
+                              "reduce-scatters a unit's gradients only where it ran, so the ranks' collectives "
+                              "would not line up. Every rank must run every sharded block in each step; expected "
+                              "such modules left to the root (not in the blocks sharded one by one: "
+                              "scaling.fsdp_blocks), which reduces zero gradients for parameters a rank did not use")
+
+
 def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "MixedPrecisionPolicy | None" = None,
                 blocks: Iterable[str] | Callable[[nn.Module], bool] = (), offload: bool = False,
-                checkpoint: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+                checkpoint: bool = False, reshard_after_forward: bool = True,
+                unused_params: bool = False) -> nn.Module:
     """`fully_shard` each block (modules whose class name is in `blocks`, or for which `blocks(module)` is
     true; innermost first) and then the root, on `mesh` (default: a 1-D mesh over the world on the model's
     device type) with `policy` (default: none: FSDP computes in the parameters' dtype). `offload` moves the
@@ -171,10 +251,26 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     recomputes each block's activations in backward (torch's checkpoint wrapper: parameter names and state
     dict keys stay the same). `reshard_after_forward` is the blocks' (False: each keeps its gathered
     parameters from forward to backward); the root keeps torch's default, which does not reshard it.
-    Returns the model, now an FSDPModule, sharded in place."""
+    `unused_params`: some ranks may leave some parameters without a gradient (see the module's docstring).
+    A block sharing a parameter with a module outside it is a ConfigError. Returns the model, now an
+    FSDPModule, sharded in place."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     is_block = _block_test(blocks)
+    tied = shared_outside(model, is_block)
+    if tied:
+        block, inside, outside = tied[0]
+        raise ConfigError(f"shard_model blocks: block {block!r} ({type(model.get_submodule(block)).__name__}) "
+                          f"shares its parameter {inside!r} with {outside!r} outside it; FSDP shards a parameter "
+                          "in one unit, so weights tied across blocks must stay in one: expected blocks that hold "
+                          "every use of their parameters (leave this one to the root)")
+    if unused_params:
+        fsdp = _fsdp_module_class()
+        if not hasattr(fsdp, "set_reduce_scatter_unused_params"):
+            raise ConfigError(f"shard_model unused_params=True is not allowed with torch {torch.__version__}: "
+                              "its FSDP cannot reduce-scatter zero gradients for unused parameters "
+                              "(FSDPModule.set_reduce_scatter_unused_params); expected a newer torch, or every "
+                              "parameter used on every rank (unused_params=False)")
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -200,4 +296,8 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
         fully_shard(block, **kwargs)
     # The root with torch's own default: it stays gathered from forward to backward, which begins with it.
     fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
+    if unused_params:
+        model.set_reduce_scatter_unused_params(True)
+        if found:
+            model._ampray_unit_usage = UnitUsage(model, mesh)  # noqa: SLF001 - lives as long as the model
     return model

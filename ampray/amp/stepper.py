@@ -127,6 +127,20 @@ class OverflowAttribution:
             self.counts[self.names.index(name)] = int(count)
 
 
+def _check_all_sharded(params, attribution: OverflowAttribution) -> None:
+    """Under FSDP every parameter the optimizers step must be a DTensor: FSDP reduces no other gradient,
+    so a plain one would differ from rank to rank (and the summed norms would count it once per rank)."""
+    plain = [p for p in params if type(p).__name__ != "DTensor"]
+    if plain:
+        from ampray.amp.config import ConfigError
+
+        names = [attribution.names[attribution.slot[id(p)]] if id(p) in attribution.slot else
+                 f"a {tuple(p.shape)} tensor" for p in plain]
+        raise ConfigError(f"optimizer parameters {names[:4]} are not sharded by FSDP (not DTensors) while the "
+                          "model is: FSDP reduces no gradient of theirs, so each rank would step its own; expected "
+                          "every parameter the optimizer steps inside the fully_shard-ed model")
+
+
 class OptimizerStep:
     """Unscale, clip, step or skip, update the scale, and book the step (now, or one step later)."""
 
@@ -142,6 +156,7 @@ class OptimizerStep:
         # settings depend on it); otherwise up to `depth` steps, so that the host never waits on the
         # device while it has steps to launch (AMPRAY_DEFER_DEPTH=1 restores the tight coupling).
         self.depth = max(1, int(os.environ.get("AMPRAY_DEFER_DEPTH", "4")))
+        self._sharded_checked: set[int] = set()  # optimizers whose parameters were all found sharded
 
     def __call__(self, model, optimizers: list, schedulers: list) -> dict[str, Any]:
         try:
@@ -173,6 +188,9 @@ class OptimizerStep:
                     if (p.grad is not None or sharded) and id(p) not in seen:
                         seen.add(id(p))
                         params.append(p)
+        if sharded and id(optimizers[0]) not in self._sharded_checked:
+            _check_all_sharded(params, self.attribution)
+            self._sharded_checked.add(id(optimizers[0]))
         sparse = False
         for p in params:
             if p.grad is not None and p.grad.is_sparse:

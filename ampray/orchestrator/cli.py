@@ -270,7 +270,7 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
                              notify=lambda note: console.print(f"[yellow]note:[/yellow] {note}"))
     except ConfigError as err:
         # SearchConfig's fields are the command's flags: search.seed=-1 reads --seed=-1.
-        text = re.sub(r"^search\.(\w+)=", lambda m: f"--{m.group(1).replace('_', '-')}=", str(err))
+        text = re.sub(r"(^|\bwith )search\.(\w+)=", lambda m: f"{m.group(1)}--{m.group(2).replace('_', '-')}=", str(err))
         print(f"ampray tune: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the trials started, or a second Ctrl-C while Tune saved its state

@@ -175,8 +175,18 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
     from ampray.actors.worker import block_selector
     from ampray.models.registry import ImportPathError
 
+    from ampray.amp.sharding import shared_outside
+
     entries = job.scaling.fsdp_blocks
-    if job.scaling.strategy != "fsdp" or not entries:
+    if job.scaling.strategy != "fsdp":
+        return
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401 - public from torch 2.6
+    except ImportError:
+        raise ConfigError(f"scaling.strategy='fsdp' is not allowed with torch {torch.__version__}: it has no "
+                          "public torch.distributed.fsdp.fully_shard (FSDP2); expected torch >= 2.6, or "
+                          "strategy 'ddp'") from None
+    if not entries:
         return
     try:
         with torch.device("meta"):
@@ -199,6 +209,29 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
             raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects no module of the model; expected a "
                               f"class name of its modules ({', '.join(classes)}) or a wrap policy that selects "
                               "some of them")
+        tied = shared_outside(model, test)
+        if tied:
+            block, inside, outside = tied[0]
+            raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects {block!r}, which shares its parameter "
+                              f"{inside!r} with {outside!r} outside it: FSDP shards a parameter in one unit, so "
+                              "weights tied across blocks must stay in one; expected entries whose modules hold "
+                              "every use of their parameters (tied weights stay in the root)")
+
+
+def check_fsdp_unused(job: JobConfig) -> None:
+    """fsdp with scaling.find_unused_parameters = "true" (said, or found by the one-batch check) needs
+    FSDP's reduce-scatter of zero gradients for unused parameters, which older torch lacks."""
+    from ampray.amp.sharding import _fsdp_module_class
+
+    if job.scaling.strategy != "fsdp" or job.scaling.find_unused_parameters != "true":
+        return
+    if not hasattr(_fsdp_module_class(), "set_reduce_scatter_unused_params"):
+        import torch
+
+        raise ConfigError("scaling.find_unused_parameters='true' (parameters that get no gradient from the loss) "
+                          f"is not allowed with scaling.strategy='fsdp' on torch {torch.__version__}: its FSDP "
+                          "cannot reduce-scatter zero gradients for them; expected every parameter used in the "
+                          "loss, strategy 'ddp', or a newer torch")
 
 
 def check_data_files(job: JobConfig, spec: ModelSpec) -> DataCheck | None:

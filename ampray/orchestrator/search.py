@@ -81,6 +81,12 @@ class SearchConfig:
         if self.max_concurrent < 0 or self.gpus_per_trial < 0 or self.skip_penalty < 0:
             bad = next(n for n in ("max_concurrent", "gpus_per_trial", "skip_penalty") if getattr(self, n) < 0)
             _fail("search", bad, getattr(self, bad), "a number >= 0")
+        if self.workers_per_trial > 1 and 0 < self.gpus_per_trial < 1:
+            # Two ranks of one trial on one GPU: NCCL refuses them ("Duplicate GPU detected") inside the trial.
+            raise ConfigError(f"search.gpus_per_trial={self.gpus_per_trial:g} is not allowed with "
+                              f"search.workers_per_trial={self.workers_per_trial}: each worker of a trial gets that "
+                              "share of a GPU, and two ranks cannot share one; expected a whole GPU per worker (>= 1; "
+                              "0: CPU workers), or one worker per trial for fractions")
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:

@@ -488,8 +488,8 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
     and loss by value ({"model.factory": fn}) where they cannot be imported by path (the Python API's);
     `choose_precision(job, use_gpu)`: the job with the precision for the device found (the CLI's default)."""
     from ampray.actors.aggregator import read_scalars
-    from ampray.orchestrator.preflight import (check_batch_fits, check_model_and_data, check_resume,
-                                               keep_trained_widths, streaming_mode)
+    from ampray.orchestrator.preflight import (check_batch_fits, check_fsdp_unused, check_model_and_data,
+                                               check_resume, keep_trained_widths, streaming_mode)
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
     if plan.data_check is not None:
@@ -511,10 +511,13 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
             job = choose_precision(job, use_gpu)
         job = resolved(job, num_workers, use_gpu,
                        streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
+        check_fsdp_unused(job)
         if plan.unused_parameters and job.scaling.find_unused_parameters == "true":
+            how = ("FSDP reduce-scatters zero gradients for them" if job.scaling.strategy == "fsdp"
+                   else "DDP looks for them in every step")
             notify(f"{len(plan.unused_parameters)} parameter(s) get no gradient from the loss "
                    f"({', '.join(plan.unused_parameters[:3])}{', ...' if len(plan.unused_parameters) > 3 else ''}): "
-                   "DDP looks for them in every step (scaling.find_unused_parameters)")
+                   f"{how} (scaling.find_unused_parameters)")
         from ampray.orchestrator.checkpoints import settle_checkpoints
 
         for note in settle_checkpoints(job.run_dir()):  # resume only from a checkpoint that verifies

@@ -100,6 +100,15 @@ def test_tune_refuses_data_fill_gpu_before_ray_starts(tmp_path, capsys):
     assert not (tmp_path / "ampray-tune").exists()
 
 
+def test_tune_refuses_fractional_gpus_for_trials_of_several_workers(tmp_path, capsys):
+    code, err = run_cli(capsys, "tune", "--workers-per-trial", "2", "--gpus-per-trial", "0.5",
+                        "--run.storage_path", str(tmp_path))
+    assert code == 2
+    assert ("--gpus-per-trial=0.5 is not allowed with --workers-per-trial=2: each worker of a trial gets that "
+            "share of a GPU, and two ranks cannot share one") in err
+    assert not (tmp_path / "ampray-tune").exists()
+
+
 def test_a_search_name_in_use_is_refused_with_both_ways_on(tmp_path):
     (tmp_path / "old").mkdir()
     check_new_search(tmp_path / "old", "old")  # an empty folder (a refused attempt) holds no search

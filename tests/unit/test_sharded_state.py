@@ -1,16 +1,19 @@
 """Sharded checkpoints (`ampray.actors.sharded_state`) in two real processes (gloo, CPU, FSDP2): a model with
 tied weights (the gpt's head is its embedding) saved after some steps, loaded into a fresh sharded copy and
 trained on ends bitwise equal to the run that never stopped; an optimizer with no state yet is saved
-without creating any; `consolidate` gives the whole model."""
+without creating any; `consolidate` gives the whole model, and refuses a shard that does not match its
+manifest; the same checkpoint loads on one and on three ranks (FSDP shards the full state anew)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -100,7 +103,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         for step in range(3):
             _step(model, opt, step)
         folder = out / "ckpt"
-        save_shards(Files(folder, rank), model, opt, rank, world)
+        files = Files(folder, rank)
+        save_shards(files, model, opt, rank, world)
+        files.seal(world)
         for step in range(3, 5):
             _step(model, opt, step)
         resumed, resumed_opt = _build()
@@ -119,13 +124,50 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def test_a_tied_model_resumes_bitwise_from_its_shards_and_consolidates(tmp_path):
+def _load_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A world of another size loads the 2-rank checkpoint: its shards hold the consolidated state, bit for
+    bit, and it trains on."""
+    out = Path(out_dir)
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+        from ampray.actors.sharded_state import consolidate, load_shards
+
+        model, opt = _build()
+        load_shards(out / "ckpt", model, opt, rank, world)
+        full = consolidate(out / "ckpt")
+        names = {id(p): n for n, p in model.named_parameters()}
+        same = all(torch.equal(p.full_tensor(), full["model"][n]) for n, p in model.named_parameters())
+        for p, state in opt.state.items():
+            for k, v in state.items():
+                v = v.full_tensor() if hasattr(v, "full_tensor") else v
+                same = same and torch.equal(v, full["optimizer"]["state"][names[id(p)]][k])
+        _step(model, opt, 3)
+        finite = all(bool(torch.isfinite(p.full_tensor()).all()) for p in model.parameters())
+        (out / f"w{world}rank{rank}.json").write_text(json.dumps({"same": same, "finite": finite}))
+    except BaseException:
+        (out / f"w{world}rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Two ranks: the save/resume scenario above; its folder holds the checkpoint `ckpt`."""
+    out = tmp_path_factory.mktemp("sharded")
+    port = free_port()
+    codes, hung = spawn_ranks(_rank_main, lambda r: (r, 2, port, str(out)), 2, DEADLINE_S)
+    errors = [p.read_text() for p in out.glob("rank*.err")]
+    assert not hung and codes == [0, 0], (codes, hung, errors)
+    return out
+
+
+def test_a_tied_model_resumes_bitwise_from_its_shards_and_consolidates(saved):
     from ampray.actors.sharded_state import consolidate
 
-    port = free_port()
-    codes, hung = spawn_ranks(_rank_main, lambda r: (r, 2, port, str(tmp_path)), 2, DEADLINE_S)
-    errors = [p.read_text() for p in tmp_path.glob("rank*.err")]
-    assert not hung and codes == [0, 0], (codes, hung, errors)
+    tmp_path = saved
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"same": True}
     full = consolidate(tmp_path / "ckpt")["model"]
@@ -133,3 +175,30 @@ def test_a_tied_model_resumes_bitwise_from_its_shards_and_consolidates(tmp_path)
     assert torch.equal(full["head.weight"], full["wte.weight"])
     single = Tied()
     single.load_state_dict(full)  # an unsharded model takes the consolidated state
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_checkpoint_of_two_ranks_loads_on_another_number_of_ranks(saved, world):
+    port = free_port()
+    codes, hung = spawn_ranks(_load_main, lambda r: (r, world, port, str(saved)), world, DEADLINE_S)
+    errors = [p.read_text() for p in saved.glob(f"w{world}rank*.err")]
+    assert not hung and codes == [0] * world, (codes, hung, errors)
+    for rank in range(world):
+        assert json.loads((saved / f"w{world}rank{rank}.json").read_text()) == {"same": True, "finite": True}
+
+
+def test_consolidate_refuses_a_shard_that_does_not_match_its_manifest(saved, tmp_path):
+    from ampray.actors.checkpoint import CheckpointError
+    from ampray.actors.sharded_state import SHARD_FILE, consolidate
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved / "ckpt", folder)
+    path = folder / SHARD_FILE.format(rank=1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside the tensors' bytes: torch.load would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="shard_rank1.pt"):
+        consolidate(folder)
+    (folder / SHARD_FILE.format(rank=0)).unlink()
+    with pytest.raises(CheckpointError, match="shard_rank0.pt"):
+        consolidate(folder)
