@@ -115,7 +115,7 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, en
         from ampray.actors.sharded_state import load_shards
 
         folder, rank, world = shards
-        load_shards(folder, model, optimizer, rank, world)
+        load_shards(folder, model, optimizer, rank, world, verified=True)  # state came from load_checkpoint(folder)
     else:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -67,17 +67,29 @@ def save_shards(files: Files, model: nn.Module, optimizer, rank: int, world: int
     files.save(SHARD_FILE.format(rank=rank), local_state(model, optimizer, rank, world))
 
 
+def _verify(folder: Path) -> None:
+    from ampray.actors.checkpoint import CheckpointError
+    from ampray.actors.manifest import verify
+
+    reason = verify(folder)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {folder} does not verify: {reason}")
+
+
 def _read(folder: Path, rank: int) -> dict[str, Any]:
     return torch.load(Path(folder) / SHARD_FILE.format(rank=rank), map_location="cpu", weights_only=True)
 
 
-def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int) -> None:
+def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int, verified: bool = False) -> None:
     """Put the checkpoint's shards back into `model` and `optimizer` (sharded with FSDP over `world` ranks):
     this rank's own shards when the checkpoint was written by as many ranks, else the full state rebuilt
-    from every rank's file. The folder must have been verified (`load_checkpoint` does)."""
+    from every rank's file. The checkpoint is verified first (CheckpointError); `verified=True`: the caller
+    has just done that (`load_checkpoint` does)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    if not verified:
+        _verify(folder)
     own = _read(folder, rank) if (Path(folder) / SHARD_FILE.format(rank=rank)).is_file() else None
     if own is not None and own["world"] == world:
         load_local_state(own, model, optimizer)
@@ -147,12 +159,7 @@ def consolidate(folder: str | Path, verified: bool = False) -> dict[str, Any]:
     match); `verified=True`: the caller has just done that."""
     folder = Path(folder)
     if not verified:
-        from ampray.actors.checkpoint import CheckpointError
-        from ampray.actors.manifest import verify
-
-        reason = verify(folder)
-        if reason is not None:
-            raise CheckpointError(f"checkpoint {folder} does not verify: {reason}")
+        _verify(folder)
     first = _read(folder, 0)
     parts = [first] + [_read(folder, r) for r in range(1, first["world"])]
     sharded = set(first["sharded"])

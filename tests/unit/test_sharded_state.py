@@ -91,11 +91,14 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         # Saved before any optimizer step: nothing is created (no zero-gradient step by torch).
         model, opt = _build()
         empty = out / "empty"
-        save_shards(Files(empty, rank), model, opt, rank, world)
+        files = Files(empty, rank)
+        save_shards(files, model, opt, rank, world)
+        files.seal(world)
         assert not opt.state, "saving created optimizer state"
         saved = torch.load(empty / SHARD_FILE.format(rank=rank), weights_only=True)
         assert saved["optimizer"]["state"] == {}
         fresh, fresh_opt = _build()
+        dist.barrier()  # every rank's part sealed
         load_shards(empty, fresh, fresh_opt, rank, world)
         assert not fresh_opt.state
 
@@ -187,9 +190,9 @@ def test_a_checkpoint_of_two_ranks_loads_on_another_number_of_ranks(saved, world
         assert json.loads((saved / f"w{world}rank{rank}.json").read_text()) == {"same": True, "finite": True}
 
 
-def test_consolidate_refuses_a_shard_that_does_not_match_its_manifest(saved, tmp_path):
+def test_consolidate_and_load_shards_refuse_a_shard_that_does_not_match_its_manifest(saved, tmp_path):
     from ampray.actors.checkpoint import CheckpointError
-    from ampray.actors.sharded_state import SHARD_FILE, consolidate
+    from ampray.actors.sharded_state import SHARD_FILE, consolidate, load_shards
 
     folder = tmp_path / "ckpt"
     shutil.copytree(saved / "ckpt", folder)
@@ -199,6 +202,8 @@ def test_consolidate_refuses_a_shard_that_does_not_match_its_manifest(saved, tmp
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="shard_rank1.pt"):
         consolidate(folder)
+    with pytest.raises(CheckpointError, match="shard_rank1.pt"):
+        load_shards(folder, None, None, 1, 2)  # checked before anything is loaded
     (folder / SHARD_FILE.format(rank=0)).unlink()
     with pytest.raises(CheckpointError, match="shard_rank0.pt"):
         consolidate(folder)
