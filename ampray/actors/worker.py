@@ -276,8 +276,9 @@ def block_selector(entries, field: str = "blocks"):
 def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
     """The modules sharded one by one: scaling.fsdp_blocks (class names, and import paths of wrap policies),
     else the built-in gpt's Block, else the classes of the modules an nn.ModuleList holds (a transformer's
-    layers) except those sharing a parameter with a module outside them (tied weights stay in the root),
-    else none (the root only)."""
+    layers; the outermost such lists: an MoE layer's experts stay in their layer, which every rank runs)
+    except those sharing a parameter with a module outside them (tied weights stay in the root), else none
+    (the root only)."""
     from ampray.amp.sharding import shared_outside
 
     if job.scaling.fsdp_blocks:
@@ -285,14 +286,17 @@ def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
     if job.model.kind == "gpt" and not job.model.factory:
         return ["Block"]
     found: list[str] = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList):
+    inside: set[int] = set()  # modules within a block found: a list there (an MoE layer's experts) is not one
+    for module in model.modules():  # outer modules first
+        if isinstance(module, torch.nn.ModuleList) and id(module) not in inside:
             for child in module:
                 # A block: a module of modules that holds parameters (not a lone Linear, ReLU or Dropout).
                 composite = any(True for _ in child.children()) and any(True for _ in child.parameters())
                 name = type(child).__name__
-                if composite and name not in found:
-                    found.append(name)
+                if composite:
+                    inside.update(id(m) for m in child.modules())
+                    if name not in found:
+                        found.append(name)
     return [name for name in found if not shared_outside(model, lambda m, name=name: type(m).__name__ == name)]
 
 

@@ -38,15 +38,19 @@ What the engine does differently under FSDP (one extra collective, nothing else)
 - Every parameter the optimizers step must be sharded (a DTensor): FSDP reduces no other gradient, so a
   plain parameter would differ from rank to rank (a ConfigError at the first step names it).
 
-What FSDP itself asks of the model (`shard_model` checks it):
+What FSDP itself asks of the model (`shard_model` checks the first):
 - A parameter lives in one unit: weights tied between a block and a module outside it (an embedding
   shared by an encoder and a decoder block) cannot be sharded block by block; `shard_model` refuses the
   block, naming both uses (leave it to the root, which holds every tie).
-- Parameters used by some ranks and not others (routing, a modality missing from a batch):
-  `unused_params=True` reduce-scatters zero gradients for them (DDP's `find_unused_parameters`), and
-  checks after each training forward, with one small all-reduce, that every rank ran the same blocks: a
-  block that one rank skipped entirely has no backward there, so the ranks' collectives would not line up
-  (an abort on gloo, a hang on NCCL). The check raises the same error on every rank instead.
+- Every rank runs every sharded block in each step, in the same order, and each block's output reaches the
+  loss on every rank or on none: each block all-gathers its parameters as its forward starts and
+  reduce-scatters its gradients when its backward ends, collectives that every rank must issue alike (a
+  block one rank skips, or whose output one rank discards, leaves them mismatched: an abort on gloo, a
+  hang or mis-summed gradients on NCCL). Routing belongs inside a block (the MoE layer as a whole) or in
+  the root. Parameters that no rank uses in a step need nothing. Parameters inside a block (or the root)
+  that some ranks use and others not: `unused_params=True` reduce-scatters zero gradients for them
+  (DDP's `find_unused_parameters`); a parameter that no rank used then gets a zero gradient, not None as
+  under DDP, so weight decay and momentum still move it.
 """
 
 from __future__ import annotations
@@ -189,55 +193,18 @@ def shared_outside(model: nn.Module, is_block: Callable[[nn.Module], bool]) -> l
     out = []
     for key, block in blocks.items():
         inside = tuple(prefixes[key])
+        # A block nested in this one is a unit of its own (sharded first): its parameters are checked there.
+        nested = {id(p) for k, b in blocks.items() if k != key and any(n.startswith(inside) for n in prefixes[k])
+                  for p in b.parameters()}
         for p in block.parameters():
+            if id(p) in nested:
+                continue
             outside = [n for n in names_of[id(p)] if not n.startswith(inside)]
             if outside:
                 mine = next(n for n in names_of[id(p)] if n.startswith(inside))
                 out.append((inside[0][:-1], mine, outside[0]))
                 break
     return out
-
-
-class UnitUsage:
-    """Checks, after each training forward of the root, that every rank ran the same FSDP units (one
-    all-reduce of a few bytes over the mesh's group). FSDP reduce-scatters a unit's gradients only on the
-    ranks whose forward ran it; a unit skipped by some ranks would leave the collectives of backward
-    mismatched. A difference raises the same ConfigError on every rank, before backward."""
-
-    def __init__(self, model: nn.Module, mesh: "DeviceMesh"):
-        names = {id(m): n for n, m in model.named_modules()}
-        units = [m for m in fsdp_modules(model) if m is not model]
-        # Named by the user's class: not FSDP's FSDP<class>, nor the activation checkpoint wrapper.
-        inner = [getattr(u, "_checkpoint_wrapped_module", u) for u in units]
-        self.names = [(names.get(id(u), "?"), type(m).__name__.removeprefix("FSDP")) for u, m in zip(units, inner)]
-        self.ran = [False] * len(units)
-        self.group, self.device = mesh.get_group(), mesh.device_type
-        self.model = model
-        for i, unit in enumerate(units):
-            unit.register_forward_pre_hook(lambda *_, i=i: self._mark(i))
-        model.register_forward_pre_hook(lambda *_: self._reset())
-        model.register_forward_hook(lambda *_: self._check())
-
-    def _mark(self, i: int) -> None:
-        self.ran[i] = True
-
-    def _reset(self) -> None:
-        self.ran = [False] * len(self.ran)
-
-    def _check(self) -> None:
-        if not self.ran or not (self.model.training and torch.is_grad_enabled()):
-            return  # evaluation: no backward, and the ranks may run different numbers of batches
-        flags = torch.tensor([float(r) for r in self.ran] + [float(not r) for r in self.ran], device=self.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        n, seen = len(self.ran), flags.tolist()
-        split = [self.names[i] for i in range(n) if seen[i] and seen[n + i]]
-        if split:
-            shown = ", ".join(f"{name!r} ({cls})" for name, cls in split[:4])
-            raise ConfigError(f"FSDP units {shown} ran in this forward on some ranks and not on others: FSDP "
-                              "reduce-scatters a unit's gradients only where it ran, so the ranks' collectives "
-                              "would not line up. Every rank must run every sharded block in each step; expected "
-                              "such modules left to the root (not in the blocks sharded one by one: "
-                              "scaling.fsdp_blocks), which reduces zero gradients for parameters a rank did not use")
 
 
 def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "MixedPrecisionPolicy | None" = None,
@@ -251,8 +218,9 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     recomputes each block's activations in backward (torch's checkpoint wrapper: parameter names and state
     dict keys stay the same). `reshard_after_forward` is the blocks' (False: each keeps its gathered
     parameters from forward to backward); the root keeps torch's default, which does not reshard it.
-    `unused_params`: some ranks may leave some parameters without a gradient (see the module's docstring).
-    A block sharing a parameter with a module outside it is a ConfigError. Returns the model, now an
+    `unused_params`: parameters some ranks use and others not get zero gradients reduce-scattered (see the
+    module's docstring for what FSDP still asks). A block sharing a parameter with a module outside it
+    is a ConfigError. Returns the model, now an
     FSDPModule, sharded in place."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -298,6 +266,4 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
     if unused_params:
         model.set_reduce_scatter_unused_params(True)
-        if found:
-            model._ampray_unit_usage = UnitUsage(model, mesh)  # noqa: SLF001 - lives as long as the model
     return model

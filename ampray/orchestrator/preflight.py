@@ -167,15 +167,16 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
 
 
 def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
-    """With scaling.strategy = "fsdp", every entry of scaling.fsdp_blocks selects some module of the model (a
-    misspelt class name would shard only the whole model, and nothing would say so), and every wrap policy
-    imports and answers for each module. The model is built on the meta device: no memory, no weights."""
+    """With scaling.strategy = "fsdp": torch has FSDP2 (and, for scaling.find_unused_parameters = "true", its
+    reduce-scatter of unused parameters); every entry of scaling.fsdp_blocks selects some module of the
+    model (a misspelt class name would shard only the whole model, and nothing would say so) and none that
+    shares a weight with a module outside it; every wrap policy imports and answers for each module. The model is built on the meta device: no memory, no weights."""
     import torch
 
     from ampray.actors.worker import block_selector
     from ampray.models.registry import ImportPathError
 
-    from ampray.amp.sharding import shared_outside
+    from ampray.amp.sharding import _fsdp_module_class, shared_outside
 
     entries = job.scaling.fsdp_blocks
     if job.scaling.strategy != "fsdp":
@@ -186,6 +187,12 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
         raise ConfigError(f"scaling.strategy='fsdp' is not allowed with torch {torch.__version__}: it has no "
                           "public torch.distributed.fsdp.fully_shard (FSDP2); expected torch >= 2.6, or "
                           "strategy 'ddp'") from None
+    if job.scaling.find_unused_parameters == "true" and \
+            not hasattr(_fsdp_module_class(), "set_reduce_scatter_unused_params"):
+        raise ConfigError("scaling.find_unused_parameters='true' is not allowed with scaling.strategy='fsdp' on "
+                          f"torch {torch.__version__}: its FSDP cannot reduce-scatter zero gradients for parameters "
+                          "some ranks leave unused (FSDPModule.set_reduce_scatter_unused_params); expected 'auto' "
+                          "(every rank uses the same parameters), strategy 'ddp', or a newer torch")
     if not entries:
         return
     try:
@@ -216,22 +223,6 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
                               f"{inside!r} with {outside!r} outside it: FSDP shards a parameter in one unit, so "
                               "weights tied across blocks must stay in one; expected entries whose modules hold "
                               "every use of their parameters (tied weights stay in the root)")
-
-
-def check_fsdp_unused(job: JobConfig) -> None:
-    """fsdp with scaling.find_unused_parameters = "true" (said, or found by the one-batch check) needs
-    FSDP's reduce-scatter of zero gradients for unused parameters, which older torch lacks."""
-    from ampray.amp.sharding import _fsdp_module_class
-
-    if job.scaling.strategy != "fsdp" or job.scaling.find_unused_parameters != "true":
-        return
-    if not hasattr(_fsdp_module_class(), "set_reduce_scatter_unused_params"):
-        import torch
-
-        raise ConfigError("scaling.find_unused_parameters='true' (parameters that get no gradient from the loss) "
-                          f"is not allowed with scaling.strategy='fsdp' on torch {torch.__version__}: its FSDP "
-                          "cannot reduce-scatter zero gradients for them; expected every parameter used in the "
-                          "loss, strategy 'ddp', or a newer torch")
 
 
 def check_data_files(job: JobConfig, spec: ModelSpec) -> DataCheck | None:

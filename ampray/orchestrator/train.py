@@ -284,7 +284,10 @@ def resolved(job: JobConfig, num_workers: int, use_gpu: bool, streaming: bool | 
     saved beside the run and in its checkpoints (-1 and "auto" would say nothing about what ran)."""
     scaling = dataclasses.replace(job.scaling, num_workers=num_workers, use_gpu="true" if use_gpu else "false")
     if plan is not None and scaling.find_unused_parameters == "auto":
-        scaling.find_unused_parameters = "true" if plan.unused_parameters else "false"
+        # DDP must look for parameters without a gradient. FSDP skips those alike on every rank by itself;
+        # its reduce-scatter of zeros (for parameters some ranks use and others not) only when asked.
+        found = bool(plan.unused_parameters) and scaling.strategy != "fsdp"
+        scaling.find_unused_parameters = "true" if found else "false"
     job = dataclasses.replace(absolute_paths(job), scaling=scaling)
     data = job.data
     if streaming is not None:
@@ -488,8 +491,8 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
     and loss by value ({"model.factory": fn}) where they cannot be imported by path (the Python API's);
     `choose_precision(job, use_gpu)`: the job with the precision for the device found (the CLI's default)."""
     from ampray.actors.aggregator import read_scalars
-    from ampray.orchestrator.preflight import (check_batch_fits, check_fsdp_unused, check_model_and_data,
-                                               check_resume, keep_trained_widths, streaming_mode)
+    from ampray.orchestrator.preflight import (check_batch_fits, check_model_and_data, check_resume,
+                                               keep_trained_widths, streaming_mode)
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
     if plan.data_check is not None:
@@ -511,13 +514,17 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
             job = choose_precision(job, use_gpu)
         job = resolved(job, num_workers, use_gpu,
                        streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
-        check_fsdp_unused(job)
-        if plan.unused_parameters and job.scaling.find_unused_parameters == "true":
-            how = ("FSDP reduce-scatters zero gradients for them" if job.scaling.strategy == "fsdp"
-                   else "DDP looks for them in every step")
-            notify(f"{len(plan.unused_parameters)} parameter(s) get no gradient from the loss "
-                   f"({', '.join(plan.unused_parameters[:3])}{', ...' if len(plan.unused_parameters) > 3 else ''}): "
-                   f"{how} (scaling.find_unused_parameters)")
+        if plan.unused_parameters:
+            asked = job.scaling.find_unused_parameters == "true"
+            if job.scaling.strategy == "fsdp":
+                how = ("FSDP reduce-scatters zero gradients for them (scaling.find_unused_parameters)" if asked else
+                       "FSDP leaves them without a gradient on every rank alike; if some ranks use them and others "
+                       "do not, set scaling.find_unused_parameters = true")
+            else:
+                how = "DDP looks for them in every step (scaling.find_unused_parameters)" if asked else ""
+            if how:
+                shown = ", ".join(plan.unused_parameters[:3]) + (", ..." if len(plan.unused_parameters) > 3 else "")
+                notify(f"{len(plan.unused_parameters)} parameter(s) get no gradient from the loss ({shown}): {how}")
         from ampray.orchestrator.checkpoints import settle_checkpoints
 
         for note in settle_checkpoints(job.run_dir()):  # resume only from a checkpoint that verifies

@@ -1,9 +1,9 @@
-"""What FSDP2 asks of a user's model, under the engine: parameters that some ranks leave unused (routing)
-train as under DDP with find_unused_parameters, and a sharded block that one rank skips entirely is the
-same clear error on every rank instead of an abort or a hang (two real processes, gloo, CPU); weights
-tied between a block and a module outside it are refused before sharding, by class-name entries and
-wrap policies alike, and left to the root by the default choice of blocks; an optimizer parameter that
-FSDP does not shard is refused at the first step (one process)."""
+"""What FSDP2 asks of a user's model, under the engine: parameters that some ranks leave unused (routing
+in the root) train as under DDP with find_unused_parameters, and so do blocks that every rank runs alike
+(two real processes, gloo, CPU); weights tied between a block and a module outside it are refused before
+sharding, by class-name entries and wrap policies alike, and left to the root by the default choice of
+blocks, which also keeps an MoE layer's experts inside their layer; "auto" asks FSDP for no reduction
+of unused parameters; an optimizer parameter that FSDP does not shard is refused at the first step."""
 
 from __future__ import annotations
 
@@ -76,8 +76,7 @@ def _full(model) -> dict[str, list[float]]:
 def scenario(name: str, rank: int, mesh) -> dict:
     from ampray.amp.sharding import shard_model
 
-    route, blocks = {"root_by_rank": ("by_rank", ()), "blocks_by_step": ("by_step", ("Expert",)),
-                     "blocks_by_rank": ("by_rank", ("Expert",))}[name]
+    route, blocks = {"root_by_rank": ("by_rank", ()), "blocks_by_step": ("by_step", ("Expert",))}[name]
     torch.manual_seed(0)
     model = shard_model(Routed(), mesh, blocks=blocks, unused_params=True)
     norms = _train(model, True, ROUTES[route], rank)
@@ -108,7 +107,7 @@ def ranks(tmp_path_factory):
         pytest.skip(f"torch {torch.__version__} cannot reduce-scatter unused parameters (refused: see below)")
     out = tmp_path_factory.mktemp("routed")
     port = free_port()
-    names = ["root_by_rank", "blocks_by_step", "blocks_by_rank"]
+    names = ["root_by_rank", "blocks_by_step"]
     codes, hung = spawn_ranks(_rank_main, lambda r: (r, 2, port, names, str(out)), 2, DEADLINE_S)
     assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"
     assert codes == [0, 0], f"exit codes {codes}"
@@ -119,20 +118,13 @@ def ranks(tmp_path_factory):
 def test_parameters_some_ranks_leave_unused_train_as_under_ddp(ranks, name):
     """The experts in the root, each rank through its own (MoE-like routing): FSDP reduce-scatters zero
     gradients for the one a rank did not use, so the sums, the global norm and the weights are DDP's.
-    Experts as blocks, every rank through the same one (which changes with the step): the same."""
+    Experts as blocks, every rank through the same one (which changes with the step): the same. (A block
+    that some ranks skip cannot work: its all-gather in forward already has no partner there.)"""
     a, b = ranks[0][name], ranks[1][name]
     assert "error" not in a and "error" not in b, (a, b)
     assert a["norms"] == b["norms"]  # one clipping norm on both ranks
     assert a["norms"] == pytest.approx(a["ddp_norms"], rel=1e-5)
     assert a["max_diff"] < 1e-6 and b["max_diff"] < 1e-6
-
-
-def test_a_sharded_block_that_one_rank_skips_is_the_same_error_on_every_rank(ranks):
-    a, b = ranks[0]["blocks_by_rank"], ranks[1]["blocks_by_rank"]
-    assert a["error"] == b["error"]
-    assert a["error"].startswith("ConfigError: FSDP units 'experts.0' (Expert), 'experts.1' (Expert) ran in this "
-                                 "forward on some ranks and not on others")
-    assert "scaling.fsdp_blocks" in a["error"]
 
 
 class Stack(nn.Module):
@@ -231,3 +223,76 @@ def test_an_optimizer_parameter_fsdp_does_not_shard_is_refused(monkeypatch):
             engine.train_step(model, opt, lambda out, t: nn.functional.cross_entropy(out, t) * temperature, x, y)
     finally:
         dist.destroy_process_group()
+
+
+class MoE(nn.Module):
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.experts = nn.ModuleList([Expert(d), Expert(d)])
+
+    def forward(self, x):
+        return self.experts[0](x)
+
+
+class Layer(nn.Module):
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.moe, self.norm = MoE(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(self.moe(x))
+
+
+class Outer(nn.Module):
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.inner, self.fc = Expert(d), nn.Linear(d, d)
+        self.again = self.inner  # the same inner block under a second name, inside this block
+
+    def forward(self, x):
+        return self.fc(self.again(self.inner(x)))
+
+
+def test_the_default_blocks_are_the_outermost_layers_and_nested_blocks_are_no_tie():
+    from ampray.actors.worker import fsdp_blocks
+    from ampray.amp.sharding import shared_outside
+
+    class Transformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+    job = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "mlp"})
+    assert fsdp_blocks(Transformer(), job) == ["Layer"]  # not the experts every rank may not run
+    model = nn.Sequential(Outer(), Outer())
+    model.first_inner = model[0].inner  # the inner block held by the root as well: still one block
+    assert shared_outside(model, lambda m: isinstance(m, (Outer, Expert))) == []  # inner: a unit of its own
+    assert shared_outside(model, lambda m: isinstance(m, Expert)) == []
+    assert shared_outside(model, lambda m: isinstance(m, Outer)) == [("0", "0.inner.up.weight",
+                                                                      "first_inner.up.weight")]
+
+
+def test_auto_asks_fsdp_for_no_reduction_of_unused_parameters_and_old_torch_refuses_true(monkeypatch):
+    from types import SimpleNamespace
+
+    from ampray.amp import sharding
+    from ampray.orchestrator.preflight import check_fsdp_blocks, resolve_model
+    from ampray.orchestrator.train import resolved
+
+    plan = SimpleNamespace(unused_parameters=("pooler.weight",), pad_widths={})
+    for strategy, expected in (("ddp", "true"), ("fsdp", "false")):
+        job = JobConfig.load(None, {"scaling.strategy": strategy, "model.kind": "mlp"})
+        assert resolved(job, 2, False, None, plan).scaling.find_unused_parameters == expected
+    asked = JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "mlp",
+                                  "scaling.find_unused_parameters": "true"})
+    assert resolved(asked, 2, False, None, plan).scaling.find_unused_parameters == "true"
+    check_fsdp_blocks(asked, resolve_model(asked))  # this torch has the reduction
+
+    class OldFSDPModule:  # a torch whose FSDP2 lacks set_reduce_scatter_unused_params
+        pass
+
+    monkeypatch.setattr(sharding, "_fsdp_module_class", lambda: OldFSDPModule)
+    with pytest.raises(ConfigError, match="scaling.find_unused_parameters='true' is not allowed with "
+                                          "scaling.strategy='fsdp' on torch"):
+        check_fsdp_blocks(asked, resolve_model(asked))
+    check_fsdp_blocks(JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "mlp"}), resolve_model(asked))
