@@ -273,12 +273,12 @@ def block_selector(entries, field: str = "blocks"):
     return lambda m: by_name(m) or any(bool(policy(m)) for policy in policies)
 
 
-def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
+def fsdp_blocks(model: torch.nn.Module, job: JobConfig, tied: list[str] | None = None) -> list[str]:
     """The modules sharded one by one: scaling.fsdp_blocks (class names, and import paths of wrap policies),
     else the built-in gpt's Block, else the classes of the modules an nn.ModuleList holds (a transformer's
     layers; the outermost such lists: an MoE layer's experts stay in their layer, which every rank runs)
     except those sharing a parameter with a module outside them (tied weights stay in the root), else none
-    (the root only)."""
+    (the root only). `tied` receives the classes left out for tied weights."""
     from ampray.amp.sharding import shared_outside
 
     if job.scaling.fsdp_blocks:
@@ -297,7 +297,10 @@ def fsdp_blocks(model: torch.nn.Module, job: JobConfig) -> list[str]:
                     inside.update(id(m) for m in child.modules())
                     if name not in found:
                         found.append(name)
-    return [name for name in found if not shared_outside(model, lambda m, name=name: type(m).__name__ == name)]
+    shares = [name for name in found if shared_outside(model, lambda m, name=name: type(m).__name__ == name)]
+    if tied is not None:
+        tied.extend(shares)
+    return [name for name in found if name not in shares]
 
 
 def restore_latest(w: Worker, init_checkpoint=None) -> tuple[int, dict[str, Any] | None]:

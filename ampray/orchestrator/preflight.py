@@ -85,6 +85,8 @@ class DataPlan:
     """With data.pad_to 0: each variable-length column's longest row in the training and held-out files, the
     width it is padded to in every batch, in memory and streamed."""
     data_check: DataCheck | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the user should know before the run starts (printed as notes)."""
     """What the check of every shard (data.check) read, and how long it took; None: not checked."""
 
 
@@ -111,7 +113,7 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     its loss is a number. `stream`: a ray.data.Dataset given instead of data.path (its schema is checked);
     `objects`: the factory and loss by value (the Python API's), instead of by import path."""
     spec = resolve_model(job, objects)
-    check_fsdp_blocks(job, spec)
+    notes = check_fsdp_blocks(job, spec)
     d = job.data
     where = f"data.path={d.path!r}"
     rows, size, columns = d.num_samples, 0, []
@@ -163,24 +165,25 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     if d.columns and d.path:
         size = _decoded_bytes(job, rows)
     unused = () if spec.builtin else check_one_batch(job, spec, stream)
-    return DataPlan(spec, rows, size, columns, unused, widths, report)
+    return DataPlan(spec, rows, size, columns, unused, widths, report, notes)
 
 
-def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
+def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
     """With scaling.strategy = "fsdp": torch has FSDP2 (and, for scaling.find_unused_parameters = "true", its
     reduce-scatter of unused parameters); every entry of scaling.fsdp_blocks selects some module of the
     model (a misspelt class name would shard only the whole model, and nothing would say so) and none that
-    shares a weight with a module outside it; every wrap policy imports and answers for each module. The model is built on the meta device: no memory, no weights."""
+    shares a weight with a module outside it; every wrap policy imports and answers for each module.
+    Returns notes: classes the default choice of blocks leaves to the root for tied weights. The model is
+    built on the meta device: no memory, no weights."""
     import torch
 
-    from ampray.actors.worker import block_selector
-    from ampray.models.registry import ImportPathError
-
+    from ampray.actors.worker import block_selector, fsdp_blocks
     from ampray.amp.sharding import _fsdp_module_class, shared_outside
+    from ampray.models.registry import ImportPathError
 
     entries = job.scaling.fsdp_blocks
     if job.scaling.strategy != "fsdp":
-        return
+        return []
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401 - public from torch 2.6
     except ImportError:
@@ -193,13 +196,19 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
                           f"torch {torch.__version__}: its FSDP cannot reduce-scatter zero gradients for parameters "
                           "some ranks leave unused (FSDPModule.set_reduce_scatter_unused_params); expected 'auto' "
                           "(every rank uses the same parameters), strategy 'ddp', or a newer torch")
-    if not entries:
-        return
+    if not entries and spec.builtin:
+        return []
     try:
         with torch.device("meta"):
             model = spec.build_model(job.model.options)
     except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' sharding decides
-        return
+        return []
+    if not entries:
+        tied: list[str] = []
+        fsdp_blocks(model, job, tied)
+        return [f"fsdp: the default blocks {', '.join(tied)} share weights with modules outside them, so the root "
+                "holds them (gathered whole in each step); name the blocks to shard one by one in "
+                "scaling.fsdp_blocks"] if tied else []
     modules = [m for m in model.modules() if m is not model]
     classes = sorted({type(m).__name__ for m in modules})
     for entry in entries:
@@ -216,13 +225,14 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> None:
             raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects no module of the model; expected a "
                               f"class name of its modules ({', '.join(classes)}) or a wrap policy that selects "
                               "some of them")
-        tied = shared_outside(model, test)
-        if tied:
-            block, inside, outside = tied[0]
+        shared = shared_outside(model, test)
+        if shared:
+            block, inside, outside = shared[0]
             raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects {block!r}, which shares its parameter "
                               f"{inside!r} with {outside!r} outside it: FSDP shards a parameter in one unit, so "
                               "weights tied across blocks must stay in one; expected entries whose modules hold "
                               "every use of their parameters (tied weights stay in the root)")
+    return []
 
 
 def check_data_files(job: JobConfig, spec: ModelSpec) -> DataCheck | None:

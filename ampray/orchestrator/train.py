@@ -495,6 +495,8 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
                                                keep_trained_widths, streaming_mode)
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
+    for note in plan.notes:
+        notify(note)
     if plan.data_check is not None:
         notify(plan.data_check.line())
     keep_trained_widths(job, plan)

@@ -202,8 +202,10 @@ def test_weights_tied_across_a_block_boundary_are_refused_or_left_to_the_root(se
                                               r"shares its parameter 'stacks.0.embed.weight' with 'shared.weight'"):
             check_fsdp_blocks(job, resolve_model(job))
     job = JobConfig.load(None, fields)
-    check_fsdp_blocks(job, resolve_model(job))  # the default blocks: none of these, so nothing to refuse
     assert fsdp_blocks(Seq2Seq(), job) == []  # the Stacks share the embedding: the root keeps them
+    assert check_fsdp_blocks(job, resolve_model(job)) == [  # and the user is told, before Ray starts
+        "fsdp: the default blocks Stack share weights with modules outside them, so the root holds them "
+        "(gathered whole in each step); name the blocks to shard one by one in scaling.fsdp_blocks"]
 
 
 def test_an_optimizer_parameter_fsdp_does_not_shard_is_refused(monkeypatch):
