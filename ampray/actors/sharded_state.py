@@ -16,6 +16,7 @@ every other file (`manifest.py`): its local shard of every parameter and of ever
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,11 @@ def save_shards(files: Files, model: nn.Module, optimizer, rank: int, world: int
     files.save(SHARD_FILE.format(rank=rank), local_state(model, optimizer, rank, world))
 
 
-def _verify(folder: Path) -> None:
+def _verify(folder: Path, ranks=None) -> None:
     from ampray.actors.checkpoint import CheckpointError
     from ampray.actors.manifest import verify
 
-    reason = verify(folder)
+    reason = verify(folder, ranks)
     if reason is not None:
         raise CheckpointError(f"checkpoint {folder} does not verify: {reason}")
 
@@ -88,8 +89,14 @@ def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    if not verified:
-        _verify(folder)
+    if not verified:  # the same world size reads this rank's file only: hash that one (every size is checked)
+        from ampray.actors.manifest import MANIFEST
+
+        try:
+            saved_world = json.loads((Path(folder) / MANIFEST.format(rank=0)).read_text()).get("world")
+        except (OSError, ValueError, AttributeError):
+            saved_world = None  # the full check below names what is wrong
+        _verify(folder, [rank] if saved_world == world else None)
     own = _read(folder, rank) if (Path(folder) / SHARD_FILE.format(rank=rank)).is_file() else None
     if own is not None and own["world"] == world:
         load_local_state(own, model, optimizer)

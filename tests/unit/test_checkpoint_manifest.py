@@ -55,6 +55,16 @@ def test_verify_names_what_is_wrong(tmp_path, how):
     assert reason.startswith(expected[how]), reason
 
 
+def test_verify_for_some_ranks_hashes_their_files_and_checks_every_size(tmp_path):
+    write_checkpoint(tmp_path, 40)
+    flip_bit(tmp_path / "engine_rank1.pt")
+    assert verify(tmp_path, ranks=[0]) is None  # rank 0 reads none of rank 1's files
+    assert verify(tmp_path, ranks=[1]).startswith("engine_rank1.pt does not match its SHA-256")
+    assert verify(tmp_path).startswith("engine_rank1.pt does not match its SHA-256")
+    (tmp_path / "rng_rank1.pt").write_bytes(b"")
+    assert verify(tmp_path, ranks=[0]).startswith("rng_rank1.pt has 0 bytes")
+
+
 def test_a_bit_flip_that_torch_load_accepts_is_refused(tmp_path):
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
