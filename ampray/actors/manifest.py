@@ -124,6 +124,15 @@ def _manifest(folder: Path, rank: int) -> dict[str, Any]:
     return manifest
 
 
+def saved_world(folder: str | os.PathLike) -> int | None:
+    """The number of ranks that wrote the checkpoint in `folder` (rank 0's manifest), None if unreadable."""
+    try:
+        world = _manifest(Path(folder), 0).get("world")
+    except ValueError:
+        return None
+    return world if isinstance(world, int) else None
+
+
 def verify(folder: str | os.PathLike, ranks: Iterable[int] | None = None) -> str | None:
     """None when the checkpoint in `folder` is complete and every file matches its manifest; else the
     reason it does not verify, naming the file. `ranks`: hash only the files of these ranks (every file's

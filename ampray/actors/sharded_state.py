@@ -16,7 +16,6 @@ every other file (`manifest.py`): its local shard of every parameter and of ever
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +89,9 @@ def load_shards(folder: Path, model: nn.Module, optimizer, rank: int, world: int
                                                          set_optimizer_state_dict)
 
     if not verified:  # the same world size reads this rank's file only: hash that one (every size is checked)
-        from ampray.actors.manifest import MANIFEST
+        from ampray.actors.manifest import saved_world
 
-        try:
-            saved_world = json.loads((Path(folder) / MANIFEST.format(rank=0)).read_text()).get("world")
-        except (OSError, ValueError, AttributeError):
-            saved_world = None  # the full check below names what is wrong
-        _verify(folder, [rank] if saved_world == world else None)
+        _verify(folder, [rank] if saved_world(folder) == world else None)
     own = _read(folder, rank) if (Path(folder) / SHARD_FILE.format(rank=rank)).is_file() else None
     if own is not None and own["world"] == world:
         load_local_state(own, model, optimizer)

@@ -207,6 +207,24 @@ def shared_outside(model: nn.Module, is_block: Callable[[nn.Module], bool]) -> l
     return out
 
 
+def refuse_tied(model: nn.Module, is_block: Callable[[nn.Module], bool], what: str) -> None:
+    """A ConfigError naming `what` (the setting that chose the blocks) when a block `is_block` selects
+    shares a parameter with a module outside it (`shared_outside`)."""
+    shared = shared_outside(model, is_block)
+    if shared:
+        block, inside, outside = shared[0]
+        raise ConfigError(f"{what} selects {block!r} ({type(model.get_submodule(block)).__name__}), which shares "
+                          f"its parameter {inside!r} with {outside!r} outside it: FSDP shards a parameter in one "
+                          "unit, so weights tied across blocks must stay in one; expected blocks that hold every "
+                          "use of their parameters (tied weights stay in the root)")
+
+
+def reduces_unused_params() -> bool:
+    """Whether this torch's FSDP2 can reduce-scatter zero gradients for parameters a rank left unused
+    (`FSDPModule.set_reduce_scatter_unused_params`: torch 2.13 has it, 2.11 has not)."""
+    return hasattr(_fsdp_module_class(), "set_reduce_scatter_unused_params")
+
+
 def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "MixedPrecisionPolicy | None" = None,
                 blocks: Iterable[str] | Callable[[nn.Module], bool] = (), offload: bool = False,
                 checkpoint: bool = False, reshard_after_forward: bool = True,
@@ -220,25 +238,16 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     parameters from forward to backward); the root keeps torch's default, which does not reshard it.
     `unused_params`: parameters some ranks use and others not get zero gradients reduce-scattered (see the
     module's docstring for what FSDP still asks). A block sharing a parameter with a module outside it
-    is a ConfigError. Returns the model, now an
-    FSDPModule, sharded in place."""
+    is a ConfigError. Returns the model, now an FSDPModule, sharded in place."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     is_block = _block_test(blocks)
-    tied = shared_outside(model, is_block)
-    if tied:
-        block, inside, outside = tied[0]
-        raise ConfigError(f"shard_model blocks: block {block!r} ({type(model.get_submodule(block)).__name__}) "
-                          f"shares its parameter {inside!r} with {outside!r} outside it; FSDP shards a parameter "
-                          "in one unit, so weights tied across blocks must stay in one: expected blocks that hold "
-                          "every use of their parameters (leave this one to the root)")
-    if unused_params:
-        fsdp = _fsdp_module_class()
-        if not hasattr(fsdp, "set_reduce_scatter_unused_params"):
-            raise ConfigError(f"shard_model unused_params=True is not allowed with torch {torch.__version__}: "
-                              "its FSDP cannot reduce-scatter zero gradients for unused parameters "
-                              "(FSDPModule.set_reduce_scatter_unused_params); expected a newer torch, or every "
-                              "parameter used on every rank (unused_params=False)")
+    refuse_tied(model, is_block, "shard_model's blocks")
+    if unused_params and not reduces_unused_params():
+        raise ConfigError(f"shard_model unused_params=True is not allowed with torch {torch.__version__}: "
+                          "its FSDP cannot reduce-scatter zero gradients for unused parameters "
+                          "(FSDPModule.set_reduce_scatter_unused_params); expected a newer torch, or every "
+                          "parameter used on every rank (unused_params=False)")
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -178,7 +178,7 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
     import torch
 
     from ampray.actors.worker import block_selector, fsdp_blocks
-    from ampray.amp.sharding import _fsdp_module_class, shared_outside
+    from ampray.amp.sharding import reduces_unused_params, refuse_tied
     from ampray.models.registry import ImportPathError
 
     entries = job.scaling.fsdp_blocks
@@ -190,8 +190,7 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
         raise ConfigError(f"scaling.strategy='fsdp' is not allowed with torch {torch.__version__}: it has no "
                           "public torch.distributed.fsdp.fully_shard (FSDP2); expected torch >= 2.6, or "
                           "strategy 'ddp'") from None
-    if job.scaling.find_unused_parameters == "true" and \
-            not hasattr(_fsdp_module_class(), "set_reduce_scatter_unused_params"):
+    if job.scaling.find_unused_parameters == "true" and not reduces_unused_params():
         raise ConfigError("scaling.find_unused_parameters='true' is not allowed with scaling.strategy='fsdp' on "
                           f"torch {torch.__version__}: its FSDP cannot reduce-scatter zero gradients for parameters "
                           "some ranks leave unused (FSDPModule.set_reduce_scatter_unused_params); expected 'auto' "
@@ -225,13 +224,7 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
             raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects no module of the model; expected a "
                               f"class name of its modules ({', '.join(classes)}) or a wrap policy that selects "
                               "some of them")
-        shared = shared_outside(model, test)
-        if shared:
-            block, inside, outside = shared[0]
-            raise ConfigError(f"scaling.fsdp_blocks entry {entry!r} selects {block!r}, which shares its parameter "
-                              f"{inside!r} with {outside!r} outside it: FSDP shards a parameter in one unit, so "
-                              "weights tied across blocks must stay in one; expected entries whose modules hold "
-                              "every use of their parameters (tied weights stay in the root)")
+        refuse_tied(model, test, f"scaling.fsdp_blocks entry {entry!r}")
     return []
 
 

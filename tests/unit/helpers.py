@@ -112,3 +112,20 @@ def run_scenarios(names, run, rank: int, out_dir) -> None:
         except Exception as err:  # the error itself is the result: every rank must report the same one
             results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def mesh_rank_main(scenario, rank: int, world: int, port: int, names: list[str], out_dir: str) -> None:
+    """One spawned rank of a gloo world on the CPU with a 1-D device mesh over it: `scenario(name, rank,
+    mesh)` for each name, through `run_scenarios` (`scenario` a module-level function, so it pickles)."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    mesh = init_device_mesh("cpu", (world,))
+    run_scenarios(names, lambda name: scenario(name, rank, mesh), rank, out_dir)
+    dist.destroy_process_group()

@@ -7,6 +7,7 @@ ends within a deadline, so a hung collective fails the test instead of the suite
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from torch import nn
 
 from ampray.amp.config import ConfigError, MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer
-from tests.unit.helpers import free_port, run_scenarios, spawn_ranks
+from tests.unit.helpers import free_port, mesh_rank_main, spawn_ranks
 
 DEADLINE_S = 120
 FAULT_STEP = 2  # the step at which rank 1 misbehaves
@@ -179,18 +180,8 @@ def _hsdp_refused() -> dict:
     return {"error": "none"}
 
 
-def _rank_main(rank: int, world: int, port: int, names: list[str], out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-    mesh = init_device_mesh("cpu", (world,))
-    run_scenarios(names, lambda name: run_scenario(name, rank, mesh), rank, out_dir)
-    dist.destroy_process_group()
-
-
-def run_ranks(tmp_path: Path, names: list[str], world: int = 2, target=_rank_main) -> list[dict]:
+def run_ranks(tmp_path: Path, names: list[str], world: int = 2, target=None) -> list[dict]:
+    target = target or functools.partial(mesh_rank_main, run_scenario)
     port = free_port()
     codes, hung = spawn_ranks(target, lambda r: (r, world, port, names, str(tmp_path)), world, DEADLINE_S)
     assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"

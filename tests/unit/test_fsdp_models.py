@@ -7,10 +7,9 @@ of unused parameters; an optimizer parameter that FSDP does not shard is refused
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from torch import nn
 from ampray.amp.config import ConfigError, MixedPrecisionConfig
 from ampray.amp.trainer import MixedPrecisionTrainer
 from ampray.job import JobConfig
-from tests.unit.helpers import free_port, run_scenarios, spawn_ranks
+from tests.unit.helpers import free_port, mesh_rank_main, spawn_ranks
 
 DEADLINE_S = 120
 
@@ -88,28 +87,18 @@ def scenario(name: str, rank: int, mesh) -> dict:
     return {"norms": norms, "ddp_norms": ref, "max_diff": diff}
 
 
-def _rank_main(rank: int, world: int, port: int, names: list[str], out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-    mesh = init_device_mesh("cpu", (world,))
-    run_scenarios(names, lambda name: scenario(name, rank, mesh), rank, out_dir)
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    from ampray.amp.sharding import _fsdp_module_class
+    from ampray.amp.sharding import reduces_unused_params
 
-    if not hasattr(_fsdp_module_class(), "set_reduce_scatter_unused_params"):
+    if not reduces_unused_params():
         # torch 2.11 (the GPU host's, seen 2026-12-06) has no set_reduce_scatter_unused_params: refused there.
         pytest.skip(f"torch {torch.__version__} cannot reduce-scatter unused parameters (refused: see below)")
     out = tmp_path_factory.mktemp("routed")
     port = free_port()
     names = ["root_by_rank", "blocks_by_step"]
-    codes, hung = spawn_ranks(_rank_main, lambda r: (r, 2, port, names, str(out)), 2, DEADLINE_S)
+    main = functools.partial(mesh_rank_main, scenario)
+    codes, hung = spawn_ranks(main, lambda r: (r, 2, port, names, str(out)), 2, DEADLINE_S)
     assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"
     assert codes == [0, 0], f"exit codes {codes}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -191,16 +180,16 @@ def test_weights_tied_across_a_block_boundary_are_refused_or_left_to_the_root(se
         ("stacks.0", "stacks.0.embed.weight", "shared.weight"), ("stacks.1", "stacks.1.embed.weight", "shared.weight")]
     assert shared_outside(model, lambda m: isinstance(m, nn.Linear)) == [("head", "head.weight", "shared.weight")]
     assert shared_outside(model, lambda m: m is model.stacks[0].fc) == []  # its own weight only
-    with pytest.raises(ConfigError, match=r"shard_model blocks: block 'stacks.0' \(Stack\) shares its parameter "
-                                          r"'stacks.0.embed.weight' with 'shared.weight' outside it"):
+    with pytest.raises(ConfigError, match=r"shard_model's blocks selects 'stacks.0' \(Stack\), which shares its "
+                                          r"parameter 'stacks.0.embed.weight' with 'shared.weight' outside it"):
         shard_model(model, mesh=object(), blocks=("Stack",))  # refused before the mesh is used
 
     fields = {"scaling.strategy": "fsdp", "model.factory": "seq2seq_factory:build",
               "model.loss": "seq2seq_factory:loss"}
     for entry in ("Stack", "seq2seq_factory:stacks"):
         job = JobConfig.load(None, {**fields, "scaling.fsdp_blocks": [entry]})
-        with pytest.raises(ConfigError, match=rf"scaling.fsdp_blocks entry '{entry}' selects 'stacks.0', which "
-                                              r"shares its parameter 'stacks.0.embed.weight' with 'shared.weight'"):
+        with pytest.raises(ConfigError, match=rf"scaling.fsdp_blocks entry '{entry}' selects 'stacks.0' \(Stack\), "
+                                              r"which shares its parameter 'stacks.0.embed.weight' with 'shared.weight'"):
             check_fsdp_blocks(job, resolve_model(job))
     job = JobConfig.load(None, fields)
     assert fsdp_blocks(Seq2Seq(), job) == []  # the Stacks share the embedding: the root keeps them

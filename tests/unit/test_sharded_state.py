@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -81,19 +82,39 @@ def _locals(model, opt) -> dict[str, list[float]]:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    out = Path(out_dir)
+@contextmanager
+def _gloo_rank(rank: int, world: int, port: int, err: Path):
+    """One spawned rank in a gloo group of `world`; a failure's traceback goes to `err` for the test."""
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-        from ampray.actors.sharded_state import SHARD_FILE, load_shards, save_shards
+        yield
+    except BaseException:
+        err.write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _save(folder: Path, model, opt, rank: int, world: int) -> None:
+    """This rank's shards, sealed in its manifest (the checkpoint verifies once every rank has sealed)."""
+    from ampray.actors.sharded_state import save_shards
+
+    files = Files(folder, rank)
+    save_shards(files, model, opt, rank, world)
+    files.seal(world)
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    out = Path(out_dir)
+    with _gloo_rank(rank, world, port, out / f"rank{rank}.err"):
+        from ampray.actors.sharded_state import SHARD_FILE, load_shards
 
         # Saved before any optimizer step: nothing is created (no zero-gradient step by torch).
         model, opt = _build()
         empty = out / "empty"
-        files = Files(empty, rank)
-        save_shards(files, model, opt, rank, world)
-        files.seal(world)
+        _save(empty, model, opt, rank, world)
         assert not opt.state, "saving created optimizer state"
         saved = torch.load(empty / SHARD_FILE.format(rank=rank), weights_only=True)
         assert saved["optimizer"]["state"] == {}
@@ -106,9 +127,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         for step in range(3):
             _step(model, opt, step)
         folder = out / "ckpt"
-        files = Files(folder, rank)
-        save_shards(files, model, opt, rank, world)
-        files.seal(world)
+        _save(folder, model, opt, rank, world)
         for step in range(3, 5):
             _step(model, opt, step)
         resumed, resumed_opt = _build()
@@ -119,21 +138,13 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
             _step(resumed, resumed_opt, step)
         same = _locals(model, opt) == _locals(resumed, resumed_opt)
         (out / f"rank{rank}.json").write_text(json.dumps({"same": same}))
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _load_main(rank: int, world: int, port: int, out_dir: str) -> None:
     """A world of another size loads the 2-rank checkpoint: its shards hold the consolidated state, bit for
     bit, and it trains on."""
     out = Path(out_dir)
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    with _gloo_rank(rank, world, port, out / f"w{world}rank{rank}.err"):
         from ampray.actors.sharded_state import consolidate, load_shards
 
         model, opt = _build()
@@ -148,12 +159,6 @@ def _load_main(rank: int, world: int, port: int, out_dir: str) -> None:
         _step(model, opt, 3)
         finite = all(bool(torch.isfinite(p.full_tensor()).all()) for p in model.parameters())
         (out / f"w{world}rank{rank}.json").write_text(json.dumps({"same": same, "finite": finite}))
-    except BaseException:
-        (out / f"w{world}rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
