@@ -440,6 +440,8 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
                 (notify or print)(line)
     # The user's code and data as the trials will see them (a space may fix data.path), before Ray starts.
     plan = check_model_and_data(absolute_paths(apply_params(base_dict, space.fixed)))
+    for line in plan.notes:  # e.g. classes the default FSDP blocks leave to the root for tied weights
+        (notify or print)(line)
     code = user_code(job)
     runtime_env = worker_runtime_env(code) if code else {}
     # Ray Train V2 releases a stopped trial's workers through a cleaner that asks the state API (served
