@@ -13,7 +13,7 @@
 #   bash benchmarks/h200.sh compile OUT   # model.compile against eager at micro-batch 8, one GPU
 #   PART=train|tune bash benchmarks/h200.sh scale OUT  # issue 5 on a 4- or 8-GPU host
 #   bash benchmarks/h200.sh fsdp OUT      # issue 19, one GPU: fsdp against ddp (GPT-2 small, bf16 and fp16)
-#   bash benchmarks/h200.sh fsdpxl OUT    # GPT-2 xl at batch 16: ddp (out of memory expected) against fsdp +
+#   bash benchmarks/h200.sh fsdpxl OUT    # GPT-2 xl at batch 48: ddp (out of memory expected) against fsdp +
 #                                         # CPU offload + activation checkpointing
 #   bash benchmarks/h200.sh fill OUT      # issue 18: the batch data.fill_gpu chooses for GPT-2 small, trained at
 # Each part prints as it goes and leaves its files in OUT (JSON, Parquet, logs).
@@ -118,10 +118,15 @@ fsdp)
     --out "$out/fsdp_small.json"
   cleanup ;;
 fsdpxl)
-  # GPT-2 xl at batch 16: ddp (out of memory expected on 80 GB) against fsdp + CPU offload + checkpointing.
-  # A call of its own: on an H100 (session 13) not even the ddp row had printed after 200 s.
-  timeout 560 python benchmarks/bench_fsdp.py --preset xl --batch 16 --dtypes bf16 --steps 4 --strategies ddp,none \
-    --offload --checkpointing --out "$out/fsdp_fit_xl.json"
+  # GPT-2 xl at batch BATCH (48): ddp (out of memory expected, on an H200 too: about 25 GB of fp32 training
+  # state and some 2.5 GB of activations a row) against fsdp + CPU offload + checkpointing. A call of its own:
+  # on an H100 (session 13) not even the ddp row had printed after 200 s, so GPU memory and the busiest
+  # processes are logged every 15 s alongside.
+  (while sleep 15; do date +%T; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+     ps -eo pcpu,rss,comm --sort=-pcpu | sed -n 2,3p; done) > "$out/xl_progress.log" 2>&1 & mon=$!
+  timeout ${LIMIT:-560} python benchmarks/bench_fsdp.py --preset xl --batch "${BATCH:-48}" --dtypes bf16 --steps 3 \
+    --strategies ddp,none --offload --checkpointing --out "$out/fsdp_fit_xl.json"
+  kill $mon 2>/dev/null
   cleanup ;;
 fill)
   (cd "$out" && timeout 300 python -m ampray.orchestrator.cli train --model gpt --model.options.preset small \
