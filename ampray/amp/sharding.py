@@ -33,7 +33,10 @@ What the engine does differently under FSDP (one extra collective, nothing else)
   parameters, so a rank that runs out of memory mid-forward leaves the others waiting in the next
   all-gather, before any agreement can happen; `set_requires_gradient_sync(False)` does not change that.
 - Micro-batches of an accumulation window reduce-scatter their gradients each (FSDP's default: memory
-  stays sharded); there is no `no_sync()`.
+  stays sharded); there is no `no_sync()`. A loop of your own may call
+  `model.set_requires_gradient_sync(False)` before a window's earlier micro-batches and `True` before its
+  last: FSDP then accumulates unsharded gradients (a full copy per rank) and reduce-scatters once; the
+  engine's step is the same either way.
 - A 1-D mesh only (plain FSDP); HSDP's 2-D mesh is refused (the norm would count replicas twice).
 - Every parameter the optimizers step must be sharded (a DTensor): FSDP reduces no other gradient, so a
   plain parameter would differ from rank to rank (a ConfigError at the first step names it).

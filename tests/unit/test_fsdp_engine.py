@@ -82,6 +82,9 @@ SCENARIOS = {
                             False),
     "accum_fsdp": ({"dtype": "fp32", "gradient_accumulation_steps": 2}, "fsdp", False, "sgd", 6, None, False),
     "accum_ddp": ({"dtype": "fp32", "gradient_accumulation_steps": 2}, "ddp", False, "sgd", 6, None, False),
+    # the user's own loop turns FSDP's gradient sync off on the window's first micro-batch (Lightning's
+    # no_backward_sync): FSDP accumulates unsharded gradients and reduce-scatters once, at the last one
+    "accum_nosync_fsdp": ({"dtype": "fp32", "gradient_accumulation_steps": 2}, "fsdp", False, "sgd", 6, None, False),
     "nan_loss_fsdp": ({"dtype": "fp32"}, "fsdp", False, "sgd", 4, "nan_loss", False),
     "nan_loss_raise_fsdp": ({"dtype": "fp32", "nonfinite_loss_policy": "raise"}, "fsdp", False, "sgd", 4, "nan_loss",
                             False),
@@ -146,6 +149,8 @@ def run_scenario(name: str, rank: int, mesh) -> dict:
     for step in range(steps):
         Fault.step = step
         x, y = _batch(rank, 0 if same_batch else step)
+        if name == "accum_nosync_fsdp":
+            model.set_requires_gradient_sync(step % cfg["gradient_accumulation_steps"] == 1)
         out = eng.train_step(model, opt, criterion, x, y)
         rec["loss"].append(out.loss.item())
         rec["skipped"].append(bool(out.skipped))
@@ -234,6 +239,14 @@ def test_gradient_accumulation_under_fsdp_matches_ddp(ranks):
         assert fsdp["optimizer_steps"] == 3 and fsdp["full"][1] == fsdp["full"][2] != fsdp["full"][3]
         torch.testing.assert_close(torch.tensor(fsdp["loss"]), torch.tensor(ddp["loss"]), rtol=FP32_RTOL, atol=FP32_ATOL)
         assert_params_close(fsdp, ddp, FP32_RTOL, FP32_ATOL)
+
+
+def test_accumulation_with_fsdp_gradient_sync_off_on_early_micro_batches_matches_ddp(ranks):
+    assert_agree(*both(ranks, "accum_nosync_fsdp"))
+    for rank in range(2):
+        nosync, ddp = ranks[rank]["accum_nosync_fsdp"], ranks[rank]["accum_ddp"]
+        assert nosync["optimizer_steps"] == 3 and not any(nosync["skipped"])
+        assert_params_close(nosync, ddp, FP32_RTOL, FP32_ATOL)
 
 
 def test_a_2d_mesh_is_refused_on_both_ranks(ranks):
