@@ -417,9 +417,6 @@ class JobConfig:
         if self.data.fill_gpu:
             _fail("data", "fill_gpu", True, f"false {why}: the probe measures the unsharded model, which is not "
                   "what a sharded worker holds; set data.batch_size")
-        if p.autocast_enabled and p.fp32_modules:
-            _fail("precision", "fp32_modules", list(p.fp32_modules), f"[] {why}: FSDP casts every parameter to "
-                  "precision.dtype")
         if p.autocast_enabled and _dtype_label(p.dtype) == "fp16":
             for name in ("collapse_policy", "stall_policy"):
                 if getattr(p, name) == "fallback_bf16":

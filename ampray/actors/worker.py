@@ -257,7 +257,8 @@ def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer)
     return shard_model(model, mesh, policy, blocks=blocks, offload=offload,
                        checkpoint=job.scaling.activation_checkpointing,
                        reshard_after_forward=not (world == 1 and not offload),
-                       unused_params=job.scaling.find_unused_parameters == "true")
+                       unused_params=job.scaling.find_unused_parameters == "true",
+                       fp32=engine.config.fp32_modules)
 
 
 def block_selector(entries, field: str = "blocks"):

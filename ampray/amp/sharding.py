@@ -18,7 +18,11 @@ The engine keeps autocast on whenever its dtype is fp16/bf16, even when FSDP alr
 With the engine at fp32 (`enabled=False` or dtype fp32) there is no autocast and no loss scaling: FSDP's
 `param_dtype=bf16` alone is then allowed (module-level bf16), `param_dtype=fp16` is not (fp16 gradients
 need loss scaling: set the engine's dtype to fp16). A `param_dtype` that is neither None/fp32 nor the
-engine's autocast dtype is a ConfigError (`check_engine_config`).
+engine's autocast dtype is a ConfigError (`check_engine_config`). Where the policy casts, `shard_model`
+leaves two kinds of module in fp32, each a unit of its own with `param_dtype=None`: norm layers with
+running statistics (torch's batch-norm kernels refuse bf16/fp16 weights beside fp32 statistics; FSDP1 kept
+them fp32 by itself, FSDP2 does not) and the engine's `fp32_modules` (its islands turn autocast off
+there, which means nothing if FSDP has cast their weights: the engine checks they are not cast).
 
 What the engine does differently under FSDP (one extra collective, nothing else):
 - Each rank holds a shard of every gradient (a DTensor); the engine reads and scales `.to_local()`
@@ -144,9 +148,17 @@ def check_engine_config(config: MixedPrecisionConfig, amp_dtype: torch.dtype, mo
                           f"MixedPrecisionPolicy(param_dtype={dtype_name(cast)}): expected the same dtype (or "
                           "param_dtype None/float32); build_mp_policy(config) makes them agree")
     if config.fp32_modules:
-        raise ConfigError(f"{owner}.fp32_modules={list(config.fp32_modules)!r} is not allowed with FSDP's "
-                          f"MixedPrecisionPolicy(param_dtype={dtype_name(cast)}): those modules' parameters "
-                          "are already cast; expected () (or param_dtype None)")
+        from ampray.amp.autocast import _matches
+
+        held = unit_param_dtypes(model)
+        for name, m in model.named_modules():
+            name = name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+            if name and _matches(name, m, config.fp32_modules) and any(
+                    held.get(id(p)) in (torch.float16, torch.bfloat16) for p in m.parameters()):
+                raise ConfigError(f"{owner}.fp32_modules={list(config.fp32_modules)!r}: {name!r} is inside an FSDP "
+                                  f"unit whose MixedPrecisionPolicy casts its parameters to {dtype_name(cast)}; "
+                                  "expected it sharded as a unit of its own with param_dtype None "
+                                  "(shard_model(..., fp32=config.fp32_modules) does this)")
     if cast == torch.float16:
         for name in ("collapse_policy", "stall_policy"):
             if getattr(config, name) == "fallback_bf16":
@@ -222,6 +234,63 @@ def refuse_tied(model: nn.Module, is_block: Callable[[nn.Module], bool], what: s
                           "use of their parameters (tied weights stay in the root)")
 
 
+def keeps_running_stats(module: nn.Module) -> bool:
+    """A norm layer with parameters beside fp32 running statistics (BatchNorm, SyncBatchNorm, InstanceNorm
+    with track_running_stats): torch's kernels refuse its weights in bf16/fp16 next to fp32 statistics, as
+    FSDP's param_dtype would cast them (FSDP1 left such layers in fp32 by itself; FSDP2 does not)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return isinstance(module, _NormBase) and module.track_running_stats and \
+        any(True for _ in module.parameters(recurse=False))
+
+
+def fp32_units(model: nn.Module, patterns: Iterable[str] = (),
+               what: str = "MixedPrecisionConfig.fp32_modules") -> list[nn.Module]:
+    """The modules `shard_model` shards as units of their own with parameters left in fp32 when its policy
+    casts: norm layers with running statistics (`keeps_running_stats`; one tied to a module outside it
+    is left to its parent) and the modules matching `patterns` (MixedPrecisionConfig.fp32_modules: name
+    globs or class names, as the engine's fp32 islands match them). One inside another is not listed: the
+    outer unit keeps it in fp32 already. A pattern-selected module tied to a module outside it is a
+    ConfigError naming `what`."""
+    from ampray.amp.autocast import _matches
+
+    patterns = tuple(patterns)
+    chosen = {id(m) for name, m in model.named_modules() if name and patterns and _matches(name, m, patterns)}
+    refuse_tied(model, lambda m: id(m) in chosen, f"{what}={list(patterns)}")
+    norms = {id(m) for m in model.modules() if m is not model and keeps_running_stats(m)}
+    tied = {block for block, _, _ in shared_outside(model, lambda m: id(m) in norms)}
+    norms -= {id(model.get_submodule(name)) for name in tied}
+    keep = chosen | norms
+    out: list[nn.Module] = []
+
+    def walk(m: nn.Module, inside: bool) -> None:
+        if id(m) in keep and not inside and m is not model:
+            out.append(m)
+            inside = True
+        for child in m.children():
+            walk(child, inside)
+
+    walk(model, False)
+    return out
+
+
+def unit_param_dtypes(model: nn.Module) -> dict[int, torch.dtype | None]:
+    """id(parameter) -> the param_dtype of the FSDP unit that holds it (None: not cast)."""
+    fsdp, out = _fsdp_module_class(), {}
+
+    def walk(m: nn.Module, dtype: torch.dtype | None) -> None:
+        if fsdp is not None and isinstance(m, fsdp):
+            state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+            dtype = getattr(getattr(state, "_mp_policy", None), "param_dtype", None)
+        for p in m.parameters(recurse=False):
+            out[id(p)] = dtype
+        for child in m.children():
+            walk(child, dtype)
+
+    walk(model, None)
+    return out
+
+
 def reduces_unused_params() -> bool:
     """Whether this torch's FSDP2 can reduce-scatter zero gradients for parameters a rank left unused
     (`FSDPModule.set_reduce_scatter_unused_params`: torch 2.13 has it, 2.11 has not)."""
@@ -231,7 +300,7 @@ def reduces_unused_params() -> bool:
 def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "MixedPrecisionPolicy | None" = None,
                 blocks: Iterable[str] | Callable[[nn.Module], bool] = (), offload: bool = False,
                 checkpoint: bool = False, reshard_after_forward: bool = True,
-                unused_params: bool = False) -> nn.Module:
+                unused_params: bool = False, fp32: Iterable[str] = ()) -> nn.Module:
     """`fully_shard` each block (modules whose class name is in `blocks`, or for which `blocks(module)` is
     true; innermost first) and then the root, on `mesh` (default: a 1-D mesh over the world on the model's
     device type) with `policy` (default: none: FSDP computes in the parameters' dtype). `offload` moves the
@@ -240,12 +309,18 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     dict keys stay the same). `reshard_after_forward` is the blocks' (False: each keeps its gathered
     parameters from forward to backward); the root keeps torch's default, which does not reshard it.
     `unused_params`: parameters some ranks use and others not get zero gradients reduce-scattered (see the
-    module's docstring for what FSDP still asks). A block sharing a parameter with a module outside it
-    is a ConfigError. Returns the model, now an FSDPModule, sharded in place."""
+    module's docstring for what FSDP still asks). When `policy` casts the parameters, the modules of
+    `fp32_units(model, fp32)` (norm layers with running statistics, and those matching `fp32`: pass the
+    engine's fp32_modules) are units of their own whose parameters stay fp32, and so is every block inside
+    such a module. A block sharing a parameter with a module outside it is a ConfigError. Returns the
+    model, now an FSDPModule, sharded in place."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     is_block = _block_test(blocks)
     refuse_tied(model, is_block, "shard_model's blocks")
+    casts = policy is not None and policy.param_dtype not in (None, torch.float32)
+    kept = fp32_units(model, fp32) if casts else []
+    in_fp32 = {id(m) for unit in kept for m in unit.modules()}  # a block in a kept module stays fp32 too
     if unused_params and not reduces_unused_params():
         raise ConfigError(f"shard_model unused_params=True is not allowed with torch {torch.__version__}: "
                           "its FSDP cannot reduce-scatter zero gradients for unused parameters "
@@ -271,9 +346,15 @@ def shard_model(model: nn.Module, mesh: "DeviceMesh | None" = None, policy: "Mix
     offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     kwargs: dict[str, Any] = dict(mesh=mesh, mp_policy=policy or MixedPrecisionPolicy(),
                                   offload_policy=offload_policy, reshard_after_forward=reshard_after_forward)
-    found = [m for m in reversed(list(model.modules())) if m is not model and matches(m)]  # innermost first
-    for block in found:
-        fully_shard(block, **kwargs)
+    fp32_kwargs = {**kwargs, "mp_policy": MixedPrecisionPolicy(
+        reduce_dtype=policy.reduce_dtype, output_dtype=policy.output_dtype) if casts else kwargs["mp_policy"]}
+    inner = lambda m: getattr(m, "_checkpoint_wrapped_module", m)  # noqa: E731
+    modules = [m for m in model.modules() if m is not model]
+    blocks_inner = {id(inner(m)) for m in modules if matches(m)}
+    kept_ids = {id(m) for m in kept} - blocks_inner  # a kept module that is a block is sharded as the block
+    units = [m for m in reversed(modules) if matches(m) or id(m) in kept_ids]  # innermost first
+    for unit in units:
+        fully_shard(unit, **(fp32_kwargs if id(inner(unit)) in in_fp32 else kwargs))
     # The root with torch's own default: it stays gathered from forward to backward, which begins with it.
     fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
     if unused_params:

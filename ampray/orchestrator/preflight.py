@@ -172,8 +172,8 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
     """With scaling.strategy = "fsdp": torch has FSDP2 (and, for scaling.find_unused_parameters = "true", its
     reduce-scatter of unused parameters); every entry of scaling.fsdp_blocks selects some module of the
     model (a misspelt class name would shard only the whole model, and nothing would say so) and none that
-    shares a weight with a module outside it; every wrap policy imports and answers for each module.
-    Returns notes: classes the default choice of blocks leaves to the root for tied weights. The model is
+    shares a weight with a module outside it; every wrap policy imports and answers for each module; no
+    module of precision.fp32_modules (each sharded as an fp32 unit) shares one either. Returns notes: classes the default choice of blocks leaves to the root for tied weights. The model is
     built on the meta device: no memory, no weights."""
     import torch
 
@@ -195,12 +195,19 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
                           f"torch {torch.__version__}: its FSDP cannot reduce-scatter zero gradients for parameters "
                           "some ranks leave unused (FSDPModule.set_reduce_scatter_unused_params); expected 'auto' "
                           "(every rank uses the same parameters), strategy 'ddp', or a newer torch")
-    if not entries and spec.builtin:
+    fp32 = job.precision.fp32_modules if job.precision.autocast_enabled else ()
+    if not entries and not fp32 and spec.builtin:
         return []
     try:
         with torch.device("meta"):
             model = spec.build_model(job.model.options)
     except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' sharding decides
+        return []
+    if fp32:  # each an fp32 unit of its own (shard_model): none may share a weight with a module outside it
+        from ampray.amp.sharding import fp32_units
+
+        fp32_units(model, fp32, "precision.fp32_modules")
+    if not entries and spec.builtin:
         return []
     if not entries:
         tied: list[str] = []

@@ -21,7 +21,6 @@ from ampray.models import build_model
     ({"scaling.strategy": "fsdp", "model.compile": True}, "model.compile=True is not allowed"),
     ({"scaling.strategy": "fsdp", "data.fill_gpu": True}, "data.fill_gpu=True is not allowed: expected false with "
                                                           "scaling.strategy='fsdp'"),
-    ({"scaling.strategy": "fsdp", "precision.fp32_modules": ["LayerNorm"]}, "precision.fp32_modules=['LayerNorm']"),
     ({"scaling.strategy": "fsdp", "precision.stall_policy": "fallback_bf16"},
      "precision.stall_policy='fallback_bf16' is not allowed: expected 'raise' with scaling.strategy='fsdp' and fp16"),
 ])

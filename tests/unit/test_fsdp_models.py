@@ -191,6 +191,10 @@ def test_weights_tied_across_a_block_boundary_are_refused_or_left_to_the_root(se
         with pytest.raises(ConfigError, match=rf"scaling.fsdp_blocks entry '{entry}' selects 'stacks.0' \(Stack\), "
                                               r"which shares its parameter 'stacks.0.embed.weight' with 'shared.weight'"):
             check_fsdp_blocks(job, resolve_model(job))
+    job = JobConfig.load(None, {**fields, "precision.dtype": "bf16", "precision.fp32_modules": ["head"]})
+    with pytest.raises(ConfigError, match=r"precision.fp32_modules=\['head'\] selects 'head' \(Linear\), which shares "
+                                          r"its parameter 'head.weight' with 'shared.weight' outside it"):
+        check_fsdp_blocks(job, resolve_model(job))  # each fp32 module is a unit of its own: refused before Ray
     job = JobConfig.load(None, fields)
     assert fsdp_blocks(Seq2Seq(), job) == []  # the Stacks share the embedding: the root keeps them
     assert check_fsdp_blocks(job, resolve_model(job)) == [  # and the user is told, before Ray starts
@@ -288,3 +292,134 @@ def test_auto_asks_fsdp_for_no_reduction_of_unused_parameters_and_old_torch_refu
                                           "scaling.strategy='fsdp' on torch"):
         check_fsdp_blocks(asked, resolve_model(asked))
     check_fsdp_blocks(JobConfig.load(None, {"scaling.strategy": "fsdp", "model.kind": "mlp"}), resolve_model(asked))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, ch: int = 4):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+class ConvNet(nn.Module):
+    """A user's conv net: BatchNorm in the stem and in each block, a head to keep in fp32."""
+
+    def __init__(self, ch: int = 4):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, ch, 3, padding=1), nn.BatchNorm2d(ch)
+        self.blocks = nn.ModuleList([ConvBlock(ch), ConvBlock(ch)])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(ch * 36, 3))
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _image_batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(10 * step + rank)
+    return torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def bn_scenario(name: str, rank: int, mesh) -> dict:
+    """The conv net in bf16 for 4 AdamW steps, sharded (FSDP's policy casting to bf16, `fp32=("head",)`)
+    and under DDP (autocast only, fp32_modules=("head",)): per-unit parameter dtypes, the head's output
+    dtype, the clipping norms and the weights of both."""
+    from ampray.amp.sharding import build_mp_policy, shard_model, unit_param_dtypes
+
+    out: dict = {}
+    for kind in ("fsdp", "ddp"):
+        engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", fp32_modules=("head",), max_grad_norm=1.0),
+                                       "cpu")
+        torch.manual_seed(0)
+        model = engine.prepare_model(ConvNet())
+        if kind == "fsdp":
+            model = shard_model(model, mesh, build_mp_policy(engine.config), blocks=("ConvBlock",),
+                                checkpoint=name == "checkpointed", fp32=engine.config.fp32_modules)
+            held = unit_param_dtypes(model)
+            out["dtypes"] = {n.replace("_checkpoint_wrapped_module.", ""): str(held[id(p)])
+                             for n, p in model.named_parameters()}
+        else:
+            model = nn.parallel.DistributedDataParallel(model)
+        seen = []
+        (model.module if kind == "ddp" else model).head.register_forward_hook(lambda m, a, o: seen.append(str(o.dtype)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        norms = []
+        for step in range(4):
+            x, y = _image_batch(step, rank)
+            norms.append(float(engine.train_step(model, opt, nn.functional.cross_entropy, x, y).grad_norm))
+        out[kind] = {"norms": norms, "head_out": sorted(set(seen)),
+                     "params": {n.replace("_checkpoint_wrapped_module.", "").removeprefix("module."):
+                                (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().tolist()
+                                for n, p in model.named_parameters()}}
+    return out
+
+
+@pytest.fixture(scope="module")
+def bn_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bn")
+    port = free_port()
+    main = functools.partial(mesh_rank_main, bn_scenario)
+    codes, hung = spawn_ranks(main, lambda r: (r, 2, port, ["plain", "checkpointed"], str(out)), 2, DEADLINE_S)
+    assert not hung, f"rank(s) {hung} did not finish within {DEADLINE_S} s: a collective hung"
+    assert codes == [0, 0], f"exit codes {codes}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", ["plain", "checkpointed"])
+def test_batchnorm_and_fp32_modules_stay_fp32_units_under_a_casting_policy(bn_ranks, name):
+    """FSDP's bf16 policy would cast BatchNorm's weights beside its fp32 running statistics, which torch's
+    kernels refuse ("expected scalar type BFloat16 but found Float", seen with a user's conv net under
+    `ampray train`): shard_model makes each BatchNorm, and each module of fp32_modules, a unit whose
+    parameters stay fp32, so the conv net trains as under DDP, its head in fp32 on both."""
+    a, b = bn_ranks[0][name], bn_ranks[1][name]
+    assert "error" not in a and "error" not in b, (a.get("trace"), b.get("trace"))
+    dtypes = a["dtypes"]
+    assert {k for k, v in dtypes.items() if v == "None"} == {
+        "bn.weight", "bn.bias", "blocks.0.bn.weight", "blocks.0.bn.bias", "blocks.1.bn.weight", "blocks.1.bn.bias",
+        "head.1.weight", "head.1.bias"}, dtypes
+    assert dtypes["stem.weight"] == dtypes["blocks.0.conv.weight"] == "torch.bfloat16"
+    for rank in (a, b):
+        assert rank["fsdp"]["head_out"] == rank["ddp"]["head_out"] == ["torch.float32"]
+        assert rank["fsdp"]["norms"] == pytest.approx(rank["ddp"]["norms"], rel=2e-2)
+        for key, want in rank["ddp"]["params"].items():
+            got = rank["fsdp"]["params"][key]
+            assert max(abs(g - w) for g, w in zip(got, want)) < 2e-2, key
+    assert a["fsdp"]["norms"] == b["fsdp"]["norms"]  # one clipping norm on both ranks
+    assert a["fsdp"]["params"] == b["fsdp"]["params"]
+
+
+def test_fp32_modules_tied_outside_are_refused_and_a_cast_fp32_module_is_a_config_error(monkeypatch):
+    from ampray.amp.sharding import build_mp_policy, fp32_units, shard_model
+
+    model = Seq2Seq()
+    with pytest.raises(ConfigError, match=r"precision.fp32_modules=\['head'\] selects 'head' \(Linear\), which "
+                                          r"shares its parameter 'head.weight' with 'shared.weight'"):
+        fp32_units(model, ("head",), "precision.fp32_modules")
+    net = ConvNet()
+    assert [type(m).__name__ for m in fp32_units(net)] == ["BatchNorm2d", "BatchNorm2d", "BatchNorm2d"]
+    assert fp32_units(net, ("head", "Linear")) == [net.bn, net.blocks[0].bn, net.blocks[1].bn, net.head]
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:  # the user's own fully_shard of the whole model casts the head the engine must run in fp32
+        from torch.distributed.fsdp import fully_shard
+
+        engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", fp32_modules=("head",)), "cpu")
+        torch.manual_seed(0)
+        model = fully_shard(engine.prepare_model(ConvNet()), mp_policy=build_mp_policy(engine.config))
+        x, y = _image_batch(0, 0)
+        with pytest.raises(ConfigError, match=r"fp32_modules=\['head'\]: 'head' is inside an FSDP unit whose "
+                                              r"MixedPrecisionPolicy casts its parameters to bfloat16"):
+            engine.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy, x, y)
+        ok = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", fp32_modules=("head",)), "cpu")
+        torch.manual_seed(0)
+        model = shard_model(ok.prepare_model(ConvNet()), policy=build_mp_policy(ok.config), fp32=("head",))
+        assert ok.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
+                             x, y).loss.isfinite()
+    finally:
+        dist.destroy_process_group()
