@@ -32,10 +32,15 @@ class EvalStats:
         return out
 
 
-def _classified(output: Any, target: torch.Tensor) -> bool:
-    """Integer targets with one class score per target in the output's last dimension."""
-    return (isinstance(output, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool
-            and output.dim() == target.dim() + 1 and output.shape[:-1] == target.shape)
+def _classes(output: Any, target: torch.Tensor) -> int | None:
+    """For integer targets, the dimension of the output's class scores (`logits_of`: a tensor, a dict's
+    "logits", a tuple's first item) that pairs with them (last, or torch's dimension 1); else None."""
+    from ampray.models.registry import class_dim, logits_of
+
+    logits = logits_of(output)
+    if logits is None or target.is_floating_point() or target.dtype == torch.bool:
+        return None
+    return class_dim(logits, target)
 
 
 @torch.no_grad()
@@ -65,10 +70,13 @@ def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: in
             loss_sum += loss.detach().double() * n
             samples += n
             if classified is None:
-                classified = _classified(output, y)
+                dim = _classes(output, y)
+                classified = dim is not None
             if classified:
+                from ampray.models.registry import logits_of
+
                 valid = y >= 0  # negative targets are ignored, as cross_entropy's ignore_index=-100
-                right += ((output.argmax(-1) == y) & valid).sum()
+                right += ((logits_of(output).argmax(dim) == y) & valid).sum()
                 counted += valid.sum()
         if lockstep:
             todo = min(batches.most_batches, max_batches) if max_batches else batches.most_batches

@@ -78,11 +78,63 @@ def import_object(path: str, field: str) -> Any:
     return obj
 
 
-def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last dimension of `output`: classes for (N, C) logits, tokens for (N, T, V)."""
-    if output.dim() > 2:
-        return F.cross_entropy(output.reshape(-1, output.size(-1)), target.reshape(-1))
-    return F.cross_entropy(output, target)
+def logits_of(output: Any) -> torch.Tensor | None:
+    """The class scores in a model's output: the output itself when it is a tensor, a mapping's "logits"
+    (a dict, Hugging Face's ModelOutput), an object's `.logits`, or the first item of a tuple or list; None
+    when there is none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        value = output.get("logits") if hasattr(output, "get") else None
+        return value if isinstance(value, torch.Tensor) else None
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def class_dim(logits: torch.Tensor, target: torch.Tensor) -> int | None:
+    """Where the classes are in `logits` for integer `target`s: the last dimension ((N, C) with (N,), or
+    (N, T, V) with (N, T)), dimension 1 (torch's (N, C, d1, ...) with (N, d1, ...)), or None when the
+    shapes do not pair up."""
+    if logits.dim() >= 2 and target.shape == logits.shape[:-1]:
+        return logits.dim() - 1
+    if logits.dim() > 2 and target.shape == logits.shape[:1] + logits.shape[2:]:
+        return 1
+    return None
+
+
+def cross_entropy(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """The default loss: cross-entropy of the output's class scores (`logits_of`) against integer class
+    indices (-100 is ignored, as in torch), the classes in the last dimension ((N, C) logits,
+    tokens of (N, T, V)) or in dimension 1 ((N, C, H, W) with (N, H, W) targets), or against class
+    probabilities shaped like the scores. Anything else is a ValueError that says what to set, rather than
+    a number: torch would take a float target of the output's (N,) shape as one sample's soft labels and
+    train a regression model on nonsense."""
+    logits = logits_of(output)
+    if logits is None or not isinstance(target, torch.Tensor):
+        raise TypeError(f"the default loss (cross-entropy) takes class scores (a tensor, a dict with 'logits' or a "
+                        f"tuple whose first item is one) and a target tensor; got {type(output).__name__} and "
+                        f"{type(target).__name__}: set model.loss to your own loss")
+    if target.is_floating_point():
+        if logits.dim() < 2 or target.shape != logits.shape:
+            raise ValueError(f"the default loss (cross-entropy) takes integer class indices, or class probabilities "
+                             f"shaped like the output; got a {str(target.dtype).removeprefix('torch.')} target "
+                             f"{tuple(target.shape)} for an output {tuple(logits.shape)}: for regression set "
+                             "model.loss (e.g. \"torch.nn.functional:mse_loss\"); for classes, integer labels")
+        if logits.dim() > 2:
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1, target.size(-1)))
+        return F.cross_entropy(logits, target)
+    where = class_dim(logits, target)
+    if where is None or target.dtype == torch.bool:
+        raise ValueError(f"the default loss (cross-entropy) needs one class score per class for each target: got "
+                         f"an output {tuple(logits.shape)} for a target {tuple(target.shape)} "
+                         f"{str(target.dtype).removeprefix('torch.')} (expected the target's shape plus a class "
+                         "dimension, last or second); set model.loss for anything else")
+    if where == 1 or logits.dim() == 2:
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
 
 
 @dataclass(frozen=True)

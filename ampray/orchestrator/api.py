@@ -82,10 +82,23 @@ def _code(value: Any, field: str, job: dict[str, Any], objects: dict[str, Any]) 
     label = re.sub(r"\W+", "_", getattr(value, "__name__", "") or type(value).__name__).strip("_") or arg
     # A digest of the pickled object tells two of one name apart (partial(f, a=0) and partial(f, a=0.3)):
     # a rerun with another one is refused against its checkpoint, not resumed with a different loss.
-    from ray import cloudpickle  # the pickler that carries it to the workers
+    job["model"][name] = f"{BY_VALUE}:{label}_{by_value_digest(value)}"
 
-    digest = hashlib.sha256(cloudpickle.dumps(value)).hexdigest()[:12]
-    job["model"][name] = f"{BY_VALUE}:{label}_{digest}"
+
+def by_value_digest(value: Any) -> str:
+    """12 hex digits of the object as cloudpickle (the pickler that carries it to the workers) writes it,
+    the same in every process for the same code: a class defined in a script or notebook is pickled with a
+    random per-process id (cloudpickle's class tracker), which is left out, so rerunning the same script
+    resumes its run instead of being refused for another model."""
+    from ray import cloudpickle
+    from ray.cloudpickle import cloudpickle as tracker
+
+    data = cloudpickle.dumps(value)
+    with tracker._DYNAMIC_CLASS_TRACKER_LOCK:
+        ids = list(tracker._DYNAMIC_CLASS_TRACKER_BY_CLASS.values())
+    for class_id in ids:
+        data = data.replace(class_id.encode(), b"")
+    return hashlib.sha256(data).hexdigest()[:12]
 
 
 def _importable(value: Any) -> bool:

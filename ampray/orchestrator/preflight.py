@@ -144,6 +144,7 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
             raise ConfigError(f"{where} is not in ampray's schema (no ampray.kind): name its columns with "
                               f"data.input and data.target (it has columns {_column_names(d.path)})")
         _check_ampray_shards(job, None if info["kind"] else spec.name)
+        _refuse_empty(info["rows"], "data.path", d.path)
         spec.check_data(job.model.options, info, where)
         rows = info["rows"]
         if d.val_path:
@@ -151,6 +152,7 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
                 val = parquet_summary(Path(d.val_path).expanduser(), labels=d.check != "full")
             except (OSError, ValueError) as err:
                 raise ConfigError(f"data.val_path={d.val_path!r}: not a readable Parquet dataset: {err}") from None
+            _refuse_empty(val["rows"], "data.val_path", d.val_path)
             spec.check_data(job.model.options, val, f"data.val_path={d.val_path!r}")
     elif spec.synthetic is None:
         raise ConfigError(f"data.path is required with model.factory={job.model.factory!r}: a Parquet file or "
@@ -357,11 +359,20 @@ def _columns_summary(job: JobConfig, path: str, field: str) -> dict[str, Any]:
     from ampray.actors.data import column_spec
 
     try:
-        return check_columns(Path(path).expanduser(), column_spec(job), field_prefix="data", field=field)
+        summary = check_columns(Path(path).expanduser(), column_spec(job), field_prefix="data", field=field)
     except ConfigError:
         raise
     except (OSError, ValueError) as err:
         raise ConfigError(f"{field}={path!r}: not a readable Parquet dataset: {err}") from None
+    _refuse_empty(summary["rows"], field, path)
+    return summary
+
+
+def _refuse_empty(rows: int, field: str, path: str) -> None:
+    """A dataset of no rows: nothing to train on, or a held-out loss that would be NaN at every report."""
+    if rows == 0:
+        raise ConfigError(f"{field}={path!r} holds 0 rows; expected a Parquet file or folder with data"
+                          + (" (or data.val_path = \"\" for no held-out set)" if field == "data.val_path" else ""))
 
 
 def _check_same_columns(train: dict[str, Any], val: dict[str, Any], job: JobConfig) -> None:
@@ -432,6 +443,8 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
         raise ConfigError(f"the backward pass of {label} and {loss_label} fails on this machine's CPU ({err}); "
                           "expected a loss computed from the model's output, whose gradient reaches the "
                           "parameters") from None
+    if not job.model.loss and not spec.builtin:
+        _check_default_loss_targets(job, output, y, stream is not None)
     sparse = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse]
     if sparse and job.scaling.num_workers > 1 and job.precision.oom_policy != "raise":
         raise ConfigError(
@@ -440,6 +453,56 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
             "policy makes the engine all-reduce dense gradients itself; expected precision.oom_policy='raise', "
             "or dense embeddings (sparse=False)")
     return tuple(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None)
+
+
+def _check_default_loss_targets(job: JobConfig, output: Any, y: Any, streamed: bool) -> None:
+    """The default loss (cross-entropy) on a user's model: float targets must be class probabilities (in
+    [0, 1], each row summing to 1: a regression target would train on nonsense), and, with data.check =
+    "full", every integer label of data.path and data.val_path must be a class of the model's output (or
+    torch's ignored -100): a label beyond them fails inside a worker (a device-side assert on a GPU)."""
+    import torch
+
+    from ampray.models.registry import class_dim, logits_of
+
+    target = f"data.target={job.data.target!r}"
+    if y.is_floating_point():
+        if not (bool(((y >= 0) & (y <= 1)).all()) and torch.allclose(y.sum(-1).double(), torch.ones((), dtype=torch.double),
+                                                                    atol=1e-3)):
+            raise ConfigError(f"the default loss (cross-entropy) takes the float {target} as class probabilities (each "
+                              f"row's values in [0, 1], summing to 1); its first rows hold {y[:2].flatten()[:6].tolist()}: "
+                              "for regression set model.loss (e.g. \"torch.nn.functional:mse_loss\"); for classes, "
+                              "store integer labels")
+        return
+    logits = logits_of(output)
+    dim = class_dim(logits, y)
+    if streamed or job.data.check != "full" or not job.data.path or dim is None:
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ampray.data.columns import parquet_files
+
+    classes = logits.shape[dim]
+    for field, path in (("data.path", job.data.path), ("data.val_path", job.data.val_path)):
+        for file in parquet_files(path) if path else []:
+            column = pq.read_table(file, columns=[job.data.target]).column(0).combine_chunks()
+            while pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or \
+                    pa.types.is_fixed_size_list(column.type):
+                column = column.flatten()
+            if not pa.types.is_integer(column.type) or not len(column):
+                continue
+            labels = pc.filter(column, pc.not_equal(column, -100))
+            if not len(labels):
+                continue
+            bounds = pc.min_max(labels)
+            lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
+            if lo < 0 or hi >= classes:
+                raise ConfigError(f"{field}={path!r}: {file.name} holds class label {hi if hi >= classes else lo} in "
+                                  f"column {job.data.target!r} (labels in [{lo}, {hi}]); the model's output "
+                                  f"{tuple(logits.shape)} scores {classes} classes (dimension {dim}), so the default "
+                                  f"loss (cross-entropy) expects labels in [0, {classes}) or -100 (ignored): check the "
+                                  "model's number of classes (model.options) or the labels")
 
 
 def _describe(value: Any) -> str:

@@ -400,7 +400,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
     from ampray.job import absolute_paths
     from ampray.orchestrator.preflight import check_batch_fits, check_model_and_data, streaming_mode
     from ampray.orchestrator.shipping import probe_imports, worker_runtime_env
-    from ampray.orchestrator.train import init_ray, node_memory, resolved, user_code
+    from ampray.orchestrator.train import init_ray, node_memory, resolved, streams_fit, user_code
     from ampray.tune_spaces import load_space
 
     from ampray.job import choose_compile, choose_precision, precision_notes
@@ -465,6 +465,9 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
         # loss of one trial against a held-out loss of another.
         trial_job.run.eval_every = 0
     trial_job = resolved(trial_job, search.workers_per_trial, search.gpus_per_trial > 0, streaming, plan)
+    # Streaming trials leave a CPU free for Ray Data's reads (fewer of them run at once where none would be).
+    concurrent = streams_fit(trial_job, search.workers_per_trial, ray.cluster_resources().get("CPU", 0.0),
+                             concurrent)
     if search.scheduler == "pbt" and search.samples > concurrent:
         # PBT exploits among trials that run side by side; later waves could only clone each other.
         raise ConfigError(f"search.samples={search.samples} is not allowed with scheduler=pbt here: the whole "

@@ -211,6 +211,25 @@ def resolve_scaling(job: JobConfig, resources: dict[str, float],
     return n, use_gpu
 
 
+def streams_fit(job: JobConfig, num_workers: int, cpus: float, trials: int = 1) -> int:
+    """How many of `trials` runs of `num_workers` workers (concurrent Tune trials; 1 for a run) can stream
+    at once: Ray Data reads a streamed dataset in tasks of one CPU each, scheduled on the CPUs the workers
+    leave free, so with none left it never reads a row and the workers wait forever (seen: 2 workers on a
+    2-CPU machine hung at step 0). Raises ResourceError when not even one fits; `trials` when not streaming."""
+    if job.data.streaming != "true":
+        return trials
+    need = num_workers * job.scaling.cpus_per_worker
+    fit = math.floor((cpus - 1.0) / need + 1e-9) if cpus >= 1.0 + need - 1e-9 else 0
+    if fit < 1:
+        raise ResourceError(
+            f"data.streaming: the training rows stream through Ray Data, whose reads need a CPU the workers leave "
+            f"free; scaling.num_workers={num_workers} x cpus_per_worker={job.scaling.cpus_per_worker:g} take "
+            f"{need:g} of the cluster's {cpus:g} CPUs; expected at most {max(0.0, cpus - 1):g} CPUs for the "
+            "workers (fewer workers or a smaller scaling.cpus_per_worker), or data.streaming = false (the rows "
+            "loaded into each worker's memory)")
+    return min(trials, fit)
+
+
 def _workers_on(node: dict[str, float], cpus: float, gpus: float) -> int:
     """How many workers of (cpus, gpus) one node can hold (a tiny slack against float sums like 0.1 * 3)."""
     fits = [math.floor(node.get("CPU", 0.0) / cpus + 1e-9)]
@@ -511,11 +530,13 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
             runtime_env = {}  # the job's own: the workers inherit it (uploaded once, by this driver)
         if code:
             probe_imports(code, runtime_env)  # the workers import the user's code as the driver did
-        num_workers, use_gpu = resolve_scaling(job, *cluster_capacity(job.run.address))
+        resources, nodes = cluster_capacity(job.run.address)
+        num_workers, use_gpu = resolve_scaling(job, resources, nodes)
         if choose_precision is not None:
             job = choose_precision(job, use_gpu)
         job = resolved(job, num_workers, use_gpu,
                        streaming_mode(job, plan, node_memory(), num_workers, stream is not None), plan)
+        streams_fit(job, num_workers, resources.get("CPU", 0.0))
         if plan.unused_parameters:
             asked = job.scaling.find_unused_parameters == "true"
             if job.scaling.strategy == "fsdp":

@@ -65,3 +65,28 @@ def test_a_ray_dataset_given_to_fit_streams(ray_address, project):
     assert result.job.data.streaming == "true" and result.job.data.path == ""
     assert set(result.per_rank) == {0, 1} and all(r["step"] == 20 for r in result.per_rank.values())
     assert result.metrics["val/samples/total"] == 128
+
+
+def test_streaming_with_no_cpu_left_for_ray_data_is_refused_before_any_worker(ray_address, project, capsys):
+    """Ray Data reads in tasks of one CPU on what the workers leave free: 2 workers of 2 CPUs on the test
+    cluster's 4 would wait at step 0 forever (seen with 2 workers on a 2-CPU machine); refused instead."""
+    args = ["train", "--config", "job.toml", "--address", ray_address, "--name", "starved", "--run.storage_path",
+            str(project / "runs"), "--data.streaming", "true", "--scaling.num_workers", "2",
+            "--scaling.cpus_per_worker", "2", "--run.steps", "10"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ("data.streaming: the training rows stream through Ray Data, whose reads need a CPU the workers leave "
+            "free; scaling.num_workers=2 x cpus_per_worker=2 take 4 of the cluster's 4 CPUs; expected at most 3 "
+            "CPUs for the workers") in err, err[-2000:]
+    assert not (project / "runs" / "starved" / "checkpoint_000010").exists()
+
+
+def test_streams_fit_leaves_one_cpu_for_ray_data():
+    from ampray.orchestrator.train import ResourceError, streams_fit
+
+    job = JobConfig.load(None, {"data.streaming": "true"})
+    assert streams_fit(job, 2, 3.0) == 1 and streams_fit(job, 1, 8.0, trials=10) == 7
+    assert streams_fit(job, 2, 8.0, trials=2) == 2 and streams_fit(job, 2, 8.0, trials=5) == 3
+    assert streams_fit(JobConfig.load(None, {"data.streaming": "false"}), 2, 2.0, trials=4) == 4
+    with pytest.raises(ResourceError, match="take 2 of the cluster's 2 CPUs"):
+        streams_fit(job, 2, 2.0)

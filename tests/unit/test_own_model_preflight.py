@@ -4,6 +4,7 @@ error that names the field and the fix."""
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -237,6 +238,44 @@ def test_python_api_records_what_it_cannot_import_as_by_value(tmp_path):
     assert a != _table_to_parquet(pa.table({"x": [1, 3]}), tmp_path, "train")
 
 
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from torch import nn
+from ampray.orchestrator.api import _code
+
+class Net(nn.Module):  # a class of the script itself: cloudpickle gives it a random id per process
+    def __init__(self, hidden={hidden}):
+        super().__init__()
+        self.fc = nn.Linear(4, hidden)
+
+def build():
+    return Net()
+
+job = {{"model": {{}}}}
+_code(build, "model.factory", job, {{}})
+print(job["model"]["factory"])
+"""
+
+
+def test_a_script_rerun_records_the_same_by_value_name(tmp_path):
+    """`ampray.fit(model=build)` from a script whose model class is its own: running the script again
+    records the same name, so it resumes its run (a random per-process class id made every rerun a
+    'different model', refused against its checkpoint); other code records another name."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[2])
+    names = []
+    for hidden in (8, 8, 16):
+        (tmp_path / "script.py").write_text(SCRIPT.format(root=root, hidden=hidden))
+        done = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        names.append(done.stdout.strip().splitlines()[-1])
+    assert names[0].startswith("ampray_by_value:build_")
+    assert names[0] == names[1] != names[2]
+
+
 def test_a_by_value_path_in_a_job_file_is_refused_with_the_fix(project, capsys):
     err = _fails(capsys, "--model.loss", "ampray_by_value:loss")
     assert "was handed to ampray.fit by value" in err
@@ -286,3 +325,66 @@ def test_sparse_gradients_with_an_oom_policy_that_needs_dense_ones_under_ddp(pro
                  "--scaling.num_workers", "2")
     assert "precision.oom_policy='skip' is not allowed with scaling.num_workers=2 and sparse gradients" in err
     assert "bias.weight" in err
+
+
+def test_the_default_loss_refuses_what_cross_entropy_would_misread(project, capsys):
+    """Without model.loss the loss is cross-entropy: a regression target (float, the output's (N,) shape),
+    which torch would take as one sample's soft labels and train on (to a loss of -6000, exit 0), and a
+    label the model's output has no class for (which fails inside a worker) end on the driver."""
+    (project / "mynets.py").write_text((project / "mynets.py").read_text() + textwrap.dedent('''
+        def regressor(**options):
+            class Reg(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.fc = nn.Linear(16, 1)
+
+                def forward(self, pixels):
+                    return self.fc(pixels).squeeze(-1)
+            return Reg()
+    '''))
+    err = _fails(capsys, "--model.loss", "", "--model.factory", "mynets:regressor", "--data.target", "bonus",
+                 "--data.input", "pixels")
+    assert ("the default loss (cross-entropy) takes integer class indices, or class probabilities shaped like "
+            "the output; got a float32 target (2,) for an output (2,): for regression set model.loss") in err
+    # The factory's own option for its classes is not `num_classes`: the output's shape says 3 classes.
+    err = _fails(capsys, "--model.loss", "", "--model.options.classes", "3")
+    assert "holds class label 3 in column 'klass' (labels in [0, 3]); the model's output (2, 3) scores 3 classes" \
+           in err and "expects labels in [0, 3) or -100 (ignored)" in err
+    assert not (project / "runs").exists()
+
+
+def test_empty_training_or_held_out_files_are_named(project, capsys):
+    empty = teacher_data(4).slice(0, 0)
+    pq.write_table(empty, project / "data" / "empty.parquet")
+    err = _fails(capsys, "--data.val_path", "data/empty.parquet")
+    assert "data.val_path='data/empty.parquet' holds 0 rows; expected a Parquet file or folder with data (or " \
+           "data.val_path = \"\" for no held-out set)" in err
+    err = _fails(capsys, "--data.path", "data/empty.parquet")
+    assert "data.path='data/empty.parquet' holds 0 rows" in err
+
+
+def test_the_default_loss_and_accuracy_read_logits_from_dicts_and_tuples():
+    import torch
+
+    from ampray.actors.evaluate import _classes
+    from ampray.models.registry import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(5, 3, generator=g), torch.tensor([0, 2, 1, 1, -100])
+    want = torch.nn.functional.cross_entropy(logits, target)
+    for output in (logits, {"logits": logits, "aux": torch.ones(())}, (logits, torch.ones(()))):
+        assert torch.equal(cross_entropy(output, target), want)
+        assert _classes(output, target) == 1
+    seg, mask = torch.randn(2, 4, 3, 3, generator=g), torch.randint(0, 4, (2, 3, 3), generator=g)
+    assert torch.equal(cross_entropy(seg, mask), torch.nn.functional.cross_entropy(seg, mask))  # classes in dim 1
+    assert _classes(seg, mask) == 1
+    tokens, ids = torch.randn(2, 5, 7, generator=g), torch.randint(0, 7, (2, 5), generator=g)
+    assert torch.equal(cross_entropy(tokens, ids), torch.nn.functional.cross_entropy(tokens.reshape(-1, 7), ids.reshape(-1)))
+    assert _classes(tokens, ids) == 2
+    probs = torch.softmax(torch.randn(5, 3, generator=g), -1)
+    assert torch.equal(cross_entropy(logits, probs), torch.nn.functional.cross_entropy(logits, probs))
+    assert _classes({"aux": logits}, target) is None and _classes(logits, probs) is None
+    with pytest.raises(TypeError, match="set model.loss"):
+        cross_entropy({"aux": logits}, target)
+    with pytest.raises(ValueError, match=r"got an output \(5, 3\) for a target \(4,\) int64"):
+        cross_entropy(logits, target[:4])
