@@ -2,6 +2,7 @@
 fp16 and bf16 with the engine's scaler, the sharded checkpoint resumes bitwise, and the shards hold the
 whole model. Needs Ray on the GPU host (the .gpukit bundle)."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,48 @@ def test_a_sharded_checkpoint_resumes_bitwise_on_the_gpu(gpu_cluster, tmp_path):
     for key, value in want["model"].items():
         assert torch.equal(got["model"][key], value), key
     assert Path(resumed.checkpoint).name == "checkpoint_000040"
+
+
+def test_batchnorm_trains_under_a_bf16_fsdp_policy_on_the_gpu(monkeypatch):
+    """A user's conv net with BatchNorm, sharded with FSDP's bf16 policy on one GPU (NCCL, one rank): torch's
+    kernels refuse bf16 BatchNorm weights beside fp32 running statistics (recorded here on CUDA as on the
+    CPU), so shard_model keeps each BatchNorm an fp32 unit, and the net trains."""
+    import torch.distributed as dist
+
+    from ampray.amp.config import MixedPrecisionConfig
+    from ampray.amp.sharding import build_mp_policy, shard_model
+    from ampray.amp.trainer import MixedPrecisionTrainer
+    from tests.unit.helpers import free_port
+    from tests.unit.test_fsdp_models import ConvNet, _image_batch
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16"), "cuda")
+        torch.manual_seed(0)
+        raw = fully_shard(engine.prepare_model(ConvNet()), mp_policy=build_mp_policy(engine.config))
+        x, y = _image_batch(0, 0)
+        try:
+            with engine.autocast():
+                raw(x.cuda())
+            cast_bn = "ran"
+        except RuntimeError as err:
+            cast_bn = str(err)
+        print("bf16 BatchNorm weights under FSDP on CUDA:", cast_bn[:200])
+        engine = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16"), "cuda")
+        torch.manual_seed(0)
+        model = shard_model(engine.prepare_model(ConvNet()), policy=build_mp_policy(engine.config),
+                            blocks=("ConvBlock",))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(20):
+            x, y = _image_batch(step % 2, 0)
+            losses.append(float(engine.train_step(model, opt, torch.nn.functional.cross_entropy, x, y).loss))
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+        assert model.bn.weight.dtype == torch.float32 and model.bn.running_mean.dtype == torch.float32
+    finally:
+        dist.destroy_process_group()
