@@ -84,9 +84,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
         if not isinstance(err, TrainingFailedError):
             raise
-        print(f"ampray train: the run failed: {_failure_summary(err)}\n"
-              f"Its checkpoints are kept in {job.run_dir()}: rerun the same command to resume from the "
-              "latest (run.max_failures restarts crashed workers by itself).", file=sys.stderr)
+        print(f"ampray train: the run failed: {_failure_summary(err)}\n{_after_failure(job.run_dir())}", file=sys.stderr)
         full = _disk_full(err, job.run_dir())
         if full:
             print(full, file=sys.stderr)
@@ -98,6 +96,22 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     console.print(final_table(outcome))
     console.print(f"View it: [bold]tensorboard --logdir {outcome.logdir}[/bold]")
     return 0
+
+
+def _after_failure(run_dir) -> str:
+    """What a rerun would do: resume from the run's latest checkpoint, or, with none written, start over (the
+    same error again, if it came from the model, the loss or the data rather than a crashed machine)."""
+    from ampray.orchestrator.checkpoints import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(run_dir)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint list: the rerun reports it
+        latest = None
+    if latest is None:
+        return (f"No checkpoint was written ({run_dir}): a rerun starts at step 0, so fix the cause above first "
+                "if it is in the model, the loss or the data.")
+    return (f"Its checkpoints are kept in {run_dir}: rerun the same command to resume from the latest "
+            f"({latest.name}; run.max_failures restarts crashed workers by itself).")
 
 
 def _diverged(err: Exception) -> bool:

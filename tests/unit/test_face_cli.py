@@ -101,3 +101,19 @@ def test_training_job_turns_epochs_into_steps():
     assert not off.precision.enabled
     with pytest.raises(ConfigError, match="size='huge' is not allowed"):
         benchmark_mixed_precision_interface("mlp", 4, size="huge")
+
+
+def test_a_failed_run_says_whether_a_rerun_resumes(tmp_path):
+    """After a failure `ampray train` says to rerun and resume only where a checkpoint was registered; with
+    none (an error of the model at step 0, say) a rerun would start over and fail the same way."""
+    import json
+
+    from ampray.orchestrator.checkpoints import SNAPSHOT
+    from ampray.orchestrator.cli import _after_failure
+
+    assert _after_failure(tmp_path).startswith(f"No checkpoint was written ({tmp_path}): a rerun starts at step 0")
+    (tmp_path / SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name":
+                                                                              "checkpoint_000040"}}))
+    assert _after_failure(tmp_path) == (f"Its checkpoints are kept in {tmp_path}: rerun the same command to resume "
+                                        "from the latest (checkpoint_000040; run.max_failures restarts crashed "
+                                        "workers by itself).")

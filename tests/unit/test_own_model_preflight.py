@@ -388,3 +388,18 @@ def test_the_default_loss_and_accuracy_read_logits_from_dicts_and_tuples():
         cross_entropy({"aux": logits}, target)
     with pytest.raises(ValueError, match=r"got an output \(5, 3\) for a target \(4,\) int64"):
         cross_entropy(logits, target[:4])
+
+
+def test_the_default_loss_takes_float_targets_only_as_class_probabilities():
+    import torch
+
+    from ampray.amp.config import ConfigError
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import _check_default_loss_targets
+
+    job = JobConfig.load(None, {"model.factory": "mynets:build", "data.input": "x", "data.target": "y"})
+    scores = torch.randn(2, 3)
+    _check_default_loss_targets(job, scores, torch.softmax(torch.randn(2, 3), -1), streamed=False)
+    with pytest.raises(ConfigError, match=r"takes the float data.target='y' as class probabilities \(each row's "
+                                          r"values in \[0, 1\], summing to 1\); its first rows hold \[1.5, -2.0"):
+        _check_default_loss_targets(job, scores, torch.tensor([[1.5, -2.0, 0.0], [0.0, 0.0, 3.0]]), streamed=False)
