@@ -423,3 +423,31 @@ def test_fp32_modules_tied_outside_are_refused_and_a_cast_fp32_module_is_a_confi
                              x, y).loss.isfinite()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_built_in_cnn_trains_under_fsdp_in_bf16(monkeypatch):
+    """`ampray train --model cnn --scaling.strategy fsdp` in bf16: the worker's own sharding (`shard`, the
+    job's default blocks) keeps the cnn's BatchNorms fp32, where they used to crash the first forward."""
+    from ampray.actors.worker import build_engine, shard
+    from ampray.amp.sharding import unit_param_dtypes
+    from ampray.models import build_criterion, build_model
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        job = JobConfig.load(None, {"model.kind": "cnn", "model.options": {"width": 8}, "precision.dtype": "bf16",
+                                    "scaling.strategy": "fsdp"})
+        engine = build_engine(job, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = shard(engine.prepare_model(build_model("cnn", width=8)), job, engine)
+        held = unit_param_dtypes(model)
+        kinds = {(type(m).__name__, str(held[id(p)])) for m in model.modules() for p in m.parameters(recurse=False)}
+        assert ("FSDPBatchNorm2d", "None") in kinds and ("Conv2d", "torch.bfloat16") in kinds, kinds
+        opt = engine.build_optimizer(model, "adamw", lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        losses = [float(engine.train_step(model, opt, build_criterion("cnn"), x, y).loss) for _ in range(6)]
+        assert losses[-1] < losses[0], losses
+    finally:
+        dist.destroy_process_group()
