@@ -47,6 +47,20 @@ def _job(job: JobConfig | str | Path | dict | None, overrides: dict[str, Any] | 
     return JobConfig.load(None, {**_dotted(base), **(overrides or {})}).to_dict()
 
 
+def _with_code(overrides: dict[str, Any] | None, model: Any, loss: Any, options: dict[str, Any] | None,
+               objects: dict[str, Any]) -> dict[str, Any]:
+    """The overrides with `model=`, `loss=` and `options=` as fields, so that the job is checked once, with
+    them: `model.options` of a job file or of `overrides` belong to the factory passed here (checked
+    against the built-in mlp they would be refused)."""
+    code: dict[str, Any] = {"model": {}}
+    _code(model, "model.factory", code, objects)
+    _code(loss, "model.loss", code, objects)
+    extra = {f"model.{name}": value for name, value in code["model"].items()}
+    if options is not None:
+        extra["model.options"] = dict(options)
+    return {**(overrides or {}), **extra}
+
+
 def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -185,15 +199,21 @@ def fit(job: JobConfig | str | Path | dict | None = None, *, model: Any = None, 
     RuntimeError when the run fails or learns nothing finite."""
     from ampray.orchestrator.train import run_training
 
-    data = _job(job, overrides)
     objects: dict[str, Any] = {}
-    _code(model, "model.factory", data, objects)
-    _code(loss, "model.loss", data, objects)
-    if options is not None:
-        data["model"]["options"] = dict(options)
+    data = _job(job, _with_code(overrides, model, loss, options, objects))
     stream = _data(data, train_data, val_data, allow_stream=True)
     resolved = JobConfig.from_dict(data)
-    outcome = run_training(resolved, notify=print, stream=stream, objects=objects or None)
+    try:
+        outcome = run_training(resolved, notify=print, stream=stream, objects=objects or None)
+    except Exception as err:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(err, TrainingFailedError):
+            raise
+        from ampray.orchestrator.cli import _after_failure, _failure_summary
+
+        # What `ampray train` prints, instead of Ray's nested tracebacks cut before the user's own error.
+        raise RuntimeError(f"the run failed: {_failure_summary(err)}\n{_after_failure(resolved.run_dir())}") from err
     saved = JobConfig.load(outcome.run_dir / "job.toml") if (outcome.run_dir / "job.toml").is_file() else resolved
     return FitResult(outcome.run_dir, outcome.checkpoint, outcome.aggregate, outcome.final, saved)
 
@@ -207,15 +227,11 @@ def search(job: JobConfig | str | Path | dict | None = None, *, model: Any = Non
     by path): put them in a module."""
     from ampray.orchestrator.search import SearchConfig, run_search
 
-    data = _job(job, overrides)
     objects: dict[str, Any] = {}
-    _code(model, "model.factory", data, objects)
-    _code(loss, "model.loss", data, objects)
+    data = _job(job, _with_code(overrides, model, loss, options, objects))
     if objects:
         raise ConfigError(f"{sorted(objects)}: functions defined in __main__ or inside a function cannot be "
                           "used by ampray.search: define them in a module and pass them (or its import path)")
-    if options is not None:
-        data["model"]["options"] = dict(options)
     _data(data, train_data, val_data, allow_stream=False)
     try:
         config = SearchConfig(**search_fields)

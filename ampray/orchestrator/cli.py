@@ -154,14 +154,32 @@ def _failure_summary(err: Exception) -> str:
     traceback is in the worker's log under /tmp/ray/session_latest/logs."""
     failures = getattr(err, "worker_failures", None)
     if failures:
-        lines = []
+        lines, hints = [], []
         for rank, exc in sorted(failures.items()):
             cause = getattr(exc, "cause", None) or exc  # Ray wraps a worker's own exception
-            text = str(cause).strip().splitlines()
-            lines.append(f"rank {rank}: {type(cause).__name__}: {text[-1] if text else ''}")
-        return "\n  " + "\n  ".join(lines)
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+            lines.append(f"rank {rank}: {type(cause).__name__}: {_headline(str(cause))}")
+            hints += [hint for needle, hint in _HINTS if needle in str(cause) and hint not in hints]
+        return "\n  " + "\n  ".join(lines + hints)
+    return _headline(str(err)) or type(err).__name__
+
+
+# Worker errors whose cause is a setting: (text in the error, what to tell the user).
+_HINTS = (("Expected to have finished reduction in the prior iteration",
+           'hint: some parameters got no gradient in a step (a branch only some batches take): set '
+           'scaling.find_unused_parameters = "true" (DDP then looks for them in every step)'),)
+
+
+def _headline(text: str) -> str:
+    """What an error says went wrong, on one line: a traceback's last line (the exception), else the
+    message's first line (where torch puts the cause; its advice follows) and, for a longer message, its
+    last; each cut at 300 characters."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    cut = lambda line: line if len(line) <= 300 else line[:300] + " ..."  # noqa: E731
+    if not lines:
+        return ""
+    if len(lines) == 1 or any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return cut(lines[-1])
+    return f"{cut(lines[0])} ... {cut(lines[-1])}"
 
 
 def _console():

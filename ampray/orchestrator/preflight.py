@@ -114,6 +114,7 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     `objects`: the factory and loss by value (the Python API's), instead of by import path."""
     spec = resolve_model(job, objects)
     notes = check_fsdp_blocks(job, spec)
+    check_fp32_modules(job, spec)
     d = job.data
     where = f"data.path={d.path!r}"
     rows, size, columns = d.num_samples, 0, []
@@ -164,8 +165,17 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
     if d.columns and d.path and not d.pad_to:
         widths = _longest_rows(job)
         job = dataclasses.replace(job, data=dataclasses.replace(d, pad_widths={**widths, **d.pad_widths}))
+    elif d.columns and d.path and d.check == "full":  # every value is read anyway: no row may exceed pad_to
+        for name, longest in _longest_rows(job).items():
+            if longest > d.pad_to:
+                raise ConfigError(f"data.pad_to={d.pad_to}: column {name!r} has rows of up to {longest} entries "
+                                  f"(data.path / data.val_path); expected data.pad_to >= {longest}, or 0 (each "
+                                  "column padded to its longest row)")
     if d.columns and d.path:
-        size = _decoded_bytes(job, rows)
+        try:
+            size = _decoded_bytes(job, rows)
+        except ValueError as err:  # a row longer than data.pad_to, a pad_value the column cannot hold
+            raise ConfigError(str(err)) from None
     unused = () if spec.builtin else check_one_batch(job, spec, stream)
     return DataPlan(spec, rows, size, columns, unused, widths, report, notes)
 
@@ -205,6 +215,13 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
             model = spec.build_model(job.model.options)
     except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' sharding decides
         return []
+    odd = [(n, p.dtype) for n, p in model.named_parameters() if p.dtype != torch.float32]
+    if odd:
+        name, dtype = odd[0]
+        raise ConfigError(f"scaling.strategy='fsdp' is not allowed with the parameter {name!r} of dtype "
+                          f"{str(dtype).removeprefix('torch.')} ({len(odd)} not float32): FSDP shards a unit's parameters "
+                          "as one flat float32 buffer and reduces gradients in scaling.allreduce_dtype; expected "
+                          "float32 parameters (the engine's master weights), or strategy 'ddp'")
     if fp32:  # each an fp32 unit of its own (shard_model): none may share a weight with a module outside it
         from ampray.amp.sharding import fp32_units
 
@@ -235,6 +252,34 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
                               "some of them")
         refuse_tied(model, test, f"scaling.fsdp_blocks entry {entry!r}")
     return []
+
+
+def check_fp32_modules(job: JobConfig, spec: ModelSpec) -> None:
+    """Every precision.fp32_modules entry selects some module of the model (a misspelt name would leave the
+    module in low precision, and nothing would say so). The model is built on the meta device."""
+    import torch
+
+    from ampray.amp.autocast import Fp32Islands
+
+    patterns = job.precision.fp32_modules
+    if not patterns:
+        return
+    try:
+        with torch.device("meta"):
+            model = spec.build_model(job.model.options)
+    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' engine decides
+        return
+    for pattern in patterns:
+        islands = Fp32Islands((pattern,), "cpu")
+        try:
+            islands.attach(model)
+        except ValueError:
+            names = sorted({type(m).__name__ for m in model.modules() if m is not model})
+            raise ConfigError(f"precision.fp32_modules entry {pattern!r} selects no module of the model; expected a "
+                              f"qualified-name glob (\"head\", \"blocks.*.norm\") or a class name of its modules "
+                              f"({', '.join(names[:20])})") from None
+        finally:
+            islands.detach()
 
 
 def check_data_files(job: JobConfig, spec: ModelSpec) -> DataCheck | None:

@@ -334,6 +334,10 @@ def _cell(value: Any) -> Any:
     return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
 
 
+TRIAL_CPU = 0.01
+"""The CPU each trial's own function reserves (it only drives its Train run; Tune refuses an empty request)."""
+
+
 def _plan(job: JobConfig, search: SearchConfig, resources: dict[str, float]) -> tuple[JobConfig, int]:
     """The job as each trial runs it (scaling from the search) and how many trials fit at once."""
     use_gpu = search.gpus_per_trial > 0
@@ -343,6 +347,13 @@ def _plan(job: JobConfig, search: SearchConfig, resources: dict[str, float]) -> 
     need_cpu = search.workers_per_trial * job.scaling.cpus_per_worker
     need_gpu = search.workers_per_trial * search.gpus_per_trial
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if need_cpu <= cpus < need_cpu + TRIAL_CPU:
+        # The workers fill the cluster's CPUs (2 on a 2-CPU machine, as `ampray train` may run them): each
+        # gives up a sliver of its logical CPU for the trial's own (the same cores, the same speed).
+        per_worker = math.floor((cpus - TRIAL_CPU) / search.workers_per_trial * 1e4) / 1e4
+        job = apply_params(job.to_dict(), {"scaling.cpus_per_worker": per_worker})
+        need_cpu = search.workers_per_trial * per_worker
+    need_cpu += TRIAL_CPU
     if need_cpu > cpus or need_gpu > gpus:
         from ampray.orchestrator.train import ResourceError
 
@@ -467,7 +478,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
     trial_job = resolved(trial_job, search.workers_per_trial, search.gpus_per_trial > 0, streaming, plan)
     # Streaming trials leave a CPU free for Ray Data's reads (fewer of them run at once where none would be).
     concurrent = streams_fit(trial_job, search.workers_per_trial, ray.cluster_resources().get("CPU", 0.0),
-                             concurrent)
+                             concurrent, TRIAL_CPU)
     if search.scheduler == "pbt" and search.samples > concurrent:
         # PBT exploits among trials that run side by side; later waves could only clone each other.
         raise ConfigError(f"search.samples={search.samples} is not allowed with scheduler=pbt here: the whole "
@@ -478,7 +489,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
         save_plan(folder, job, search, space)
     # The trial function only drives its Train run, whose workers reserve their own CPUs/GPUs; Tune
     # refuses an empty request, so the driver asks for a sliver of a CPU.
-    trainable = ray.tune.with_resources(tune_trial, {"cpu": 0.01})
+    trainable = ray.tune.with_resources(tune_trial, {"cpu": TRIAL_CPU})
     if resume:
         tuner = ray.tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)

@@ -211,14 +211,15 @@ def resolve_scaling(job: JobConfig, resources: dict[str, float],
     return n, use_gpu
 
 
-def streams_fit(job: JobConfig, num_workers: int, cpus: float, trials: int = 1) -> int:
+def streams_fit(job: JobConfig, num_workers: int, cpus: float, trials: int = 1, per_trial: float = 0.0) -> int:
     """How many of `trials` runs of `num_workers` workers (concurrent Tune trials; 1 for a run) can stream
     at once: Ray Data reads a streamed dataset in tasks of one CPU each, scheduled on the CPUs the workers
     leave free, so with none left it never reads a row and the workers wait forever (seen: 2 workers on a
-    2-CPU machine hung at step 0). Raises ResourceError when not even one fits; `trials` when not streaming."""
+    2-CPU machine hung at step 0). `per_trial`: CPUs each trial holds beside its workers. Raises
+    ResourceError when not even one fits; `trials` when not streaming."""
     if job.data.streaming != "true":
         return trials
-    need = num_workers * job.scaling.cpus_per_worker
+    need = num_workers * job.scaling.cpus_per_worker + per_trial
     fit = math.floor((cpus - 1.0) / need + 1e-9) if cpus >= 1.0 + need - 1e-9 else 0
     if fit < 1:
         raise ResourceError(

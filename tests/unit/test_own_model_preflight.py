@@ -1,6 +1,7 @@
 """Bad input for a user's own model and data ends on the driver, in seconds and before Ray starts, with an
 error that names the field and the fix."""
 
+import re
 import sys
 import textwrap
 import time
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ampray.amp.config import ConfigError
 from ampray.orchestrator.cli import main
 from tests.own_project import teacher_data, write_project
 
@@ -163,6 +165,14 @@ def test_variable_length_columns_are_padded_to_one_width_everywhere(tmp_path, mo
         assert x["tokens"].shape == (40, 7) and x["query"].shape == (40, 3)
         assert one_batch(job, plan.spec)[0]["tokens"].shape == (2, 7)
         assert JobConfig.from_dict(job.to_dict()).data.pad_widths == {"tokens": 7, "query": 3}  # saved, read back
+        # data.pad_to below a row (the held-out set's 7, past the 2-row check batch) and a pad_value the
+        # integer column cannot hold: ConfigErrors on the driver, not a traceback or a worker's failure.
+        fields = {"model.factory": "seqnet:build", "data.path": "train.parquet", "data.val_path": "val.parquet",
+                  "data.input": ["tokens", "query"], "data.target": "y", "data.batch_size": 8}
+        for extra, words in (({"data.pad_to": 5}, "data.pad_to=5: column 'tokens' has rows of up to 7 entries"),
+                             ({"data.pad_to": 7, "data.pad_value": 0.5}, "data.pad_value=0.5 is not allowed")):
+            with pytest.raises(ConfigError, match=re.escape(words)):
+                check_model_and_data(JobConfig.load(None, {**fields, **extra}))
     finally:
         sys.modules.pop("seqnet", None)
 
@@ -403,3 +413,40 @@ def test_the_default_loss_takes_float_targets_only_as_class_probabilities():
     with pytest.raises(ConfigError, match=r"takes the float data.target='y' as class probabilities \(each row's "
                                           r"values in \[0, 1\], summing to 1\); its first rows hold \[1.5, -2.0"):
         _check_default_loss_targets(job, scores, torch.tensor([[1.5, -2.0, 0.0], [0.0, 0.0, 3.0]]), streamed=False)
+
+
+def test_the_python_api_checks_model_options_against_the_model_passed(project):
+    """ampray.fit(job, model=...): the job's model.options (a dict job, overrides, a job file) belong to the
+    factory passed, not to the built-in mlp that a job without a factory names."""
+    from ampray.job import JobConfig
+    from ampray.orchestrator.api import _job, _with_code
+
+    objects: dict = {}
+    data = _job({"model": {"options": {"width": 8}}}, _with_code(None, "mynets:build", None, None, objects))
+    job = JobConfig.from_dict(data)
+    assert job.model.factory == "mynets:build" and job.model.options == {"width": 8} and not objects
+    data = _job(None, _with_code({"model.options": {"width": 16}}, "mynets:build", None, None, objects))
+    assert JobConfig.from_dict(data).model.options == {"width": 16}
+    data = _job(None, _with_code({"model.options": {"width": 16}}, "mynets:build", None, {"width": 4}, objects))
+    assert JobConfig.from_dict(data).model.options == {"width": 4}  # options= wins, as before
+
+
+def test_fp32_modules_and_fsdp_parameter_dtypes_are_checked_on_the_driver(project):
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import check_model_and_data
+
+    (project / "mynets.py").write_text((project / "mynets.py").read_text() + textwrap.dedent('''
+        def with_f64(**options):
+            net = build(**options)
+            net.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+            return net
+    '''))
+    with pytest.raises(ConfigError, match=r"precision.fp32_modules entry 'haed' selects no module of the model; "
+                                          r"expected a qualified-name glob .* \(Dropout, GELU, Linear, Sequential\)"):
+        check_model_and_data(JobConfig.load("job.toml", {"precision.fp32_modules": ["body.0", "haed"]}))
+    check_model_and_data(JobConfig.load("job.toml", {"precision.fp32_modules": ["body.0", "Linear"]}))
+    with pytest.raises(ConfigError, match=r"scaling.strategy='fsdp' is not allowed with the parameter 'scale' of "
+                                          r"dtype float64 \(1 not float32\)"):
+        check_model_and_data(JobConfig.load("job.toml", {"model.factory": "mynets:with_f64",
+                                                         "scaling.strategy": "fsdp"}))
+    check_model_and_data(JobConfig.load("job.toml", {"model.factory": "mynets:with_f64"}))  # ddp takes it

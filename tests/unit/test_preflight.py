@@ -241,7 +241,15 @@ def test_a_failed_run_is_summarised_one_line_per_rank():
     err = WorkerGroupError("long traceback text\nmore", {1: ValueError("first line\nShardedBatches: batch_size=9"),
                                                          0: RuntimeError("NCCL error")})
     assert _failure_summary(err) == ("\n  rank 0: RuntimeError: NCCL error"
-                                     "\n  rank 1: ValueError: ShardedBatches: batch_size=9")
+                                     "\n  rank 1: ValueError: first line ... ShardedBatches: batch_size=9")
+    ddp = RuntimeError("Expected to have finished reduction in the prior iteration before starting a new one. "
+                       "This error indicates that your module has parameters that were not used in producing loss.\n"
+                       "In addition, you can set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or "
+                       "DETAIL to print out information about which particular parameters did not receive gradient")
+    summary = _failure_summary(WorkerGroupError("x", {0: ddp, 1: ddp}))
+    assert summary.startswith("\n  rank 0: RuntimeError: Expected to have finished reduction in the prior iteration")
+    assert summary.count('hint: some parameters got no gradient in a step (a branch only some batches take): set '
+                         'scaling.find_unused_parameters = "true"') == 1
 
 
 def test_a_launcher_made_cluster_counts_the_nodes_it_can_grow_to(tmp_path):

@@ -37,3 +37,20 @@ def test_a_finished_train_run_outranks_an_older_tune_result(tmp_path):
     assert rows["t_b"]["loss"] == pytest.approx(3.0)  # the mean over both ranks' final reports
     assert rows["t_c"]["status"] == "error"  # an errored trial is never overridden
     assert all(r["x"] == 1 for r in rows.values())
+
+
+def test_trials_whose_workers_fill_the_cpus_still_fit_beside_the_trials_own_sliver():
+    """`--workers-per-trial 2` on a 2-CPU machine: each trial's function holds 0.01 CPU beside its workers,
+    so 2 x 1 CPU never fit and every trial timed out after 60 s; the workers now give up that sliver."""
+    from ampray.job import JobConfig
+    from ampray.orchestrator.search import TRIAL_CPU, SearchConfig, _plan
+    from ampray.orchestrator.train import ResourceError
+
+    job = JobConfig.load(None, {"model.kind": "mlp"})
+    trial, concurrent = _plan(job, SearchConfig(workers_per_trial=2), {"CPU": 2.0})
+    assert concurrent == 1 and trial.scaling.cpus_per_worker == 0.995
+    assert 2 * trial.scaling.cpus_per_worker + TRIAL_CPU <= 2.0
+    trial, concurrent = _plan(job, SearchConfig(workers_per_trial=1), {"CPU": 4.0})
+    assert concurrent == 3 and trial.scaling.cpus_per_worker == 1.0  # 4 x 1.01 would not fit
+    with pytest.raises(ResourceError, match="one trial needs 3.01 CPUs"):
+        _plan(job, SearchConfig(workers_per_trial=3), {"CPU": 2.0})
