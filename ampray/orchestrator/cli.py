@@ -166,7 +166,10 @@ def _failure_summary(err: Exception) -> str:
 # Worker errors whose cause is a setting: (text in the error, what to tell the user).
 _HINTS = (("Expected to have finished reduction in the prior iteration",
            'hint: some parameters got no gradient in a step (a branch only some batches take): set '
-           'scaling.find_unused_parameters = "true" (DDP then looks for them in every step)'),)
+           'scaling.find_unused_parameters = "true" (DDP then looks for them in every step)'),
+          ("Error(s) in loading state_dict",
+           "hint: the model no longer matches the checkpoint the run resumes from (its code or options changed): "
+           "a rerun fails the same way; start a new run with --name NEW, or restore the model's code"))
 
 
 def _headline(text: str) -> str:

@@ -250,6 +250,11 @@ def test_a_failed_run_is_summarised_one_line_per_rank():
     assert summary.startswith("\n  rank 0: RuntimeError: Expected to have finished reduction in the prior iteration")
     assert summary.count('hint: some parameters got no gradient in a step (a branch only some batches take): set '
                          'scaling.find_unused_parameters = "true"') == 1
+    changed = RuntimeError("Error(s) in loading state_dict for Net:\n\tsize mismatch for 2.bias: copying a param "
+                           "with shape torch.Size([4]) from checkpoint, the shape in current model is torch.Size([32]).")
+    summary = _failure_summary(WorkerGroupError("x", {0: changed}))
+    assert "rank 0: RuntimeError: Error(s) in loading state_dict for Net: ... size mismatch for 2.bias" in summary
+    assert "hint: the model no longer matches the checkpoint the run resumes from" in summary
 
 
 def test_a_launcher_made_cluster_counts_the_nodes_it_can_grow_to(tmp_path):
