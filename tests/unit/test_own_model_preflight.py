@@ -450,3 +450,29 @@ def test_fp32_modules_and_fsdp_parameter_dtypes_are_checked_on_the_driver(projec
         check_model_and_data(JobConfig.load("job.toml", {"model.factory": "mynets:with_f64",
                                                          "scaling.strategy": "fsdp"}))
     check_model_and_data(JobConfig.load("job.toml", {"model.factory": "mynets:with_f64"}))  # ddp takes it
+
+
+def test_a_padded_target_under_the_default_loss_gets_a_note(tmp_path, monkeypatch):
+    """Token rows of different lengths as the target of the default loss: padding with data.pad_value (0)
+    makes every padded position a class-0 target, which the loss and the accuracy count (a try-out's val
+    accuracy of 0.44 was mostly padding); the driver says so before training."""
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import check_model_and_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lmnet.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
+    '''))
+    rows = [[1 + i % 5] * (i % 4 + 2) for i in range(16)]
+    pq.write_table(pa.table({"ids": rows, "labels": rows}), tmp_path / "lm.parquet")
+    try:
+        plan = check_model_and_data(JobConfig.load(None, {"model.factory": "lmnet:build", "data.path": "lm.parquet",
+                                                          "data.input": "ids", "data.target": "labels",
+                                                          "data.batch_size": 4}))
+        assert any("data.target='labels' holds rows of different lengths, padded with data.pad_value=0, which the "
+                   "default loss (cross-entropy) and the accuracy count as a class" in note for note in plan.notes)
+    finally:
+        sys.modules.pop("lmnet", None)
