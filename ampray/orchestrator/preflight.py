@@ -625,13 +625,16 @@ def _may_change(key: str) -> bool:
     return key in _MAY_CHANGE or key.startswith("precision.") and settings.is_live(key)
 
 
-def check_resume(job: JobConfig, num_workers: int) -> list[str]:
+def check_resume(job: JobConfig, num_workers: int, spec: ModelSpec | None = None) -> list[str]:
     """Compare a rerun with the run's latest checkpoint. Raises ConfigError naming every field that must
-    not change and does; returns notes for the user (where it resumes, allowed changes that matter;
-    empty for a new run)."""
+    not change and does, and (given the model's `spec`) every parameter or buffer whose name or shape
+    differs from the checkpoint's (the model's code changed); returns notes for the user (where it
+    resumes, allowed changes that matter; empty for a new run)."""
     checkpoint = latest_checkpoint(job.run_dir())
     if checkpoint is None:
         return []
+    if spec is not None:
+        _check_model_matches(job, spec, checkpoint)
     try:
         saved = _flatten(tomllib.loads((checkpoint / "job.toml").read_text()))
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -663,6 +666,37 @@ def check_resume(job: JobConfig, num_workers: int) -> list[str]:
         notes.append(f"run.steps changed from {before} to {after}: the cosine learning-rate schedule now ends "
                      f"at step {after}, so the learning rate continues from where that curve stands")
     return notes
+
+
+def _check_model_matches(job: JobConfig, spec: ModelSpec, checkpoint: Path) -> None:
+    """The model the job builds now has the checkpoint's state dict keys and shapes (read from a DDP
+    checkpoint's state.pt through a memory map: no tensor data is read). A factory that cannot build on
+    the meta device, or a sharded checkpoint, is left to the workers' load."""
+    import torch
+
+    from ampray.actors.checkpoint import STATE_FILE
+
+    path = checkpoint / STATE_FILE
+    try:
+        with torch.device("meta"):
+            model = spec.build_model(job.model.options)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the workers load (and report) it
+        return
+    saved = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        return
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    then = {k: tuple(v.shape) for k, v in saved.items() if hasattr(v, "shape")}
+    diffs = [f"{k}: {then[k]} in the checkpoint, {now[k]} now" for k in now if k in then and now[k] != then[k]]
+    diffs += [f"{k}: not in the checkpoint" for k in now if k not in then]
+    diffs += [f"{k}: in the checkpoint, not in the model now" for k in then if k not in now]
+    if diffs:
+        shown = "\n  ".join(diffs[:6]) + (f"\n  ... and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(f"run {job.run.name!r} resumes from {checkpoint.name}, but the model built now "
+                          f"({job.model.factory or job.model.kind}) does not match the one it saved (its code or "
+                          f"options changed):\n  {shown}\nStart a new run with --name NEW, or restore the "
+                          "model's code.")
 
 
 def _comparable(flat: dict[str, Any]) -> dict[str, Any]:

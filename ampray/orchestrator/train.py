@@ -558,7 +558,7 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
 
             job = choose_fill(job, plan, num_workers, use_gpu, runtime_env, objects, notify, stream)
         check_batch_fits(job, plan.rows, num_workers)
-        for note in check_resume(job, num_workers):
+        for note in check_resume(job, num_workers, plan.spec):
             notify(note)
         stale = set_aside_stale_events(job.run_dir())
         if stale is not None:

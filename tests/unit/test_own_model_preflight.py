@@ -476,3 +476,35 @@ def test_a_padded_target_under_the_default_loss_gets_a_note(tmp_path, monkeypatc
                    "default loss (cross-entropy) and the accuracy count as a class" in note for note in plan.notes)
     finally:
         sys.modules.pop("lmnet", None)
+
+
+def test_a_rerun_after_the_model_code_changed_is_refused_before_ray(project):
+    """The run's model gained a layer between two runs of the same command: the driver compares the model
+    it builds (on the meta device) with the checkpoint's state dict keys and shapes (a memory map of
+    state.pt) and refuses, where the workers used to fail on load_state_dict at every rerun."""
+    import json
+
+    import torch
+
+    from ampray.job import JobConfig
+    from ampray.orchestrator.checkpoints import SNAPSHOT
+    from ampray.orchestrator.preflight import _check_model_matches, check_resume, resolve_model
+
+    job = JobConfig.load("job.toml", {"run.name": "changed"})
+    spec = resolve_model(job)
+    folder = job.run_dir() / "checkpoint_000010"
+    folder.mkdir(parents=True)
+    torch.save({"model": spec.build_model(job.model.options).state_dict()}, folder / "state.pt")
+    (job.run_dir() / SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name":
+                                                                                   folder.name}}))
+    _check_model_matches(job, spec, folder)  # the same code: nothing to say
+    wider = JobConfig.load("job.toml", {"run.name": "changed", "model.options.width": 16})
+    (project / "mynets.py").write_text((project / "mynets.py").read_text().replace(
+        "nn.Linear(width, classes))", "nn.Linear(width, width), nn.Linear(width, classes))"))
+    sys.modules.pop("mynets", None)
+    with pytest.raises(ConfigError) as err:
+        check_resume(wider, 2, resolve_model(wider))
+    text = str(err.value)
+    assert "run 'changed' resumes from checkpoint_000010, but the model built now (mynets:build) does not match" in text
+    assert "body.0.weight: (64, 17) in the checkpoint, (16, 17) now" in text
+    assert "body.4.bias: not in the checkpoint" in text and "Start a new run with --name NEW" in text
