@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -114,7 +115,11 @@ class DataSection:
     """Set by ampray when pad_to is 0: each variable-length column's width, saved with the run so that a
     rerun pads as the run was trained."""
     pad_value: float = 0.0
-    """The value padding fills in."""
+    """The value padding fills the input columns with (the target's too, unless target_pad_value says)."""
+    target_pad_value: str | float = "auto"
+    """The value padding fills a variable-length target column with. auto: -100 for an integer target under
+    the default loss (cross-entropy ignores it, and so does the accuracy: padded positions count for
+    nothing), else data.pad_value; a number: that value."""
     streaming: str = "auto"
     """auto, true or false: stream the rows through Ray Data (ray.data.read_parquet, one shard per worker)
     instead of loading them into every worker; auto streams data larger than data.max_in_memory_mb."""
@@ -154,6 +159,10 @@ class DataSection:
             missing = "target" if self.input else "input"
             _fail("data", missing, "", "a column name: data.input and data.target go together")
         _check_choice("data", "input_format", self.input_format, ("dict", "tuple"))
+        value = self.target_pad_value
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not math.isfinite(value)):
+            _fail("data", "target_pad_value", value, "auto or a finite number")
         _check_choice("data", "streaming", self.streaming, ("auto", "true", "false"))
         _check_choice("data", "check", self.check, ("full", "schema", "off"))
         for name in ("num_samples", "batch_size"):

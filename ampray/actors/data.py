@@ -27,7 +27,11 @@ TRAIN, VAL = "train", "val"  # the names of Ray Data datasets handed to the Torc
 
 def column_spec(job: JobConfig) -> ColumnSpec:
     d = job.data
+    auto = d.target_pad_value == "auto"
+    # The default loss of a user's model (ampray's cross-entropy) ignores -100, as torch's does.
+    ignore = -100 if auto and job.model.factory and not job.model.loss else None
     return ColumnSpec(tuple(d.input_columns), d.target, d.input_format, d.pad_to, d.pad_value,
+                      target_pad=None if auto else float(d.target_pad_value), ignore_index=ignore,
                       bare=isinstance(d.input, str), widths=tuple(sorted(d.pad_widths.items())))
 
 

@@ -62,6 +62,10 @@ class ColumnSpec:
     """Variable-size list columns are padded (with pad_value) to this length; 0: the longest row read."""
     pad_value: float = 0.0
     """The value padding fills in."""
+    target_pad: float | None = None
+    """The value padding fills the target column with; None: pad_value, or ignore_index for integers."""
+    ignore_index: int | None = None
+    """With no target_pad: an integer target is padded with this (the loss's ignore index), not pad_value."""
     bare: bool = True
     """One input column named alone reaches the model as a bare tensor; False: a one-entry dict or tuple too
     (the column was given as a list)."""
@@ -365,7 +369,7 @@ def _assemble(field: str, name: str, pieces: list[_Piece], spec: ColumnSpec) -> 
                              f"{limit}; expected data.pad_to >= {longest}, or 0 (pad to the longest row)")
         width = fixed or longest
         if not (lengths == width).all():
-            return _pad(field, name, pieces, width, dtype, spec.pad_value)
+            return _pad(field, name, pieces, width, dtype, _pad_value(field, dtype, spec))
         pieces = [_Piece(p.values.reshape(len(p.lengths), width, *p.values.shape[1:])) for p in pieces]
     shapes = {p.values.shape[1:] for p in pieces}
     if len(shapes) > 1:
@@ -374,6 +378,17 @@ def _assemble(field: str, name: str, pieces: list[_Piece], spec: ColumnSpec) -> 
     if len(pieces) == 1:
         return _owned(pieces[0].values, dtype)
     return np.concatenate([p.values for p in pieces], dtype=dtype, casting="unsafe")
+
+
+def _pad_value(field: str, dtype: np.dtype, spec: ColumnSpec) -> float:
+    """What padding fills a column with: the target's own value or, for an integer target, the loss's
+    ignore index; pad_value otherwise."""
+    if field == "data.target":
+        if spec.target_pad is not None:
+            return spec.target_pad
+        if spec.ignore_index is not None and dtype.kind in "iu":
+            return spec.ignore_index
+    return spec.pad_value
 
 
 def _pad(field: str, name: str, pieces: list[_Piece], width: int, dtype: np.dtype, value: float) -> np.ndarray:

@@ -177,10 +177,10 @@ def check_model_and_data(job: JobConfig, stream=None, objects: dict[str, Any] | 
         except ValueError as err:  # a row longer than data.pad_to, a pad_value the column cannot hold
             raise ConfigError(str(err)) from None
     unused = () if spec.builtin else check_one_batch(job, spec, stream)
-    if d.target in widths and not job.model.loss and not spec.builtin and d.pad_value != -100:
+    if d.target in widths and job.model.loss and d.target_pad_value == "auto":
         notes.append(f"data.target={d.target!r} holds rows of different lengths, padded with data.pad_value="
-                     f"{d.pad_value:g}, which the default loss (cross-entropy) and the accuracy count as a class: "
-                     "store the target padded with -100 (ignored), or set model.loss to a loss that masks padding")
+                     f"{d.pad_value:g}: make model.loss ignore that value (or set data.target_pad_value to the one "
+                     "it ignores), or padded positions count in the loss")
     return DataPlan(spec, rows, size, columns, unused, widths, report, notes)
 
 

@@ -452,30 +452,53 @@ def test_fp32_modules_and_fsdp_parameter_dtypes_are_checked_on_the_driver(projec
     check_model_and_data(JobConfig.load("job.toml", {"model.factory": "mynets:with_f64"}))  # ddp takes it
 
 
-def test_a_padded_target_under_the_default_loss_gets_a_note(tmp_path, monkeypatch):
-    """Token rows of different lengths as the target of the default loss: padding with data.pad_value (0)
-    makes every padded position a class-0 target, which the loss and the accuracy count (a try-out's val
-    accuracy of 0.44 was mostly padding); the driver says so before training."""
+def test_a_padded_target_is_padded_with_what_the_loss_ignores(tmp_path, monkeypatch):
+    """Token rows of different lengths as the target (language modelling on the user's data): under the
+    default loss the target is padded with -100, which cross-entropy and the accuracy ignore, while the
+    input keeps data.pad_value (0, a valid id; -100 would break the embedding). A try-out padded both with
+    0 and scored a val accuracy of 0.44, mostly padding. With a loss of the user's own the driver notes
+    what the padding is; data.target_pad_value sets it."""
+    from ampray.actors.data import column_spec, one_batch
+    from ampray.data.columns import read_columns
     from ampray.job import JobConfig
     from ampray.orchestrator.preflight import check_model_and_data
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lmnet.py").write_text(textwrap.dedent('''
+        import torch.nn.functional as F
         from torch import nn
 
         def build():
             return nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
+
+        def masked(out, target):
+            return F.cross_entropy(out.flatten(0, 1), target.flatten(), ignore_index=7)
     '''))
     rows = [[1 + i % 5] * (i % 4 + 2) for i in range(16)]
     pq.write_table(pa.table({"ids": rows, "labels": rows}), tmp_path / "lm.parquet")
+    fields = {"model.factory": "lmnet:build", "data.path": "lm.parquet", "data.input": "ids", "data.target": "labels",
+              "data.batch_size": 4}
     try:
-        plan = check_model_and_data(JobConfig.load(None, {"model.factory": "lmnet:build", "data.path": "lm.parquet",
-                                                          "data.input": "ids", "data.target": "labels",
-                                                          "data.batch_size": 4}))
-        assert any("data.target='labels' holds rows of different lengths, padded with data.pad_value=0, which the "
-                   "default loss (cross-entropy) and the accuracy count as a class" in note for note in plan.notes)
+        job = JobConfig.load(None, fields)
+        plan = check_model_and_data(job)
+        assert not plan.notes
+        job = JobConfig.load(None, {**fields, "data.pad_widths": plan.pad_widths})
+        x, y = read_columns("lm.parquet", column_spec(job))
+        assert x.shape == y.shape == (16, 5)
+        assert x[0].tolist() == [1, 1, 0, 0, 0] and y[0].tolist() == [1, 1, -100, -100, -100]
+        assert one_batch(job, plan.spec, 2)[1][0].tolist() == [1, 1, -100, -100, -100]
+        own = JobConfig.load(None, {**fields, "model.loss": "lmnet:masked"})
+        assert any("data.target='labels' holds rows of different lengths, padded with data.pad_value=0: make "
+                   "model.loss ignore that value" in note for note in check_model_and_data(own).notes)
+        own = JobConfig.load(None, {**fields, "model.loss": "lmnet:masked", "data.target_pad_value": 7,
+                                    "data.pad_widths": plan.pad_widths})
+        assert not check_model_and_data(own).notes
+        assert read_columns("lm.parquet", column_spec(own))[1][0].tolist() == [1, 1, 7, 7, 7]
     finally:
         sys.modules.pop("lmnet", None)
+    with pytest.raises(ConfigError, match="data.target_pad_value='none' is not allowed: expected auto or a finite "
+                                          "number"):
+        JobConfig.load(None, {"data.target_pad_value": "none"})
 
 
 def test_a_rerun_after_the_model_code_changed_is_refused_before_ray(project):
