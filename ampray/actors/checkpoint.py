@@ -22,7 +22,10 @@ STATE_FILE = "state.pt"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    """The user's model inside DDP's (or DataParallel's) wrapper; any other model as it is (a model of
+    the user's own may have a submodule named `module`)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def rng_state() -> dict[str, Any]:

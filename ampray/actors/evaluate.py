@@ -75,8 +75,11 @@ def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: in
             if classified:
                 from ampray.models.registry import logits_of
 
-                valid = y >= 0  # negative targets are ignored, as cross_entropy's ignore_index=-100
-                right += ((logits_of(output).argmax(dim) == y) & valid).sum()
+                predicted, labels = logits_of(output).argmax(dim), y
+                if predicted.shape != labels.shape:  # the same rows up to dimensions of size 1
+                    predicted, labels = predicted.reshape(-1), labels.reshape(-1)
+                valid = labels >= 0  # negative targets are ignored, as cross_entropy's ignore_index=-100
+                right += ((predicted == labels) & valid).sum()
                 counted += valid.sum()
         if lockstep:
             todo = min(batches.most_batches, max_batches) if max_batches else batches.most_batches

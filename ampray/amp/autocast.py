@@ -46,8 +46,8 @@ def mixed_precision_context(enabled: bool = True, dtype: torch.dtype | str = tor
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _matches(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
-    cls = type(module)
+def _matches(name: str, module: nn.Module, patterns: tuple[str, ...], cls: type | None = None) -> bool:
+    cls = cls or type(module)
     return any(fnmatch.fnmatchcase(name, p) or p in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
                for p in patterns)
 
@@ -77,9 +77,13 @@ class Fp32Islands:
         for name, module in model.named_modules():
             name = name.removeprefix("module.")  # DDP wraps the model as .module
             if name and _matches(name, module, self.patterns):
-                self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._exit, always_call=True))
-                self.modules.append(name)
+                # A ModuleList/ModuleDict has no forward (its hooks would never run): its members are hooked.
+                members = (list(module.named_children()) if isinstance(module, (nn.ModuleList, nn.ModuleDict))
+                           else [("", module)])
+                for sub, member in members:
+                    self._handles.append(member.register_forward_pre_hook(self._enter, with_kwargs=True))
+                    self._handles.append(member.register_forward_hook(self._exit, always_call=True))
+                    self.modules.append(f"{name}.{sub}" if sub else name)
         if self.patterns and not self.modules:
             raise ValueError(f"MixedPrecisionConfig.fp32_modules={list(self.patterns)} matched no module of "
                              f"{type(model).__name__}; use qualified-name globs or class names")

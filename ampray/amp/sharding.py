@@ -150,10 +150,12 @@ def check_engine_config(config: MixedPrecisionConfig, amp_dtype: torch.dtype, mo
     if config.fp32_modules:
         from ampray.amp.autocast import _matches
 
-        held = unit_param_dtypes(model)
+        held, fsdp = unit_param_dtypes(model), _fsdp_module_class()
         for name, m in model.named_modules():
             name = name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
-            if name and _matches(name, m, config.fp32_modules) and any(
+            # fully_shard renames a unit's class (Linear -> FSDPLinear): match the user's own class.
+            cls = type(m).__bases__[-1] if fsdp is not None and isinstance(m, fsdp) else type(m)
+            if name and _matches(name, m, config.fp32_modules, cls) and any(
                     held.get(id(p)) in (torch.float16, torch.bfloat16) for p in m.parameters()):
                 raise ConfigError(f"{owner}.fp32_modules={list(config.fp32_modules)!r}: {name!r} is inside an FSDP "
                                   f"unit whose MixedPrecisionPolicy casts its parameters to {dtype_name(cast)}; "
@@ -265,8 +267,11 @@ def fp32_units(model: nn.Module, patterns: Iterable[str] = (),
 
     def walk(m: nn.Module, inside: bool) -> None:
         if id(m) in keep and not inside and m is not model:
-            out.append(m)
-            inside = True
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict)):  # no forward of its own: its members are units
+                keep.update(id(c) for c in m.children())
+            else:
+                out.append(m)
+                inside = True
         for child in m.children():
             walk(child, inside)
 

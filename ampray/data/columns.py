@@ -325,11 +325,11 @@ def _tensor_dtype(field: str, name: str, dtype: np.dtype) -> np.dtype:
     raise _type_error(field, name, f"{dtype} (in numpy)")
 
 
-def _fill(field: str, name: str, value: float, dtype: np.dtype) -> Any:
-    """pad_value as a value of the column's dtype; one that the dtype cannot hold is an error."""
+def _fill(field: str, name: str, value: float, dtype: np.dtype, setting: str = "data.pad_value") -> Any:
+    """The padding value as a value of the column's dtype; one that the dtype cannot hold is an error."""
     ok = dtype.kind == "f" or (float(value).is_integer() and (dtype.kind != "b" or value in (0, 1)))
     if not ok:
-        raise ValueError(f"data.pad_value={value!r} is not allowed for {field}={name!r}: column {name!r} holds "
+        raise ValueError(f"{setting}={value!r} is not allowed for {field}={name!r}: column {name!r} holds "
                          f"{'booleans' if dtype.kind == 'b' else 'integers'}; expected "
                          f"{'0 or 1' if dtype.kind == 'b' else 'an integer'}")
     return dtype.type(value)
@@ -369,7 +369,7 @@ def _assemble(field: str, name: str, pieces: list[_Piece], spec: ColumnSpec) -> 
                              f"{limit}; expected data.pad_to >= {longest}, or 0 (pad to the longest row)")
         width = fixed or longest
         if not (lengths == width).all():
-            return _pad(field, name, pieces, width, dtype, _pad_value(field, dtype, spec))
+            return _pad(field, name, pieces, width, dtype, *_pad_value(field, dtype, spec))
         pieces = [_Piece(p.values.reshape(len(p.lengths), width, *p.values.shape[1:])) for p in pieces]
     shapes = {p.values.shape[1:] for p in pieces}
     if len(shapes) > 1:
@@ -380,24 +380,25 @@ def _assemble(field: str, name: str, pieces: list[_Piece], spec: ColumnSpec) -> 
     return np.concatenate([p.values for p in pieces], dtype=dtype, casting="unsafe")
 
 
-def _pad_value(field: str, dtype: np.dtype, spec: ColumnSpec) -> float:
-    """What padding fills a column with: the target's own value or, for an integer target, the loss's
-    ignore index; pad_value otherwise."""
+def _pad_value(field: str, dtype: np.dtype, spec: ColumnSpec) -> tuple[float, str]:
+    """What padding fills a column with, and the setting that says so: the target's own value or, for an
+    integer target, the loss's ignore index; pad_value otherwise."""
     if field == "data.target":
         if spec.target_pad is not None:
-            return spec.target_pad
+            return spec.target_pad, "data.target_pad_value"
         if spec.ignore_index is not None and dtype.kind in "iu":
-            return spec.ignore_index
-    return spec.pad_value
+            return spec.ignore_index, "data.target_pad_value"
+    return spec.pad_value, "data.pad_value"
 
 
-def _pad(field: str, name: str, pieces: list[_Piece], width: int, dtype: np.dtype, value: float) -> np.ndarray:
+def _pad(field: str, name: str, pieces: list[_Piece], width: int, dtype: np.dtype, value: float,
+         setting: str = "data.pad_value") -> np.ndarray:
     trailing = {p.values.shape[1:] for p in pieces}
     if len(trailing) > 1:
         raise ValueError(f"{field}={name!r}: column {name!r} holds entries of shapes {sorted(trailing)} in "
                          "different chunks or files; expected one shape")
     rows = sum(p.rows() for p in pieces)
-    out = np.full((rows, width, *trailing.pop()), _fill(field, name, value, dtype), dtype=dtype)
+    out = np.full((rows, width, *trailing.pop()), _fill(field, name, value, dtype, setting), dtype=dtype)
     start = 0
     for p in pieces:
         n = len(p.lengths)

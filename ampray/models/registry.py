@@ -102,6 +102,8 @@ def class_dim(logits: torch.Tensor, target: torch.Tensor) -> int | None:
         return logits.dim() - 1
     if logits.dim() > 2 and target.shape == logits.shape[:1] + logits.shape[2:]:
         return 1
+    if logits.dim() >= 2 and [d for d in target.shape if d != 1] == [d for d in logits.shape[:-1] if d != 1]:
+        return logits.dim() - 1  # the same rows up to dimensions of size 1 ((N, 1, C) with (N,)): flattened
     return None
 
 
@@ -132,9 +134,12 @@ def cross_entropy(output: Any, target: torch.Tensor) -> torch.Tensor:
                          f"an output {tuple(logits.shape)} for a target {tuple(target.shape)} "
                          f"{str(target.dtype).removeprefix('torch.')} (expected the target's shape plus a class "
                          "dimension, last or second); set model.loss for anything else")
-    if where == 1 or logits.dim() == 2:
+    if target.shape == logits.shape[:-1] and logits.dim() == 2:  # (N, C) with (N,)
         return F.cross_entropy(logits, target)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+    if target.shape != logits.shape[:-1] and logits.dim() > 2 and target.shape == logits.shape[:1] + logits.shape[2:]:
+        # torch's (N, C, d1, ...) with (N, d1, ...)
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))  # classes last, flattened
 
 
 @dataclass(frozen=True)
@@ -206,7 +211,7 @@ def model_flops_per_sample(spec: ModelSpec, model: nn.Module, x: Any) -> int | N
     """Training flops of one sample of `x` for `model` (unwrapped from DDP or torch.compile): the spec's
     formula for a built-in model, else the model's own `flops_per_sample()` method (no argument, or the
     batch's inputs), else None; a formula that fails gives None rather than stopping the run."""
-    inner = getattr(model, "module", model)
+    inner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
     inner = getattr(inner, "_orig_mod", inner)
     try:
         if spec.flops_per_sample is not None:

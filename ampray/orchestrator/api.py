@@ -107,12 +107,27 @@ def by_value_digest(value: Any) -> str:
     from ray import cloudpickle
     from ray.cloudpickle import cloudpickle as tracker
 
+    import pickletools
+
     data = cloudpickle.dumps(value)
     with tracker._DYNAMIC_CLASS_TRACKER_LOCK:
-        ids = list(tracker._DYNAMIC_CLASS_TRACKER_BY_CLASS.values())
-    for class_id in ids:
-        data = data.replace(class_id.encode(), b"")
-    return hashlib.sha256(data).hexdigest()[:12]
+        classes = list(tracker._DYNAMIC_CLASS_TRACKER_BY_CLASS.items())
+    # The file names of the pickled code too: a notebook's cells live in /tmp/ipykernel_<pid>/..., another
+    # name after every kernel restart. The pickle's opcodes are hashed with those strings left out (their
+    # lengths are in the stream too), and without positions.
+    files = {_code_file(value)} | {_code_file(f) for cls, _ in classes for f in vars(cls).values()}
+    varying = {class_id for _, class_id in classes} | (files - {None})
+    digest = hashlib.sha256()
+    for opcode, arg, _ in pickletools.genops(data):
+        digest.update(f"{opcode.name}:{'' if arg in varying or opcode.name in ('PROTO', 'FRAME') else repr(arg)};".encode())
+    return digest.hexdigest()[:12]
+
+
+def _code_file(value: Any) -> str | None:
+    """The source file of a function (or of a partial's function), where pickling records it."""
+    value = getattr(value, "func", value)
+    code = getattr(value, "__code__", None)
+    return getattr(code, "co_filename", None) or None
 
 
 def _importable(value: Any) -> bool:

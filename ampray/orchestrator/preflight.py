@@ -674,20 +674,21 @@ def _check_model_matches(job: JobConfig, spec: ModelSpec, checkpoint: Path) -> N
     the meta device, or a sharded checkpoint, is left to the workers' load."""
     import torch
 
-    from ampray.actors.checkpoint import STATE_FILE
+    from ampray.actors.checkpoint import STATE_FILE, unwrap
 
     path = checkpoint / STATE_FILE
     try:
         with torch.device("meta"):
             model = spec.build_model(job.model.options)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = state.get("model") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            return
+        # Tensors only: a module's extra state (get_extra_state) may be any object.
+        now = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items() if isinstance(v, torch.Tensor)}
+        then = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
     except Exception:  # noqa: BLE001 - the workers load (and report) it
         return
-    saved = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(saved, dict):
-        return
-    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    then = {k: tuple(v.shape) for k, v in saved.items() if hasattr(v, "shape")}
     diffs = [f"{k}: {then[k]} in the checkpoint, {now[k]} now" for k in now if k in then and now[k] != then[k]]
     diffs += [f"{k}: not in the checkpoint" for k in now if k not in then]
     diffs += [f"{k}: in the checkpoint, not in the model now" for k in then if k not in now]

@@ -347,20 +347,21 @@ def _plan(job: JobConfig, search: SearchConfig, resources: dict[str, float]) -> 
     need_cpu = search.workers_per_trial * job.scaling.cpus_per_worker
     need_gpu = search.workers_per_trial * search.gpus_per_trial
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    if need_cpu <= cpus < need_cpu + TRIAL_CPU:
+    if need_cpu <= cpus + 1e-9 < need_cpu + TRIAL_CPU and job.scaling.cpus_per_worker > TRIAL_CPU:
         # The workers fill the cluster's CPUs (2 on a 2-CPU machine, as `ampray train` may run them): each
-        # gives up a sliver of its logical CPU for the trial's own (the same cores, the same speed).
-        per_worker = math.floor((cpus - TRIAL_CPU) / search.workers_per_trial * 1e4) / 1e4
+        # gives up the trial's own sliver of its logical CPU (the same cores, the same speed), so that any
+        # node holding a worker has room for the trial too.
+        per_worker = round(job.scaling.cpus_per_worker - TRIAL_CPU, 6)
         job = apply_params(job.to_dict(), {"scaling.cpus_per_worker": per_worker})
         need_cpu = search.workers_per_trial * per_worker
     need_cpu += TRIAL_CPU
-    if need_cpu > cpus or need_gpu > gpus:
+    if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
         from ampray.orchestrator.train import ResourceError
 
         raise ResourceError(f"one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
                             f"(search.workers_per_trial={search.workers_per_trial}, gpus_per_trial="
                             f"{search.gpus_per_trial}); the cluster has {cpus:g} CPUs and {gpus:g} GPUs")
-    fit = int(cpus // need_cpu)
+    fit = int(cpus / need_cpu + 1e-9)
     if need_gpu:
         fit = min(fit, int(gpus // need_gpu + 1e-9))
     return job, max(1, min(search.max_concurrent or fit, fit))

@@ -402,6 +402,8 @@ def test_fp32_modules_tied_outside_are_refused_and_a_cast_fp32_module_is_a_confi
     net = ConvNet()
     assert [type(m).__name__ for m in fp32_units(net)] == ["BatchNorm2d", "BatchNorm2d", "BatchNorm2d"]
     assert fp32_units(net, ("head", "Linear")) == [net.bn, net.blocks[0].bn, net.blocks[1].bn, net.head]
+    # A ModuleList has no forward for FSDP to wrap: its members are the units.
+    assert fp32_units(net, ("blocks",)) == [net.bn, net.blocks[0], net.blocks[1]]
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -416,6 +418,14 @@ def test_fp32_modules_tied_outside_are_refused_and_a_cast_fp32_module_is_a_confi
         with pytest.raises(ConfigError, match=r"fp32_modules=\['head'\]: 'head' is inside an FSDP unit whose "
                                               r"MixedPrecisionPolicy casts its parameters to bfloat16"):
             engine.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy, x, y)
+        # A class name still matches once fully_shard has renamed a unit's class (Linear -> FSDPLinear).
+        by_class = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", fp32_modules=("Linear",)), "cpu")
+        torch.manual_seed(0)
+        net = by_class.prepare_model(ConvNet())
+        fully_shard(net.head[1], mp_policy=build_mp_policy(by_class.config))
+        model = fully_shard(net, mp_policy=build_mp_policy(by_class.config))
+        with pytest.raises(ConfigError, match=r"fp32_modules=\['Linear'\]: 'head.1' is inside an FSDP unit"):
+            by_class.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy, x, y)
         ok = MixedPrecisionTrainer(MixedPrecisionConfig(dtype="bf16", fp32_modules=("head",)), "cpu")
         torch.manual_seed(0)
         model = shard_model(ok.prepare_model(ConvNet()), policy=build_mp_policy(ok.config), fp32=("head",))

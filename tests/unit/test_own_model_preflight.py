@@ -276,9 +276,11 @@ def test_a_script_rerun_records_the_same_by_value_name(tmp_path):
 
     root = str(Path(__file__).resolve().parents[2])
     names = []
-    for hidden in (8, 8, 16):
-        (tmp_path / "script.py").write_text(SCRIPT.format(root=root, hidden=hidden))
-        done = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True, text=True,
+    # The same code from another file too: a notebook's cells are files of /tmp/ipykernel_<pid>/, renamed
+    # with every kernel restart.
+    for hidden, script in ((8, "script.py"), (8, "ipykernel_4242.py"), (16, "script.py")):
+        (tmp_path / script).write_text(SCRIPT.format(root=root, hidden=hidden))
+        done = subprocess.run([sys.executable, str(tmp_path / script)], capture_output=True, text=True,
                               timeout=120, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
         names.append(done.stdout.strip().splitlines()[-1])
@@ -531,3 +533,39 @@ def test_a_rerun_after_the_model_code_changed_is_refused_before_ray(project):
     assert "run 'changed' resumes from checkpoint_000010, but the model built now (mynets:build) does not match" in text
     assert "body.0.weight: (64, 17) in the checkpoint, (16, 17) now" in text
     assert "body.4.bias: not in the checkpoint" in text and "Start a new run with --name NEW" in text
+
+
+def test_the_default_loss_takes_rows_that_match_up_to_dimensions_of_size_one():
+    import torch
+
+    from ampray.actors.evaluate import _classes
+    from ampray.models.registry import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(4, 1, 3, generator=g), torch.tensor([0, 2, 1, 1])
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), target)
+    assert torch.equal(cross_entropy(logits, target), want)  # (N, 1, C) with (N,), as before
+    assert torch.equal(cross_entropy(logits.squeeze(1), target[:, None]), want)  # (N, C) with (N, 1)
+    assert _classes(logits, target) == 2
+
+
+def test_a_user_model_with_a_submodule_named_module_is_saved_whole(project):
+    """`unwrap` takes the model out of DDP's wrapper only: a user's model whose submodule is called
+    `module` was saved (and evaluated) as that submodule alone, and its resume check then refused it."""
+    import torch
+    from torch import nn
+
+    from ampray.actors.checkpoint import unwrap
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.module(x))
+
+    model = Wrapped()
+    assert unwrap(model) is model and set(unwrap(model).state_dict()) == {"module.weight", "module.bias",
+                                                                          "head.weight", "head.bias"}
+    assert unwrap(torch.nn.DataParallel(model)) is model

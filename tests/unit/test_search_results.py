@@ -48,8 +48,10 @@ def test_trials_whose_workers_fill_the_cpus_still_fit_beside_the_trials_own_sliv
 
     job = JobConfig.load(None, {"model.kind": "mlp"})
     trial, concurrent = _plan(job, SearchConfig(workers_per_trial=2), {"CPU": 2.0})
-    assert concurrent == 1 and trial.scaling.cpus_per_worker == 0.995
+    assert concurrent == 1 and trial.scaling.cpus_per_worker == 0.99  # any node with a worker fits the trial
     assert 2 * trial.scaling.cpus_per_worker + TRIAL_CPU <= 2.0
+    for cpus, workers in ((20.0, 20), (25.0, 25), (15.0, 15)):  # float sums a hair above the total fit too
+        assert _plan(job, SearchConfig(workers_per_trial=workers), {"CPU": cpus})[1] == 1
     trial, concurrent = _plan(job, SearchConfig(workers_per_trial=1), {"CPU": 4.0})
     assert concurrent == 3 and trial.scaling.cpus_per_worker == 1.0  # 4 x 1.01 would not fit
     with pytest.raises(ResourceError, match="one trial needs 3.01 CPUs"):
