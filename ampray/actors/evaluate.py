@@ -12,6 +12,7 @@ import torch
 
 from ampray.actors.checkpoint import unwrap
 from ampray.amp.trainer import to_device
+from ampray.models.registry import class_dim, logits_of
 
 
 @dataclass
@@ -35,8 +36,6 @@ class EvalStats:
 def _classes(output: Any, target: torch.Tensor) -> int | None:
     """For integer targets, the dimension of the output's class scores (`logits_of`: a tensor, a dict's
     "logits", a tuple's first item) that pairs with them (last, or torch's dimension 1); else None."""
-    from ampray.models.registry import class_dim, logits_of
-
     logits = logits_of(output)
     if logits is None or target.is_floating_point() or target.dtype == torch.bool:
         return None
@@ -73,8 +72,6 @@ def evaluate(model: torch.nn.Module, engine, criterion, batches, max_batches: in
                 dim = _classes(output, y)
                 classified = dim is not None
             if classified:
-                from ampray.models.registry import logits_of
-
                 predicted, labels = logits_of(output).argmax(dim), y
                 if predicted.shape != labels.shape:  # the same rows up to dimensions of size 1
                     predicted, labels = predicted.reshape(-1), labels.reshape(-1)

@@ -214,10 +214,8 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
     fp32 = job.precision.fp32_modules if job.precision.autocast_enabled else ()
     if not entries and not fp32 and spec.builtin:
         return []
-    try:
-        with torch.device("meta"):
-            model = spec.build_model(job.model.options)
-    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' sharding decides
+    model = meta_model(job, spec)
+    if model is None:  # a factory that cannot build on meta: the workers' sharding decides
         return []
     odd = [(n, p.dtype) for n, p in model.named_parameters() if p.dtype != torch.float32]
     if odd:
@@ -258,20 +256,28 @@ def check_fsdp_blocks(job: JobConfig, spec: ModelSpec) -> list[str]:
     return []
 
 
+def meta_model(job: JobConfig, spec: ModelSpec):
+    """The job's model built on the meta device (no memory, no weights), or None when its factory cannot
+    build there (the workers then decide what the driver would have checked)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return spec.build_model(job.model.options)
+    except Exception:  # noqa: BLE001 - the user's factory
+        return None
+
+
 def check_fp32_modules(job: JobConfig, spec: ModelSpec) -> None:
     """Every precision.fp32_modules entry selects some module of the model (a misspelt name would leave the
     module in low precision, and nothing would say so). The model is built on the meta device."""
-    import torch
-
     from ampray.amp.autocast import Fp32Islands
 
     patterns = job.precision.fp32_modules
     if not patterns:
         return
-    try:
-        with torch.device("meta"):
-            model = spec.build_model(job.model.options)
-    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the workers' engine decides
+    model = meta_model(job, spec)
+    if model is None:  # a factory that cannot build on meta: the workers' engine decides
         return
     for pattern in patterns:
         islands = Fp32Islands((pattern,), "cpu")
@@ -677,9 +683,10 @@ def _check_model_matches(job: JobConfig, spec: ModelSpec, checkpoint: Path) -> N
     from ampray.actors.checkpoint import STATE_FILE, unwrap
 
     path = checkpoint / STATE_FILE
+    model = meta_model(job, spec)
+    if model is None:
+        return
     try:
-        with torch.device("meta"):
-            model = spec.build_model(job.model.options)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         saved = state.get("model") if isinstance(state, dict) else None
         if not isinstance(saved, dict):
