@@ -69,24 +69,68 @@ class _OOMInBackward(torch.autograd.Function):
         return grad, None
 
 
+def _rank_entry(target, args, log: str) -> None:
+    """A spawned rank's first frame: its stdout/stderr (C++ included) go to `log`, a fatal signal dumps every
+    thread's Python stack there, and the process ends with os._exit once `target` returns. Skipping the
+    interpreter's shutdown keeps gloo's and the TCP store's C++ threads from racing static destructors (an
+    abort, SIGABRT, after the test's work was done and written)."""
+    import faulthandler
+    import os
+    import sys
+    import traceback
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    code = 0
+    try:
+        target(*args)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def spawn_ranks(target, args_of_rank, world: int, deadline_s: float) -> tuple[list, list[int]]:
     """Start `world` spawned processes `target(*args_of_rank(r))`, wait up to `deadline_s` for them, kill
     the ones still running; returns their exit codes and the ranks that had to be killed (a hung
-    collective fails the test on its own deadline instead of hanging the suite)."""
+    collective fails the test on its own deadline instead of hanging the suite). The output of a rank that
+    failed or hung is printed (pytest shows it with the failure): its traceback, or the C++ message and
+    the Python stacks of a rank that aborted."""
     import multiprocessing as mp
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=args_of_rank(r)) for r in range(world)]
+    logs = Path(tempfile.mkdtemp(prefix="ranks-"))
+    procs = [ctx.Process(target=_rank_entry, args=(target, args_of_rank(r), str(logs / f"rank{r}.log")))
+             for r in range(world)]
     for p in procs:
         p.start()
+    end = time.monotonic() + deadline_s
     for p in procs:
-        p.join(deadline_s)
+        p.join(max(0.0, end - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
-    return [p.exitcode for p in procs], hung
+    codes = [p.exitcode for p in procs]
+    for r, code in enumerate(codes):
+        log = logs / f"rank{r}.log"
+        if (code != 0 or r in hung) and log.exists():
+            text = log.read_text(errors="replace")
+            print(f"--- rank {r} (exit code {code}{', killed on the deadline' if r in hung else ''}) ---")
+            print(text[-6000:])
+    shutil.rmtree(logs, ignore_errors=True)
+    return codes, hung
 
 
 def free_port() -> int:
