@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,8 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
 
         bind_local_rank(ctx.get_local_rank(), ctx.get_local_world_size())
     spec = resolve_spec(job.model.kind, job.model.factory, job.model.loss, objects)  # imports the user's code
+    if isinstance(spec.loss, torch.nn.Module):  # a loss module's buffers (class weights) on the worker's device
+        spec = replace(spec, loss=spec.loss.to(device))
     torch.manual_seed(job.run.seed)  # the same initial weights on every rank
     engine = build_engine(job, device)
     model = engine.prepare_model(spec.build_model(job.model.options))

@@ -196,7 +196,7 @@ def resolve_spec(kind: str, factory: str = "", loss: str = "", objects: dict[str
         return objects[field] if field in objects else import_object(path, field)
 
     if factory:
-        criterion = get("model.loss", loss) if loss else cross_entropy
+        criterion = as_criterion(get("model.loss", loss), "model.loss") if loss else cross_entropy
         return ModelSpec(factory, get("model.factory", factory), criterion)
     from ampray.models import MODEL_KINDS
 
@@ -204,7 +204,23 @@ def resolve_spec(kind: str, factory: str = "", loss: str = "", objects: dict[str
         raise ImportPathError(f"model.kind={kind!r} is not allowed: expected one of {list(MODEL_KINDS)}, or "
                               "model.factory = \"package.module:function\" for your own model")
     spec = _builtin(kind)
-    return dataclasses.replace(spec, loss=get("model.loss", loss)) if loss else spec
+    return dataclasses.replace(spec, loss=as_criterion(get("model.loss", loss), "model.loss")) if loss else spec
+
+
+def as_criterion(obj: Any, field: str = "model.loss") -> Criterion:
+    """A loss named by its class (`"torch.nn:CrossEntropyLoss"`, `loss=nn.MSELoss`) is built with no
+    arguments, as PyTorch's loss modules are used; a function or an instance is used as it is. A class
+    whose constructor needs arguments is refused naming `field` (called as criterion(output, target), a
+    class would take the output and target as its constructor's arguments)."""
+    if not isinstance(obj, type):
+        return obj
+    try:
+        return obj()
+    except TypeError as err:
+        raise ImportPathError(f"{field} names the class {obj.__module__}.{obj.__qualname__}, which cannot be built "
+                              f"without arguments ({err}); expected a loss function criterion(output, target), a "
+                              "class built without arguments (as torch.nn.CrossEntropyLoss), or, in ampray.fit, "
+                              "an instance (loss=MyLoss(weight=...))") from None
 
 
 def model_flops_per_sample(spec: ModelSpec, model: nn.Module, x: Any) -> int | None:

@@ -569,3 +569,33 @@ def test_a_user_model_with_a_submodule_named_module_is_saved_whole(project):
     assert unwrap(model) is model and set(unwrap(model).state_dict()) == {"module.weight", "module.bias",
                                                                           "head.weight", "head.bias"}
     assert unwrap(torch.nn.DataParallel(model)) is model
+
+
+def test_a_loss_named_by_its_class_is_built_without_arguments(project, capsys):
+    """model.loss = "torch.nn:CrossEntropyLoss" is how PyTorch users name a loss: it is built once, with no
+    arguments, and called as criterion(output, target); a class that needs arguments is refused, named."""
+    import torch
+    from torch import nn
+
+    from ampray.job import JobConfig
+    from ampray.models.registry import resolve_spec
+    from ampray.orchestrator.preflight import check_model_and_data
+
+    (project / "mynets.py").write_text((project / "mynets.py").read_text() + textwrap.dedent('''
+        class Weighted(nn.Module):
+            def __init__(self, weight):
+                super().__init__()
+                self.register_buffer("weight", torch.as_tensor(weight))
+
+            def forward(self, output, target):
+                return F.cross_entropy(output, target, weight=self.weight)
+    '''))
+    job = JobConfig.load("job.toml", {"model.loss": "torch.nn:CrossEntropyLoss", "run.storage_path": "runs"})
+    check_model_and_data(job)  # the real batch, its loss and backward pass
+    spec = resolve_spec(job.model.kind, job.model.factory, job.model.loss)
+    assert isinstance(spec.loss, nn.CrossEntropyLoss)
+    out, target = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    assert torch.equal(spec.loss(out, target), torch.nn.functional.cross_entropy(out, target))
+    err = _fails(capsys, "--model.loss", "mynets:Weighted")
+    assert "model.loss names the class mynets.Weighted, which cannot be built without arguments" in err
+    assert "missing 1 required positional argument: 'weight'" in err
