@@ -302,11 +302,10 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
                               skip_penalty=args.skip_penalty, seed=args.seed,
                               perturbation_interval=args.perturbation_interval, pbt_synch=args.pbt_synch)
         outcome = run_search(job, search, resume=args.resume is not None, given=given,
-                             notify=lambda note: console.print(f"[yellow]note:[/yellow] {note}"))
+                             notify=lambda note: console.print(f"[yellow]note:[/yellow] {_flags(note)}"))
     except ConfigError as err:
         # SearchConfig's fields are the command's flags: search.seed=-1 reads --seed=-1.
-        text = re.sub(r"(^|\bwith )search\.(\w+)=", lambda m: f"{m.group(1)}--{m.group(2).replace('_', '-')}=", str(err))
-        print(f"ampray tune: error: {text}", file=sys.stderr)
+        print(f"ampray tune: error: {_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the trials started, or a second Ctrl-C while Tune saved its state
         started = search is not None and (Path(job.run.storage_path).expanduser() / search.name / "tuner.pkl").is_file()
@@ -342,6 +341,11 @@ def _trial_failures(failed: list[dict[str, Any]]) -> str:
         by_reason.setdefault(row.get("error") or "unknown error", []).append(str(row["trial"]))
     return "\n  ".join(f"{', '.join(trials[:4])}{f' and {len(trials) - 4} more' if len(trials) > 4 else ''}: "
                        f"{reason}" for reason, trials in by_reason.items())
+
+
+def _flags(text: str) -> str:
+    """SearchConfig's fields are `ampray tune`'s flags: search.seed=-1 reads --seed=-1."""
+    return re.sub(r"(^|\bwith )search\.(\w+)=", lambda m: f"{m.group(1)}--{m.group(2).replace('_', '-')}=", text)
 
 
 def _resume_command(name: str, job, args: argparse.Namespace, storage_path: str | None = None) -> str:

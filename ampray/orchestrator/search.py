@@ -422,7 +422,10 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
     folder = search_dir(job, search)
     if resume:
         # The search goes on as it began (job, space, scheduler), whatever else this command line says.
+        asked = search
         job, search, space = load_plan(folder, search.name, job.run.address)
+        for line in ignored_on_resume(asked, search):
+            (notify or print)(line)
     else:
         check_new_search(folder, search.name)
         if given is not None and "scaling.num_workers" in given and job.scaling.num_workers not in (
@@ -583,6 +586,19 @@ def save_plan(folder: Path, job: JobConfig, search: SearchConfig, space) -> None
     tmp = folder / (PLAN_FILE + ".tmp")
     tmp.write_text(json.dumps(plan, indent=2))
     tmp.replace(folder / PLAN_FILE)
+
+
+def ignored_on_resume(asked: SearchConfig, saved: SearchConfig) -> list[str]:
+    """A note for each search setting given to a resume (not its default) that differs from the one the
+    search began with: a resumed search goes on as it began, so the new value is not used."""
+    import dataclasses
+
+    default = SearchConfig()
+    return [f"search.{f.name}={getattr(asked, f.name)!r} is not used: the resumed search {saved.name!r} goes on as it "
+            f"began, with {getattr(saved, f.name)!r} (start a new search, under another name, for other settings)"
+            for f in dataclasses.fields(SearchConfig)
+            if f.name != "name" and getattr(asked, f.name) != getattr(default, f.name)
+            and getattr(asked, f.name) != getattr(saved, f.name)]
 
 
 def load_plan(folder: Path, name: str, address: str):

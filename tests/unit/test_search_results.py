@@ -56,3 +56,17 @@ def test_trials_whose_workers_fill_the_cpus_still_fit_beside_the_trials_own_sliv
     assert concurrent == 3 and trial.scaling.cpus_per_worker == 1.0  # 4 x 1.01 would not fit
     with pytest.raises(ResourceError, match="one trial needs 3.01 CPUs"):
         _plan(job, SearchConfig(workers_per_trial=3), {"CPU": 2.0})
+
+
+def test_a_resume_names_the_search_settings_it_does_not_use():
+    from ampray.orchestrator.search import SearchConfig, ignored_on_resume
+
+    saved = SearchConfig(space="scaler", samples=8, name="s")
+    assert ignored_on_resume(SearchConfig(name="s"), saved) == []  # nothing given: nothing to say
+    assert ignored_on_resume(SearchConfig(name="s", samples=8, space="scaler"), saved) == []  # the same again
+    notes = ignored_on_resume(SearchConfig(name="s", space="adaptive", samples=8, seed=3), saved)
+    assert notes == [
+        "search.space='adaptive' is not used: the resumed search 's' goes on as it began, with 'scaler' (start a "
+        "new search, under another name, for other settings)",
+        "search.seed=3 is not used: the resumed search 's' goes on as it began, with 0 (start a new search, under "
+        "another name, for other settings)"]
