@@ -228,8 +228,8 @@ def _add_mfu(rows: list[dict[str, Any]], model_type: str, model, data, device) -
     for row in rows:
         achieved = row["samples_per_s"] * per_sample if per_sample else None
         peak = peak_flops(torch.device(device), None, precision=row["precision"]) if achieved else None
-        row["tflops_per_s"] = None if achieved is None else round(achieved / 1e12, 3)
-        row["mfu"] = None if not (achieved and peak) else round(achieved / peak, 4)
+        row["tflops_per_s"] = None if achieved is None else float(f"{achieved / 1e12:.4g}")  # 4 digits: a CPU run is far below 0.001
+        row["mfu"] = None if not (achieved and peak) else float(f"{achieved / peak:.4g}")
 
 
 # -- recommendations -------------------------------------------------------------------------------
