@@ -342,6 +342,12 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
         # Each rank's own final report was saved with the checkpoint: the caller sees the same figures.
         metrics = saved or report_metrics(w.engine, step, w.rank, w.world, w.engine.records()[0].loss, 0)
         metrics["final"] = True
+        if w.val is not None:
+            # The held-out figures of this rerun's data.val_path (which may have changed: a finished model
+            # evaluated on another set), from the restored final weights; the same set gives the same figures.
+            metrics = {key: value for key, value in metrics.items() if not key.startswith("val/")}
+            metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches,
+                                    lockstep=w.job.scaling.strategy == "fsdp").to_dict())
         for key, value in w.placement.items():  # the run's own placement when its report has one
             metrics.setdefault(key, value)
         if hparams is not None:

@@ -667,6 +667,10 @@ def check_resume(job: JobConfig, num_workers: int, spec: ModelSpec | None = None
     notes = [f"the run is complete at step {at} ({checkpoint.name}): nothing to train; its final records follow"
              if at == job.run.steps else
              f"resuming from {checkpoint.name} (step {at} of {job.run.steps})"]
+    then_val, now_val = (absolute_data_path(v) if v else "" for v in (saved.get("data.val_path"), now.get("data.val_path")))
+    if at == job.run.steps and now_val and then_val != now_val:
+        notes.append(f"data.val_path={now_val!r} (the run was trained with {then_val or 'none'!r}): the final "
+                     "model is evaluated on it")
     before, after = saved.get("run.steps"), job.run.steps
     if before != after and job.optimizer.schedule == "cosine":
         notes.append(f"run.steps changed from {before} to {after}: the cosine learning-rate schedule now ends "

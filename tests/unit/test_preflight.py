@@ -186,6 +186,15 @@ def test_a_rerun_shorter_than_its_checkpoint_is_refused_and_a_complete_one_says_
         check_resume(_run(tmp_path, run__steps=20), 2)
     assert check_resume(_run(tmp_path, run__steps=60, optimizer__schedule="cosine"), 2)[0] == (
         "the run is complete at step 60 (checkpoint_000060): nothing to train; its final records follow")
+    # Another held-out set for the finished model: the workers evaluate it on that set, and the note says so.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"x": [1.0]}), other)
+    assert check_resume(_run(tmp_path, run__steps=60, data__val_path=str(other)), 2)[1] == (
+        f"data.val_path={str(other)!r} (the run was trained with 'none'): the final model is evaluated on it")
+    assert not any("evaluated on it" in n for n in check_resume(_run(tmp_path, run__steps=80, data__val_path=str(other)), 2))
 
 
 def test_a_rerun_on_another_number_of_workers_is_refused(tmp_path):
