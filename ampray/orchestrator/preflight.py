@@ -346,27 +346,33 @@ def _check_ampray_shards(job: JobConfig, kind: str | None) -> None:
             check_ampray_shards(parquet_files(Path(path).expanduser().absolute()), field, kind)
 
 
-def keep_trained_widths(job: JobConfig, plan: DataPlan) -> None:
+def keep_trained_padding(job: JobConfig, plan: DataPlan) -> JobConfig:
     """A rerun pads as its checkpoint was trained: the widths found now (a new held-out set may be longer
-    or shorter) give way to the checkpoint's, unless a row no longer fits them (ConfigError)."""
-    if job.data.pad_to or not plan.pad_widths:
-        return
+    or shorter) give way to the checkpoint's, unless a row no longer fits them (ConfigError); and a run
+    saved before data.target_pad_value existed keeps padding its target with data.pad_value (what it was
+    trained with), not the -100 an "auto" target pad is now. Returns the job to run."""
     try:
         checkpoint = latest_checkpoint(job.run_dir())
     except ConfigError:
-        return  # check_resume reports an unreadable checkpoint list, after make_run_dir's own checks
+        return job  # check_resume reports an unreadable checkpoint list, after make_run_dir's own checks
     if checkpoint is None:
-        return
+        return job
     try:
-        saved = tomllib.loads((checkpoint / "job.toml").read_text()).get("data", {}).get("pad_widths") or {}
+        data = tomllib.loads((checkpoint / "job.toml").read_text()).get("data", {})
     except (OSError, tomllib.TOMLDecodeError):
-        return  # check_resume reports an unreadable job.toml
+        return job  # check_resume reports an unreadable job.toml
+    if job.data.columns and "pad_value" in data and "target_pad_value" not in data and job.data.target_pad_value == "auto":
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, target_pad_value=float(data["pad_value"])))
+    if job.data.pad_to or not plan.pad_widths:
+        return job
+    saved = data.get("pad_widths") or {}
     for name, width in plan.pad_widths.items():
         if name in saved and width > saved[name]:
             raise ConfigError(f"column {name!r} now has rows of {width} entries (data.path / data.val_path); the "
                               f"run was trained with them padded to {saved[name]} ({checkpoint.name}): expected "
                               f"rows of at most {saved[name]}, or a new --name")
     plan.pad_widths = {**plan.pad_widths, **saved}
+    return job
 
 
 def _longest_rows(job: JobConfig) -> dict[str, int]:

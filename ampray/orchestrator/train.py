@@ -512,14 +512,14 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
     `choose_precision(job, use_gpu)`: the job with the precision for the device found (the CLI's default)."""
     from ampray.actors.aggregator import read_scalars
     from ampray.orchestrator.preflight import (check_batch_fits, check_model_and_data, check_resume,
-                                               keep_trained_widths, streaming_mode)
+                                               keep_trained_padding, streaming_mode)
 
     plan = check_model_and_data(job, stream, objects)  # what needs no cluster fails before Ray starts
     for note in plan.notes:
         notify(note)
     if plan.data_check is not None:
         notify(plan.data_check.line())
-    keep_trained_widths(job, plan)
+    job = keep_trained_padding(job, plan)
     code = user_code(job, objects)
     runtime_env = {}
     if code:

@@ -299,7 +299,7 @@ def test_a_rerun_pads_as_its_checkpoint_was_trained(tmp_path):
     import json
 
     from ampray.job import JobConfig
-    from ampray.orchestrator.preflight import DataPlan, keep_trained_widths
+    from ampray.orchestrator.preflight import DataPlan, keep_trained_padding
 
     job = JobConfig.load(None, {"run.name": "r", "run.storage_path": str(tmp_path)})
     checkpoint = tmp_path / "r" / "checkpoint_000010"
@@ -308,10 +308,17 @@ def test_a_rerun_pads_as_its_checkpoint_was_trained(tmp_path):
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": checkpoint.name}}))
     (checkpoint / "job.toml").write_text('[data]\npad_widths = { tokens = 9 }\n')
     plan = DataPlan(None, 10, 0, ["tokens", "y"], (), {"tokens": 7})
-    keep_trained_widths(job, plan)
+    assert keep_trained_padding(job, plan) == job
     assert plan.pad_widths == {"tokens": 9}
     with pytest.raises(Exception, match="column 'tokens' now has rows of 12 entries.*padded to 9"):
-        keep_trained_widths(job, DataPlan(None, 10, 0, ["tokens", "y"], (), {"tokens": 12}))
+        keep_trained_padding(job, DataPlan(None, 10, 0, ["tokens", "y"], (), {"tokens": 12}))
+    # A run saved before data.target_pad_value existed padded its target with data.pad_value: so does its rerun.
+    own = JobConfig.load(None, {"run.name": "r", "run.storage_path": str(tmp_path), "model.factory": "m:f",
+                                "data.path": str(tmp_path), "data.input": "tokens", "data.target": "y"})
+    (checkpoint / "job.toml").write_text('[data]\npad_value = 3.0\n')
+    assert keep_trained_padding(own, DataPlan(None, 10, 0, ["tokens", "y"])).data.target_pad_value == 3.0
+    (checkpoint / "job.toml").write_text('[data]\npad_value = 3.0\ntarget_pad_value = "auto"\n')
+    assert keep_trained_padding(own, DataPlan(None, 10, 0, ["tokens", "y"])).data.target_pad_value == "auto"
 
 
 def test_sparse_gradients_with_an_oom_policy_that_needs_dense_ones_under_ddp(project, capsys):
