@@ -134,6 +134,17 @@ def _type_name(t: pa.DataType) -> str:
     return str(t)
 
 
+def tensor_type(type_name: str) -> str:
+    """What a column of type `type_name` (as `_type_name` writes it) decodes into: every integer width an
+    int64, every float width a float32, a large list a list. Two files whose columns agree on this give the
+    model the same tensors (a held-out set written by another tool with int32 labels, say)."""
+    import re
+
+    name = type_name.replace("large_list<", "list<")
+    name = re.sub(r"\bu?int(8|16|32|64)\b", "int64", name)
+    return re.sub(r"\b(halffloat|float|double)\b", "float32", name)
+
+
 def _scan(path: str | Path) -> tuple[dict[str, Any], dict[str, pa.DataType], list[tuple[Path, pq.FileMetaData]]]:
     """(schema_summary, {column: type}, [(file, footer)]) from the footers alone, reading no data."""
     first: tuple[Path, dict[str, str]] | None = None

@@ -437,11 +437,16 @@ def _refuse_empty(rows: int, field: str, path: str) -> None:
 
 
 def _check_same_columns(train: dict[str, Any], val: dict[str, Any], job: JobConfig) -> None:
+    """The held-out set's columns decode into the training columns' tensors (their widths of integer or
+    float may differ: both become int64 or float32; a list's kind, fixed or variable, may not)."""
+    from ampray.data.columns import tensor_type
+
     for name in job.data.read_columns:
-        if train["columns"][name] != val["columns"][name]:
+        if tensor_type(train["columns"][name]) != tensor_type(val["columns"][name]):
             raise ConfigError(f"data.val_path={job.data.val_path!r}: column {name!r} has type "
                               f"{val['columns'][name]}; expected {train['columns'][name]} as in data.path "
-                              "(the held-out set must have the training data's columns)")
+                              "(the held-out set must have the training data's columns: integer and float widths "
+                              "may differ)")
 
 
 def _check_stream_columns(job: JobConfig, stream) -> None:

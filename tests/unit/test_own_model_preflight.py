@@ -89,6 +89,22 @@ def test_validation_set_whose_columns_differ(project, capsys):
     pq.write_table(table.drop(["bonus"]), project / "data" / "val_less.parquet")
     err = _fails(capsys, "--data.val_path", "data/val_less.parquet")
     assert "data.val_path" in err and "'bonus'" in err
+    # Other widths of integers and floats decode into the same tensors: int32 labels, float64 pixels are taken.
+    pixels = table.column("pixels").combine_chunks()
+    wider = table.set_column(table.schema.get_field_index("pixels"), "pixels", pa.FixedSizeListArray.from_arrays(
+        pixels.flatten().cast(pa.float64()), 16)).set_column(
+        table.schema.get_field_index("klass"), "klass", table.column("klass").cast(pa.int32()))
+    pq.write_table(wider, project / "data" / "val_wider.parquet")
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import check_model_and_data
+
+    check_model_and_data(JobConfig.load("job.toml", {"data.val_path": "data/val_wider.parquet"}))
+    # A variable-size list where the training data has fixed-size rows is not the same column.
+    ragged = table.set_column(table.schema.get_field_index("pixels"), "pixels",
+                              pa.array([list(r) for r in pixels.to_pylist()], pa.list_(pa.float32())))
+    pq.write_table(ragged, project / "data" / "val_ragged.parquet")
+    err = _fails(capsys, "--data.val_path", "data/val_ragged.parquet")
+    assert "column 'pixels' has type list<float>; expected fixed_size_list<float>[16]" in err
 
 
 def test_own_model_without_data_is_refused(project, capsys):
