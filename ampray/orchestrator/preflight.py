@@ -495,6 +495,12 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
         raise ConfigError(f"{label} rejects a batch of the data (input {what[0]}, from data.input="
                           f"{job.data.input or 'the ampray schema'}): {type(err).__name__}: {err}") from None
     loss_label = f"model.loss={job.model.loss!r}" if job.model.loss else "the default loss (cross-entropy)"
+    learnt = [n for n, p in spec.loss.named_parameters() if p.requires_grad] \
+        if isinstance(spec.loss, torch.nn.Module) else []
+    if learnt:
+        raise ConfigError(f"{loss_label} has trainable parameters ({', '.join(learnt[:3])}), which the optimizer "
+                          "would never step (it steps the model's, synchronised by DDP/FSDP): expected a loss "
+                          "without parameters; make them part of the model (and return what the loss needs)")
     try:
         loss = spec.loss(output, y)
     except Exception as err:

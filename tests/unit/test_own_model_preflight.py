@@ -612,6 +612,15 @@ def test_a_loss_named_by_its_class_is_built_without_arguments(project, capsys):
 
             def forward(self, output, target):
                 return F.cross_entropy(output, target, weight=self.weight)
+
+
+        class Learnt(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.temperature = nn.Parameter(torch.ones(()))
+
+            def forward(self, output, target):
+                return F.cross_entropy(output / self.temperature, target)
     '''))
     job = JobConfig.load("job.toml", {"model.loss": "torch.nn:CrossEntropyLoss", "run.storage_path": "runs"})
     check_model_and_data(job)  # the real batch, its loss and backward pass
@@ -619,6 +628,8 @@ def test_a_loss_named_by_its_class_is_built_without_arguments(project, capsys):
     assert isinstance(spec.loss, nn.CrossEntropyLoss)
     out, target = torch.randn(3, 4), torch.tensor([0, 3, 1])
     assert torch.equal(spec.loss(out, target), torch.nn.functional.cross_entropy(out, target))
+    err = _fails(capsys, "--model.loss", "mynets:Learnt")
+    assert "model.loss='mynets:Learnt' has trainable parameters (temperature), which the optimizer would never" in err
     err = _fails(capsys, "--model.loss", "mynets:Weighted")
     assert "model.loss names the class mynets.Weighted, which cannot be built without arguments" in err
     assert "missing 1 required positional argument: 'weight'" in err
