@@ -324,6 +324,14 @@ def value_rules(job: JobConfig, spec: ModelSpec) -> list[ColumnRule]:
     vocab, classes = (options.get(k) for k in ("vocab_size", "num_classes"))
     vocab = vocab if type(vocab) is int and vocab > 0 else None
     classes = classes if type(classes) is int and classes > 0 else None
+    if vocab:
+        # The token ids are the one integer input column; with several (token ids beside a uint8 image, say)
+        # which of them indexes the vocabulary is not known here, and none is held to it.
+        from ampray.data.columns import schema_summary, tensor_type
+
+        types = schema_summary(Path(job.data.path).expanduser())["columns"]
+        integers = [c for c in job.data.input_columns if "int64" in tensor_type(types.get(c, ""))]
+        vocab = vocab if len(integers) == 1 else None
     rules = [ColumnRule(c, 0, vocab, _TOKENS.format(vocab)) if vocab else ColumnRule(c)
              for c in job.data.input_columns]
     target = job.data.target

@@ -357,3 +357,18 @@ def test_a_truncated_footer_is_named_by_the_workers_reader(tmp_path):
     bad.write_bytes(bad.read_bytes()[:-20])
     with pytest.raises(ConfigError, match=re.escape(f"{bad}: cannot be read as Parquet")):
         read_columns(tmp_path, ColumnSpec(("x",), "y"))
+
+
+def test_a_second_integer_input_is_not_held_to_the_vocabulary(user_project):
+    """Token ids beside a uint8 image: which integer column indexes the vocabulary is not known, so neither
+    is held to model.options.vocab_size (an image's 0..255 are not token ids)."""
+    file = user_project / "data" / "part-1.parquet"
+    table = pq.read_table(file)
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(np.full(20 * 6, 200, np.uint8)), 6)
+    pq.write_table(table.set_column(1, "extra", pixels), file)
+    other = user_project / "data" / "part-0.parquet"
+    table = pq.read_table(other)
+    pq.write_table(table.set_column(1, "extra", pa.FixedSizeListArray.from_arrays(
+        pa.array(np.zeros(20 * 6, np.uint8)), 6)), other)
+    job = _user_job({"vocab_size": 20, "num_classes": 3})
+    assert check_model_and_data(job).data_check.rows == 40
