@@ -672,8 +672,14 @@ def check_resume(job: JobConfig, num_workers: int, spec: ModelSpec | None = None
         raise ConfigError(f"run {job.run.name!r} would resume from {checkpoint}, whose job.toml cannot be "
                           f"read ({err}); give this run a new --name") from None
     saved, now = _comparable(saved), _comparable(job.flat())
-    # A field only one side knows (added or removed by an upgrade of ampray) is not compared.
-    changed = [f"{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in sorted(now)
+    # A field only one side knows (added or removed by an upgrade of ampray) is not compared. A model option
+    # set on one side only is: against the factory's default for it, when its signature has one.
+    defaults = _factory_defaults(spec)
+    for key in (saved.keys() ^ now.keys()) & {k for k in saved.keys() | now.keys() if k.startswith("model.options.")}:
+        option = key.removeprefix("model.options.")
+        for side in (saved, now):
+            side.setdefault(key, defaults.get(option, _UNSET))
+    changed = [f"{key}: {_shown(saved[key])} in the checkpoint, {_shown(now[key])} now" for key in sorted(now)
                if key in saved and not _may_change(key) and not _same(saved[key], now[key])]
     world = len(list(checkpoint.glob("rng_rank*.pt")))
     if world and world != num_workers:
@@ -756,6 +762,33 @@ def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
         return {**out, **{f"model.options.{k}": v for k, v in options.items()}}
     out.update({f"model.options.{k}": v for k, v in dataclasses.asdict(config).items()})
     return out
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "not set"
+
+
+_UNSET = _Unset()
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is _UNSET else repr(value)
+
+
+def _factory_defaults(spec: ModelSpec | None) -> dict[str, Any]:
+    """The keyword defaults of a user's factory (`def build(width=64, ...)`): what an option left out is."""
+    import inspect
+
+    if spec is None or spec.builtin:
+        return {}
+    try:
+        parameters = inspect.signature(spec.build).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    # As the job's flat values hold them: a list or tuple as "4,4".
+    return {p.name: ",".join(map(str, p.default)) if isinstance(p.default, (list, tuple)) else p.default
+            for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _same(a: Any, b: Any) -> bool:

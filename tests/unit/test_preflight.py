@@ -321,3 +321,38 @@ def test_a_storage_path_that_cannot_hold_the_run_fails_before_ray(tmp_path):
                                           r"run folder .*afile/ampray \(Not a directory\)"):
         make_run_dir(job)
     assert make_run_dir(JobConfig.load(None, {"run.storage_path": str(tmp_path)})) == tmp_path / "ampray"
+
+
+def test_a_model_option_set_on_one_side_only_is_compared_with_the_factorys_default(tmp_path, monkeypatch):
+    """A user's factory `build(width=32, p=0.0, sizes=(4, 4))`: a rerun that sets an option the run left out
+    (or leaves out one it set) resumes when the value is the factory's default, and is refused otherwise."""
+    import sys
+
+    from ampray.models.registry import resolve_spec
+
+    (tmp_path / "optnet.py").write_text(
+        "from torch import nn\n"
+        "def build(width=32, p=0.0, sizes=(4, 4), extra=None):\n"
+        "    return nn.Sequential(nn.Linear(8, width), nn.Dropout(p), nn.Linear(width, 4))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        spec = resolve_spec("custom", "optnet:build")
+
+        def job(**options) -> JobConfig:
+            return resolved(JobConfig.load(None, {"run.storage_path": str(tmp_path), "run.name": "r",
+                                                  "model.factory": "optnet:build", "model.options": options,
+                                                  "data.path": str(tmp_path), "data.input": "x",
+                                                  "data.target": "y"}), 2, False)
+
+        _checkpoint(tmp_path / "r", job(width=32), 40, 2)
+        assert check_resume(job(width=32, p=0.0, sizes=[4, 4]), 2, spec) == [RESUMING_40]  # the defaults
+        assert check_resume(job(), 2, spec) == [RESUMING_40]  # width left out: its default, as saved
+        with pytest.raises(ConfigError, match=r"model.options.p: 0.0 in the checkpoint, 0.9 now"):
+            check_resume(job(width=32, p=0.9), 2, spec)
+        with pytest.raises(ConfigError, match=r"model.options.extra: None in the checkpoint, 'x' now"):
+            check_resume(job(extra="x"), 2, spec)  # left out: the factory's None
+        with pytest.raises(ConfigError, match=r"model.options.depth: not set in the checkpoint, 3 now"):
+            check_resume(job(depth=3), 2)  # no spec, no defaults: an option on one side only is a change
+    finally:
+        sys.modules.pop("optnet", None)
