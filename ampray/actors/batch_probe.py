@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def _repeat(data: Any, index) -> Any:
 
 
 def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: int, reserve_bytes: int = 0,
-                          ddp: bool = False) -> dict[str, Any]:
+                          ddp: bool = False, cwd: str | None = None) -> dict[str, Any]:
     """In a task on one GPU: probe the job's training step (see the module's docstring). `reserve_bytes`:
     what a worker holds besides the step (its training data on the GPU); `ddp`: the workers also hold DDP's
     gradient buckets (4 bytes a parameter). Returns the chosen micro-batch, the probes, the memory budget,
@@ -100,7 +101,7 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     import torch
 
     from ampray.actors.data import one_batch
-    from ampray.actors.worker import build_engine
+    from ampray.actors.worker import build_engine, in_user_folder
     from ampray.amp.bench import time_steps
     from ampray.amp.trainer import to_device
     from ampray.orchestrator.preflight import resolve_model
@@ -117,7 +118,8 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     job = dataclasses.replace(job, precision=job.precision.replace(gradient_accumulation_steps=1, oom_policy="raise"))
     torch.manual_seed(job.run.seed)
     engine = build_engine(job, device)
-    model = engine.prepare_model(spec.build_model(job.model.options))
+    with in_user_folder(cwd):  # where the user started ampray: relative paths in model.options
+        model = engine.prepare_model(spec.build_model(job.model.options))
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     x0, y0 = to_device(one_batch(job, spec, min(start, 256)), device)
@@ -188,7 +190,7 @@ def choose_fill(job, plan, num_workers: int, use_gpu: bool, runtime_env: dict | 
     task = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(measure_micro_batches)  # max_calls: the GPU is freed
     if runtime_env:
         task = task.options(runtime_env=runtime_env)
-    ref = task.remote(job, objects, start, cap, on_gpu, num_workers > 1)
+    ref = task.remote(job, objects, start, cap, on_gpu, num_workers > 1, os.getcwd())
     try:
         found = ray.get(ref, timeout=PROBE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:

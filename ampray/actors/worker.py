@@ -12,6 +12,7 @@ rolls every rank back to the newest verified checkpoint (`rollback.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -187,15 +188,17 @@ class Worker:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker = setup(JobConfig.from_dict(config["job"]), Path(config["run_dir"]), config.get("streaming", False),
-                   config.get("objects"))
+                   config.get("objects"), config.get("cwd"))
     step, saved = restore_latest(worker, config.get("init_checkpoint"))
     train(worker, step, saved, config)
 
 
-def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[str, Any] | None = None) -> Worker:
+def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[str, Any] | None = None,
+          cwd: str | None = None) -> Worker:
     """Build this rank's model, engine, optimizer, schedule and data; the model is DDP-wrapped when world > 1.
     `streaming`: the training rows come from Ray Data's shard of the TorchTrainer's "train" dataset.
-    `objects`: the user's factory and loss by value ({"model.factory": fn}), instead of importing them."""
+    `objects`: the user's factory and loss by value ({"model.factory": fn}), instead of importing them;
+    `cwd`: the folder the user started ampray in, where the model is built (see `in_user_folder`)."""
     import ray.train
     import ray.train.torch
 
@@ -211,7 +214,8 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
         spec = replace(spec, loss=spec.loss.to(device))
     torch.manual_seed(job.run.seed)  # the same initial weights on every rank
     engine = build_engine(job, device)
-    model = engine.prepare_model(spec.build_model(job.model.options))
+    with in_user_folder(cwd):
+        model = engine.prepare_model(spec.build_model(job.model.options))
     if job.scaling.strategy == "fsdp":
         model = shard(model, job, engine)  # every rank, one worker too: the checkpoints hold shards
     else:
@@ -233,6 +237,22 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     torch.manual_seed(job.run.seed * 1000 + rank + 1)  # dropout differs across ranks
     return Worker(job, spec, run_dir, rank, world, device, engine, model, optimizer, scheduler, batches, val,
                   placement())
+
+
+@contextlib.contextmanager
+def in_user_folder(cwd: str | None):
+    """Run the block in `cwd`, the folder the user started ampray in, when this node has it (a local
+    cluster, a shared file system): a factory that opens a relative path (pretrained weights named in
+    model.options) finds it as it did on the driver. Ray starts workers in a folder of their own."""
+    here = os.getcwd()
+    if not cwd or cwd == here or not os.path.isdir(cwd):
+        yield
+        return
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def shard(model: torch.nn.Module, job: JobConfig, engine: MixedPrecisionTrainer) -> torch.nn.Module:

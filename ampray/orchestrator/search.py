@@ -25,6 +25,7 @@ shows one run per trial).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,8 @@ def tune_trial(config: dict[str, Any]) -> None:
     acks = Queue(maxsize=1, actor_options={"num_cpus": 0}) if pbt else None
     trainer = build_trainer(job, config["__workers__"], config["__use_gpu__"],
                             callbacks=[_tune_callback(config["__skip_penalty__"], results, acks)],
-                            init_checkpoint=start, runtime_env=config.get("__runtime_env__") or {})
+                            init_checkpoint=start, runtime_env=config.get("__runtime_env__") or {},
+                            cwd=config.get("__cwd__"))
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -501,7 +503,7 @@ def run_search(job: JobConfig, search: SearchConfig, resume: bool = False, given
         param_space = {**space.to_tune(), "__base__": trial_job.to_dict(), "__search_dir__": str(folder),
                        "__workers__": search.workers_per_trial, "__use_gpu__": search.gpus_per_trial > 0,
                        "__skip_penalty__": search.skip_penalty, "__pbt__": search.scheduler == "pbt",
-                       "__runtime_env__": runtime_env}
+                       "__runtime_env__": runtime_env, "__cwd__": os.getcwd()}
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(metric="objective", mode="min", num_samples=search.samples,

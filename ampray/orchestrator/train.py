@@ -389,11 +389,12 @@ def save_resolved(job: JobConfig) -> Path:
 
 def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: list | None = None,
                   init_checkpoint=None, runtime_env: dict | None = None, stream=None,
-                  objects: dict[str, Any] | None = None):
+                  objects: dict[str, Any] | None = None, cwd: str | None = None):
     """The TorchTrainer of a job; `init_checkpoint` (a ray Checkpoint) starts a new run from that state
     when the run has no checkpoint of its own (Train V2 passes such state through the loop config).
     `runtime_env` ships the user's modules to the workers; `stream`, a ray.data.Dataset, feeds training
-    when the job streams (data.streaming = "true": read from data.path when not given)."""
+    when the job streams (data.streaming = "true": read from data.path when not given); `cwd`: the folder
+    the user started ampray in (default: this process's), where the workers build the model."""
     import ray.train
 
     from ampray.actors.aggregator import TensorBoardAggregator
@@ -408,7 +409,7 @@ def build_trainer(job: JobConfig, num_workers: int, use_gpu: bool, callbacks: li
     loop_config = {"job": job.to_dict(), "run_dir": str(run_dir), "job_toml": job.to_toml(),
                    "hparams": {k: v for k, v in job.flat().items() if isinstance(v, (int, float, str, bool))},
                    "init_checkpoint": init_checkpoint, "streaming": job.data.streaming == "true",
-                   "objects": objects or {}}
+                   "objects": objects or {}, "cwd": cwd or os.getcwd()}
     datasets = None
     if job.data.streaming == "true":
         from ampray.actors.data import TRAIN

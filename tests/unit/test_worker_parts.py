@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ampray.actors.worker import CHECKPOINT_TMP_PREFIX, IntervalLoss, remove_stale_checkpoint_copies
@@ -116,3 +117,28 @@ def test_a_failed_report_is_raised_and_no_checkpoint_copy_is_left(tmp_path):
     with pytest.raises(ConnectionError):
         reporter.close()
     assert not any(Path(f.name).exists() for f in (first, queued, late))
+
+
+def test_the_model_is_built_in_the_folder_the_user_started_ampray_in(tmp_path, monkeypatch):
+    """Ray starts a worker in a folder of its own: the model is built in the driver's folder when the node
+    has it (a relative path in model.options names the same file), and the worker's folder is restored
+    after, on an error too; a folder this node lacks leaves the worker where it is."""
+    import os
+
+    from ampray.actors.worker import in_user_folder
+
+    user, worker = tmp_path / "user", tmp_path / "worker"
+    user.mkdir()
+    worker.mkdir()
+    (user / "weights.txt").write_text("pretrained")
+    monkeypatch.chdir(worker)
+    with in_user_folder(str(user)):
+        assert open("weights.txt").read() == "pretrained"
+    assert os.getcwd() == str(worker)
+    with pytest.raises(ValueError):
+        with in_user_folder(str(user)):
+            raise ValueError("the factory failed")
+    assert os.getcwd() == str(worker)
+    for missing in (str(tmp_path / "elsewhere"), None, ""):
+        with in_user_folder(missing):
+            assert os.getcwd() == str(worker)
