@@ -101,7 +101,7 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     import torch
 
     from ampray.actors.data import one_batch
-    from ampray.actors.worker import build_engine, in_user_folder
+    from ampray.actors.worker import build_engine, in_user_folder, materialize_lazy
     from ampray.amp.bench import time_steps
     from ampray.amp.trainer import to_device
     from ampray.orchestrator.preflight import resolve_model
@@ -119,7 +119,7 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     torch.manual_seed(job.run.seed)
     engine = build_engine(job, device)
     with in_user_folder(cwd):  # where the user started ampray: relative paths in model.options
-        model = engine.prepare_model(spec.build_model(job.model.options))
+        model = engine.prepare_model(materialize_lazy(spec.build_model(job.model.options), job, spec))
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     x0, y0 = to_device(one_batch(job, spec, min(start, 256)), device)

@@ -215,7 +215,7 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     torch.manual_seed(job.run.seed)  # the same initial weights on every rank
     engine = build_engine(job, device)
     with in_user_folder(cwd):
-        model = engine.prepare_model(spec.build_model(job.model.options))
+        model = engine.prepare_model(materialize_lazy(spec.build_model(job.model.options), job, spec))
     if job.scaling.strategy == "fsdp":
         model = shard(model, job, engine)  # every rank, one worker too: the checkpoints hold shards
     else:
@@ -237,6 +237,22 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
     torch.manual_seed(job.run.seed * 1000 + rank + 1)  # dropout differs across ranks
     return Worker(job, spec, run_dir, rank, world, device, engine, model, optimizer, scheduler, batches, val,
                   placement())
+
+
+def materialize_lazy(model: torch.nn.Module, job: JobConfig, spec: ModelSpec) -> torch.nn.Module:
+    """A model with lazy modules (nn.LazyLinear, nn.LazyConv2d) learns its shapes from a first forward,
+    which DDP, FSDP and the optimizer need done: run one, without gradients, on the first two rows of the
+    training data, the same rows and seed on every rank (the same initial weights)."""
+    from torch.nn.parameter import is_lazy
+
+    if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
+        return model
+    from ampray.actors.data import one_batch
+
+    x, _ = one_batch(job, spec, 2)
+    with torch.no_grad():
+        model(x)
+    return model
 
 
 @contextlib.contextmanager

@@ -263,4 +263,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The model's parameters; a lazy module's (nn.LazyLinear before its first forward) count once known."""
+    from torch.nn.parameter import is_lazy
+
+    return sum(p.numel() for p in model.parameters() if not is_lazy(p))

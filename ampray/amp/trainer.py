@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import math
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -82,6 +83,7 @@ class MixedPrecisionTrainer:
         self._prepared: set[int] = set()
         self._last_scale = self.scaler.init_scale
         self._num_params = 0
+        self._counted: weakref.ref | None = None
         self._flags = {v: torch.tensor(v, device=self.device) for v in (False, True)}
         self._one = torch.ones((), device=self.device)  # the scale of an unscaled run
         self._scale_after = torch.tensor(self._last_scale, device=self.device)
@@ -111,6 +113,7 @@ class MixedPrecisionTrainer:
         if id(model) not in self._prepared:
             self._prepared.add(id(model))
             self._num_params = count_params(model)
+            self._counted = weakref.ref(model)  # counted again when asked: a lazy module's after its forward
             self.stepper.attribution.index(model)
             if self.config.fp32_modules:
                 self._islands.attach(model)
@@ -444,6 +447,9 @@ class MixedPrecisionTrainer:
         return memory_stats(self.device).to_dict()
 
     def estimated_memory_savings(self) -> dict[str, Any]:
+        model = self._counted() if self._counted is not None else None
+        if model is not None:
+            self._num_params = count_params(model)
         return estimate_memory_savings(self.amp_dtype, self._num_params)
 
     def state_dict(self) -> dict[str, Any]:

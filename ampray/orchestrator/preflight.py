@@ -484,6 +484,13 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
     except Exception as err:  # the user's factory raised on these options
         raise ConfigError(f"{label} with model.options={job.model.options!r} raised {type(err).__name__}: "
                           f"{err}") from None
+    from torch.nn.parameter import is_lazy
+
+    if stream is not None and not job.data.path and any(is_lazy(p) for p in model.parameters()):
+        raise ConfigError(f"{label} has lazy modules (nn.LazyLinear, ...), whose shapes each worker learns from a "
+                          "first forward on rows of data.path; with the training rows given as a ray.data.Dataset "
+                          "there is none: expected data.path (a Parquet file or folder), or modules with their "
+                          "sizes given (nn.Linear)")
     try:
         if stream is not None:  # the first rows only: Ray Data reads what that takes, not the whole dataset
             from ampray.actors.data import column_spec

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -156,3 +157,43 @@ def with_aux():
     outcome = run_training(job)
     assert all(r["step"] == 20 for r in outcome.final.values()) and len(outcome.final) == 2
     assert JobConfig.load(outcome.run_dir / "job.toml").scaling.find_unused_parameters == "true"
+
+
+def test_a_lazy_model_that_loads_a_relative_path_trains_under_ddp(ray_address, project):
+    """nn.LazyLinear learns its input size from a first forward, which every rank runs on the same rows
+    before DDP wraps the model; the factory opens weights at a path relative to the folder ampray was
+    started in, where the workers build the model (Ray starts them elsewhere)."""
+    (project / "lazynets.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+
+        class Lazy(nn.Module):
+            def __init__(self, width):
+                super().__init__()
+                self.body = nn.Sequential(nn.LazyLinear(width), nn.GELU(), nn.Linear(width, 4))
+
+            def forward(self, batch):
+                return self.body(torch.cat([batch["pixels"], batch["bonus"][:, None]], dim=1))
+
+
+        def build(width: int = 32, head: str = ""):
+            model = Lazy(width)
+            if head:
+                model.body[2].load_state_dict(torch.load(head, weights_only=True))
+            return model
+    '''))
+    torch.manual_seed(5)
+    (project / "weights").mkdir()
+    torch.save(torch.nn.Linear(64, 4).state_dict(), project / "weights" / "head.pt")
+    try:
+        outcome = run_training(JobConfig.load("job.toml", {
+            "model.factory": "lazynets:build", "model.options.head": "weights/head.pt", "run.name": "lazy",
+            "run.storage_path": str(project / "runs"), "run.steps": 60, "run.address": ray_address}))
+    finally:
+        sys.modules.pop("lazynets", None)
+    assert outcome.num_workers == 2
+    losses = [v for _, v in read_scalars(str(outcome.logdir))["all/loss/mean"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    weights = _final_weights(outcome.checkpoint)
+    assert weights["body.0.weight"].shape == (64, 17)  # 16 pixels and the bonus, learnt from the data
