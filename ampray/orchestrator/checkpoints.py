@@ -128,11 +128,15 @@ def settle_checkpoints(run_dir: Path) -> list[str]:
     notes: list[str] = []
     if snapshot is not None:  # only what Ray registered counts (a folder it never registered is a partial copy)
         notes += remove_partial_checkpoints(run_dir, snapshot)
-        registered = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"]}
-        folders = [f for f in folders if f.name in registered]
+        registered = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"]} - {None}
+        present = {f.name for f in folders}
+        # A registered checkpoint whose folder is gone (deleted, a partial copy of the run folder) is one
+        # that does not verify: the snapshot is pointed at the newest that does.
+        missing = [run_dir / name for name in registered - present if checkpoint_step(run_dir / name) >= 0]
+        folders = sorted([f for f in folders if f.name in registered] + missing, key=checkpoint_step)
     bad, good = [], None
     for folder in reversed(folders):
-        reason = verify(folder)
+        reason = verify(folder) if folder.is_dir() else "its folder is missing"
         if reason is None:
             good = folder
             break
@@ -143,6 +147,9 @@ def settle_checkpoints(run_dir: Path) -> list[str]:
         raise ConfigError(f"run {run_dir.name!r}: {what}no checkpoint verifies ({why}); nothing is resumed from "
                           "a checkpoint that does not verify: start a new run with --name NEW")
     for folder, reason in bad:
+        if not folder.is_dir():
+            notes.append(f"{folder.name}, which Ray registered, is missing: taken off its checkpoint list")
+            continue
         where = _set_aside(run_dir, folder)
         notes.append(f"{folder.name} does not verify ({reason}): set aside in {where.relative_to(run_dir)}")
     if snapshot is None:

@@ -107,6 +107,27 @@ def test_settle_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
     assert settle_checkpoints(run) == []  # settled: nothing more to say
 
 
+def test_a_registered_checkpoint_whose_folder_is_gone_falls_back_to_the_one_before(tmp_path):
+    """The newest checkpoint folder deleted (a clean-up, a partial copy of the run folder): the run resumes
+    from the newest that is there and verifies, and Ray's list no longer names the missing one."""
+    import shutil
+
+    run = _run_with_snapshot(tmp_path)
+    shutil.rmtree(run / "checkpoint_000060")
+    notes = settle_checkpoints(run)
+    assert notes == ["checkpoint_000060, which Ray registered, is missing: taken off its checkpoint list",
+                     "falling back to checkpoint_000040, the newest checkpoint that verifies"]
+    snap = json.loads((run / SNAPSHOT).read_text())
+    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["checkpoint_000020", "checkpoint_000040"]
+    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_000040"
+    assert settle_checkpoints(run) == []
+    for name in ("checkpoint_000020", "checkpoint_000040"):
+        shutil.rmtree(run / name)
+    with pytest.raises(ConfigError, match=r"no checkpoint verifies \(checkpoint_000040: its folder is missing; "
+                                          r"checkpoint_000020: its folder is missing\)"):
+        settle_checkpoints(run)
+
+
 def test_an_unreadable_snapshot_is_rebuilt_from_the_checkpoints_that_verify(tmp_path):
     run = _run_with_snapshot(tmp_path)
     (run / SNAPSHOT).write_text('{"ray_version": "2.60.0", "checkpoint_res')
