@@ -40,6 +40,19 @@ class FitResult:
     """The resolved job, as saved in `run_dir/job.toml`."""
 
 
+def _given(job: JobConfig | str | Path | dict | None, overrides: dict[str, Any]) -> set[str]:
+    """The dotted fields the caller set: a job file's and a dict's own, a JobConfig's that differ from the
+    defaults, and the overrides."""
+    from ampray.job import _flatten, given_fields
+
+    if job is None or isinstance(job, (str, Path)):
+        return given_fields(job, overrides)
+    if isinstance(job, JobConfig):
+        default = JobConfig().flat()
+        return {k for k, v in job.flat().items() if default.get(k) != v} | set(_flatten(overrides))
+    return set(_flatten(dict(job))) | set(_flatten(overrides))
+
+
 def _job(job: JobConfig | str | Path | dict | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
     if job is None or isinstance(job, (str, Path)):
         return JobConfig.load(job, overrides).to_dict()
@@ -214,12 +227,19 @@ def fit(job: JobConfig | str | Path | dict | None = None, *, model: Any = None, 
     RuntimeError when the run fails or learns nothing finite."""
     from ampray.orchestrator.train import run_training
 
+    from ampray.orchestrator.cli import _precision_chooser
+
     objects: dict[str, Any] = {}
-    data = _job(job, _with_code(overrides, model, loss, options, objects))
+    fields = _with_code(overrides, model, loss, options, objects)
+    data = _job(job, fields)
     stream = _data(data, train_data, val_data, allow_stream=True)
     resolved = JobConfig.from_dict(data)
+    # The defaults `ampray train` applies for the workers found (bf16 where they have it, a rerun's own
+    # dtype), to the fields the caller left unset: the same job trains, and resumes, the same either way.
+    chooser = _precision_chooser(_given(job, fields), print)
     try:
-        outcome = run_training(resolved, notify=print, stream=stream, objects=objects or None)
+        outcome = run_training(resolved, notify=print, stream=stream, objects=objects or None,
+                               choose_precision=chooser)
     except Exception as err:
         from ray.train import TrainingFailedError
 

@@ -633,3 +633,18 @@ def test_a_loss_named_by_its_class_is_built_without_arguments(project, capsys):
     err = _fails(capsys, "--model.loss", "mynets:Weighted")
     assert "model.loss names the class mynets.Weighted, which cannot be built without arguments" in err
     assert "missing 1 required positional argument: 'weight'" in err
+
+
+def test_the_python_api_knows_which_fields_its_caller_set(tmp_path):
+    """ampray.fit applies `ampray train`'s defaults (precision for the workers found) to the fields left
+    unset, which it tells from a job file, a dict, a JobConfig and the overrides."""
+    from ampray.job import JobConfig
+    from ampray.orchestrator.api import _given
+
+    (tmp_path / "job.toml").write_text('[precision]\ndtype = "bf16"\n[run]\nsteps = 5\n')
+    assert _given(str(tmp_path / "job.toml"), {"data.batch_size": 8}) == {"precision.dtype", "run.steps",
+                                                                         "data.batch_size"}
+    assert _given({"precision": {"dtype": "fp32"}}, {}) == {"precision.dtype"}
+    assert _given(None, {"model.compile": True}) == {"model.compile"}
+    job = JobConfig.load(None, {"run.steps": 7})
+    assert _given(job, {}) == {"run.steps"}
