@@ -70,6 +70,7 @@ class ModelSection:
         _validate(self)
         if not isinstance(self.options, dict):
             _fail("model", "options", self.options, 'a table of keyword arguments, such as {preset = "micro"}')
+        _check_toml_values("model.options", self.options)
         try:
             for name in ("factory", "loss"):
                 if getattr(self, name):
@@ -88,6 +89,29 @@ class ModelSection:
             build_config(self.kind, **self.options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model.options={self.options!r} is not allowed: {err}") from None
+
+
+def _check_toml_values(where: str, value: Any) -> None:
+    """What a job file can hold (the run's job.toml, saved before the workers start, and each checkpoint's):
+    strings, numbers, booleans, dates, and lists and tables of them; None and objects are refused naming
+    the option."""
+    import datetime
+
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                _fail(*where.split(".", 1), value, f"a table with string keys (got the key {key!r})")
+            _check_toml_values(f"{where}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_toml_values(f"{where}[{i}]", item)
+    elif value is None:
+        raise ConfigError(f"{where}=None is not allowed: a job file cannot hold None (TOML has no null); expected a "
+                          "value, or the option left out so that the factory's default applies")
+    elif not isinstance(value, (str, int, float, bool, datetime.date, datetime.time)):
+        raise ConfigError(f"{where}={value!r} is not allowed: a {type(value).__name__} cannot be saved in a job "
+                          "file; expected a string, number, boolean, or a list or table of them (build objects in "
+                          "the factory from such values)")
 
 
 @dataclass

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -72,3 +73,19 @@ def test_round_trip_json_and_toml():
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['growth_rate'\]"):
         MixedPrecisionConfig.from_dict({"growth_rate": 2.0})
+
+
+def test_model_options_must_be_values_a_job_file_can_hold():
+    """The job is saved as TOML before any worker starts: None (TOML has no null) and objects are refused
+    naming the option, not by the TOML writer after the checks."""
+    from ampray.job import JobConfig
+
+    for options, named in (({"norm": None}, "model.options.norm=None"),
+                           ({"a": {"b": [1, None]}}, "model.options.a.b[1]=None"),
+                           ({"act": object()}, "model.options.act=<object")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            JobConfig.load(None, {"model.factory": "m:f", "model.options": options})
+    job = JobConfig.load(None, {"model.factory": "m:f", "model.options": {"sizes": (1, 2), "t": {"x": 1.5}}})
+    import tomllib
+
+    assert tomllib.loads(job.to_toml())["model"]["options"] == {"sizes": [1, 2], "t": {"x": 1.5}}
