@@ -504,11 +504,18 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
         where = "the training ray.data.Dataset" if stream is not None else f"data.path={job.data.path!r}"
         raise ConfigError(f"{where}: cannot read a batch: {err}") from None
     what = _describe(x), _describe(y)
+    before = set(model.state_dict())
     try:
         output = model(x)
     except Exception as err:
         raise ConfigError(f"{label} rejects a batch of the data (input {what[0]}, from data.input="
                           f"{job.data.input or 'the ampray schema'}): {type(err).__name__}: {err}") from None
+    created = sorted(set(model.state_dict()) - before)
+    if created:
+        raise ConfigError(f"{label} creates {', '.join(created[:3])} in its forward: a parameter or buffer made "
+                          "there is not in the optimizer, not synchronised by DDP/FSDP, and not in the model a "
+                          "checkpoint resumes; expected it created in __init__ (nn.Lazy* modules for sizes known "
+                          "only from the data)")
     loss_label = f"model.loss={job.model.loss!r}" if job.model.loss else "the default loss (cross-entropy)"
     learnt = [n for n, p in spec.loss.named_parameters() if p.requires_grad] \
         if isinstance(spec.loss, torch.nn.Module) else []

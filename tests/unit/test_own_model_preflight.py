@@ -648,3 +648,32 @@ def test_the_python_api_knows_which_fields_its_caller_set(tmp_path):
     assert _given(None, {"model.compile": True}) == {"model.compile"}
     job = JobConfig.load(None, {"run.steps": 7})
     assert _given(job, {}) == {"run.steps"}
+
+
+def test_a_parameter_created_in_forward_is_refused(project, capsys):
+    """A parameter registered on the first forward is never stepped, never synchronised, and makes the
+    checkpoint's model differ from the one a rerun builds: refused before Ray, naming it."""
+    (project / "growing.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+
+        class Growing(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Linear(17, 4)
+
+            def forward(self, batch):
+                if not hasattr(self, "scale"):
+                    self.scale = nn.Parameter(torch.ones(4))
+                return self.body(torch.cat([batch["pixels"], batch["bonus"][:, None]], 1)) * self.scale
+
+
+        def build(**options):
+            return Growing()
+    '''))
+    try:
+        err = _fails(capsys, "--model.factory", "growing:build")
+    finally:
+        sys.modules.pop("growing", None)
+    assert "model.factory='growing:build' creates scale in its forward" in err
