@@ -292,6 +292,8 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     console = _console()
     search = None
     try:
+        if args.resume is not None:
+            _refuse_job_changes_on_resume(args.resume, extra)
         job, given = _load_job(args, extra, **{"run.address": args.address})
         from ampray.orchestrator.search import SearchConfig, run_search
 
@@ -341,6 +343,19 @@ def _trial_failures(failed: list[dict[str, Any]]) -> str:
         by_reason.setdefault(row.get("error") or "unknown error", []).append(str(row["trial"]))
     return "\n  ".join(f"{', '.join(trials[:4])}{f' and {len(trials) - 4} more' if len(trials) > 4 else ''}: "
                        f"{reason}" for reason, trials in by_reason.items())
+
+
+def _refuse_job_changes_on_resume(name: str, extra: list[str]) -> None:
+    """A resumed search goes on with the job it began with: job fields given with --resume (other than
+    where the search is, run.storage_path and run.address) would not be used, so they are refused."""
+    from ampray.job import ConfigError, parse_overrides
+
+    changed = sorted(set(parse_overrides(extra)) - {"run.storage_path", "run.address"})
+    if changed:
+        raise ConfigError(f"--resume {name} goes on with the job the search began with, so "
+                          f"{', '.join('--' + k for k in changed)} would not be used; expected only "
+                          "--run.storage_path and --address with --resume (start a new search, with another "
+                          "--name, for another job)")
 
 
 def _flags(text: str) -> str:

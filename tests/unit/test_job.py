@@ -162,3 +162,18 @@ def test_compressed_allreduce_rounds_gradients_to_fp16(tmp_path):
         compress_allreduce(torch.nn.Linear(2, 2), "fp16")  # not DDP-wrapped (one worker): nothing to do
     finally:
         dist.destroy_process_group()
+
+
+def test_tune_resume_refuses_job_fields_it_would_not_use(tmp_path, capsys):
+    """`ampray tune --resume NAME --run.steps 250`: the search goes on with its saved job, so the new length
+    would be ignored; refused before anything starts (and not checked against a default mlp job)."""
+    from ampray.orchestrator.cli import main
+
+    code = main(["tune", "--resume", "s", "--run.storage_path", str(tmp_path), "--run.steps", "250",
+                 "--model.options.delay", "0.0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert ("--resume s goes on with the job the search began with, so --model.options.delay, --run.steps would "
+            "not be used") in err
+    code = main(["tune", "--resume", "s", "--run.storage_path", str(tmp_path)])
+    assert code == 2 and "--resume s: no search to resume in" in capsys.readouterr().err
