@@ -128,8 +128,13 @@ def cross_entropy(output: Any, target: torch.Tensor) -> torch.Tensor:
         if logits.dim() > 2:
             return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1, target.size(-1)))
         return F.cross_entropy(logits, target)
+    if target.dtype == torch.bool:
+        raise ValueError(f"the default loss (cross-entropy) takes integer class indices; got a bool target "
+                         f"{tuple(target.shape)}: store the labels as integers (0 and 1, with two class scores), or "
+                         "for one score per row set model.loss = \"torch.nn.functional:binary_cross_entropy_with_logits\" "
+                         "on a float target")
     where = class_dim(logits, target)
-    if where is None or target.dtype == torch.bool:
+    if where is None:
         raise ValueError(f"the default loss (cross-entropy) needs one class score per class for each target: got "
                          f"an output {tuple(logits.shape)} for a target {tuple(target.shape)} "
                          f"{str(target.dtype).removeprefix('torch.')} (expected the target's shape plus a class "

@@ -425,6 +425,15 @@ def test_the_default_loss_and_accuracy_read_logits_from_dicts_and_tuples():
         cross_entropy(logits, target[:4])
 
 
+def test_the_default_loss_names_a_bool_target_as_the_problem():
+    import torch
+
+    from ampray.models.registry import cross_entropy
+
+    with pytest.raises(ValueError, match=r"takes integer class indices; got a bool target \(2,\): store the labels"):
+        cross_entropy(torch.randn(2, 2), torch.tensor([True, False]))
+
+
 def test_the_default_loss_takes_float_targets_only_as_class_probabilities():
     import torch
 
