@@ -230,6 +230,9 @@ class TensorBoardAggregator(ray.train.UserCallback):
             return
         writer = self._ensure_writer()
         step = max(steps)
+        if all(m.get("reevaluated") for m in metrics):
+            self._write_reevaluation(writer, step, metrics)
+            return
         for index, report in enumerate(metrics):
             rank = report.get("rank", index)  # the rank the worker says it is (Ray lists them in rank order)
             if self._accept(f"rank{rank}", report["step"]):
@@ -269,6 +272,21 @@ class TensorBoardAggregator(ray.train.UserCallback):
             os.replace(tmp, os.path.join(folder, "all.json"))
         except OSError as err:  # progress is a convenience; the events are what counts
             logger.warning("cannot write progress into %s: %s", folder, err)
+
+    def _write_reevaluation(self, writer, step: int, metrics: list[dict[str, Any]]) -> None:
+        """A finished run rerun with a held-out set: its final model's new held-out figures, at the final step
+        again (the readers take a tag's latest point), and the summary with them."""
+        for index, report in enumerate(metrics):
+            rank = report.get("rank", index)
+            for key, value in _scalars(report).items():
+                if key.startswith("val/"):
+                    writer.add_scalar(f"rank{rank}/{key}", value, step)
+        self.last_aggregate = aggregate(metrics)
+        for tag, value in self.last_aggregate.items():
+            if tag.startswith("val/"):
+                writer.add_scalar(f"all/{tag}", value, step)
+        writer.add_text("summary", _summary_table(metrics), step)
+        writer.flush()
 
     def _write_final(self, writer, step: int, metrics: list[dict[str, Any]]) -> None:
         from torch.utils.tensorboard.summary import hparams

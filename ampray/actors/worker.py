@@ -384,6 +384,7 @@ def train(w: Worker, step: int, saved: dict[str, Any] | None, config: dict[str, 
             metrics = {key: value for key, value in metrics.items() if not key.startswith("val/")}
             metrics.update(evaluate(w.model, w.engine, criterion, w.val, run.eval_batches,
                                     lockstep=w.job.scaling.strategy == "fsdp").to_dict())
+            metrics["reevaluated"] = True  # the aggregator writes these held-out figures at the final step again
         for key, value in w.placement.items():  # the run's own placement when its report has one
             metrics.setdefault(key, value)
         if hparams is not None:

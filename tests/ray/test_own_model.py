@@ -81,13 +81,13 @@ def test_killed_worker_of_an_own_model_resumes_bitwise(ray_address, project):
     # the same set gives the same figures, another set (64 of the 256 rows) its own.
     again = run_training(job("reference"))
     assert again.aggregate["val/loss/mean"] == reference.aggregate["val/loss/mean"]
-    assert [r["val/samples"] for r in again.final] == [128, 128]
+    assert [r["val/samples"] for r in again.final.values()] == [128, 128]
     val = project / "data" / "val.parquet"
     pq.write_table(pq.read_table(val).slice(0, 64), project / "data" / "val_small.parquet")
     small = run_training(JobConfig.from_dict({**job("reference").to_dict(),
                                               "data": {**job("reference").to_dict()["data"],
                                                        "val_path": str(project / "data" / "val_small.parquet")}}))
-    assert [r["val/samples"] for r in small.final] == [32, 32]
+    assert [r["val/samples"] for r in small.final.values()] == [32, 32]
     assert small.aggregate["val/loss/mean"] != reference.aggregate["val/loss/mean"]
 
 
