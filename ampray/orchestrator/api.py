@@ -262,6 +262,15 @@ def search(job: JobConfig | str | Path | dict | None = None, *, model: Any = Non
     by path): put them in a module."""
     from ampray.orchestrator.search import SearchConfig, run_search
 
+    if resume:
+        changed = sorted(set(overrides or {}) - {"run.storage_path", "run.address"})
+        if changed or any(v is not None for v in (model, loss, train_data, val_data, options)):
+            given = changed + [name for name, v in (("model", model), ("loss", loss), ("train_data", train_data),
+                                                    ("val_data", val_data), ("options", options)) if v is not None]
+            raise ConfigError(f"ampray.search(resume=True) goes on with the job the search began with, so "
+                              f"{', '.join(given)} would not be used; expected only the job (for its "
+                              "run.storage_path) and overrides of run.storage_path and run.address (start a new "
+                              "search, with another name, for another job)")
     objects: dict[str, Any] = {}
     data = _job(job, _with_code(overrides, model, loss, options, objects))
     if objects:

@@ -177,3 +177,12 @@ def test_tune_resume_refuses_job_fields_it_would_not_use(tmp_path, capsys):
             "not be used") in err
     code = main(["tune", "--resume", "s", "--run.storage_path", str(tmp_path)])
     assert code == 2 and "--resume s: no search to resume in" in capsys.readouterr().err
+
+
+def test_search_resume_refuses_job_changes_it_would_not_use(tmp_path):
+    from ampray.amp.config import ConfigError
+    from ampray.orchestrator.api import search
+
+    with pytest.raises(ConfigError, match=r"goes on with the job the search began with, so run.steps, loss would not"):
+        search(overrides={"run.steps": 5, "run.storage_path": str(tmp_path)}, loss="torch.nn:MSELoss",
+               resume=True, name="s")
