@@ -511,7 +511,10 @@ class JobConfig:
         for dotted, value in (overrides or {}).items():
             _set_dotted(data, dotted, value)
         try:
-            return cls.from_dict(data)
+            job = cls.from_dict(data)
+            # The fields the file and overrides set (ampray.fit applies the CLI's defaults to the others).
+            job.given = frozenset(_flatten(from_file)) | frozenset(overrides or {})
+            return job
         except ConfigError as err:
             if path:  # the file's own mistake (the file alone fails the same way), not an override's?
                 try:

@@ -101,7 +101,7 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     import torch
 
     from ampray.actors.data import one_batch
-    from ampray.actors.worker import build_engine, in_user_folder, materialize_lazy
+    from ampray.actors.worker import build_engine, in_user_folder, materialize_lazy, spec_on
     from ampray.amp.bench import time_steps
     from ampray.amp.trainer import to_device
     from ampray.orchestrator.preflight import resolve_model
@@ -113,7 +113,8 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     # Before anything of the probe: what others hold of the GPU is not ours to use.
     free, total = torch.cuda.mem_get_info(device) if cuda else (float("inf"), float("inf"))
-    spec = resolve_model(job, objects)
+    with in_user_folder(cwd):
+        spec = spec_on(resolve_model(job, objects), device)
     # One micro-batch per optimizer step, an out-of-memory error raised (so that the probe sees it).
     job = dataclasses.replace(job, precision=job.precision.replace(gradient_accumulation_steps=1, oom_policy="raise"))
     torch.manual_seed(job.run.seed)

@@ -209,12 +209,10 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
         from ampray.actors.affinity import bind_local_rank
 
         bind_local_rank(ctx.get_local_rank(), ctx.get_local_world_size())
-    spec = resolve_spec(job.model.kind, job.model.factory, job.model.loss, objects)  # imports the user's code
-    if isinstance(spec.loss, torch.nn.Module):  # a loss module's buffers (class weights) on the worker's device
-        spec = replace(spec, loss=spec.loss.to(device))
-    torch.manual_seed(job.run.seed)  # the same initial weights on every rank
-    engine = build_engine(job, device)
-    with in_user_folder(cwd):
+    with in_user_folder(cwd):  # the user's module, loss and factory may open paths relative to it
+        spec = spec_on(resolve_spec(job.model.kind, job.model.factory, job.model.loss, objects), device)
+        torch.manual_seed(job.run.seed)  # the same initial weights on every rank
+        engine = build_engine(job, device)
         model = engine.prepare_model(materialize_lazy(spec.build_model(job.model.options), job, spec))
     if job.scaling.strategy == "fsdp":
         model = shard(model, job, engine)  # every rank, one worker too: the checkpoints hold shards
@@ -239,6 +237,11 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
                   placement())
 
 
+def spec_on(spec: ModelSpec, device: torch.device) -> ModelSpec:
+    """The spec with a loss module's buffers (class weights) on `device`."""
+    return replace(spec, loss=spec.loss.to(device)) if isinstance(spec.loss, torch.nn.Module) else spec
+
+
 def materialize_lazy(model: torch.nn.Module, job: JobConfig, spec: ModelSpec) -> torch.nn.Module:
     """A model with lazy modules (nn.LazyLinear, nn.LazyConv2d) learns its shapes from a first forward,
     which DDP, FSDP and the optimizer need done: run one, without gradients, on the first two rows of the
@@ -250,8 +253,13 @@ def materialize_lazy(model: torch.nn.Module, job: JobConfig, spec: ModelSpec) ->
     from ampray.actors.data import one_batch
 
     x, _ = one_batch(job, spec, 2)
-    with torch.no_grad():
-        model(x)
+    training = model.training
+    model.eval()  # no running statistics from these rows (BatchNorm), no dropout
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(training)
     return model
 
 

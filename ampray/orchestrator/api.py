@@ -48,7 +48,9 @@ def _given(job: JobConfig | str | Path | dict | None, overrides: dict[str, Any])
     if job is None or isinstance(job, (str, Path)):
         return given_fields(job, overrides)
     if isinstance(job, JobConfig):
-        default = JobConfig().flat()
+        if getattr(job, "given", None) is not None:  # JobConfig.load's record of what its file and overrides set
+            return set(job.given) | set(_flatten(overrides))
+        default = JobConfig().flat()  # built otherwise: the fields that differ from the defaults
         return {k for k, v in job.flat().items() if default.get(k) != v} | set(_flatten(overrides))
     return set(_flatten(dict(job))) | set(_flatten(overrides))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,15 +325,15 @@ def value_rules(job: JobConfig, spec: ModelSpec) -> list[ColumnRule]:
     vocab, classes = (options.get(k) for k in ("vocab_size", "num_classes"))
     vocab = vocab if type(vocab) is int and vocab > 0 else None
     classes = classes if type(classes) is int and classes > 0 else None
+    held: set[str] = set()
     if vocab:
-        # The token ids are the one integer input column; with several (token ids beside a uint8 image, say)
-        # which of them indexes the vocabulary is not known here, and none is held to it.
-        from ampray.data.columns import schema_summary, tensor_type
+        # Integer input columns are held to the vocabulary (token ids; an attention mask's 0/1 pass), except
+        # 8-bit ones: images (uint8 pixels up to 255) are not token ids.
+        from ampray.data.columns import schema_summary
 
         types = schema_summary(Path(job.data.path).expanduser())["columns"]
-        integers = [c for c in job.data.input_columns if "int64" in tensor_type(types.get(c, ""))]
-        vocab = vocab if len(integers) == 1 else None
-    rules = [ColumnRule(c, 0, vocab, _TOKENS.format(vocab)) if vocab else ColumnRule(c)
+        held = {c for c in job.data.input_columns if re.search(r"\bu?int(16|32|64)\b", types.get(c, ""))}
+    rules = [ColumnRule(c, 0, vocab, _TOKENS.format(vocab)) if c in held else ColumnRule(c)
              for c in job.data.input_columns]
     target = job.data.target
     return rules + [ColumnRule(target, 0, classes, _LABELS.format(classes)) if classes else ColumnRule(target)]
@@ -369,8 +370,12 @@ def keep_trained_padding(job: JobConfig, plan: DataPlan) -> JobConfig:
         data = tomllib.loads((checkpoint / "job.toml").read_text()).get("data", {})
     except (OSError, tomllib.TOMLDecodeError):
         return job  # check_resume reports an unreadable job.toml
-    if job.data.columns and "pad_value" in data and "target_pad_value" not in data and job.data.target_pad_value == "auto":
-        job = dataclasses.replace(job, data=dataclasses.replace(job.data, target_pad_value=float(data["pad_value"])))
+    if job.data.columns and job.data.target_pad_value == "auto":
+        # "auto" resumes with the target padding the run was trained with: the number its checkpoint holds (a
+        # rerun of such a run saves it), or the pad_value of a run saved before the field existed.
+        trained = data.get("target_pad_value", data.get("pad_value") if "pad_value" in data else None)
+        if isinstance(trained, (int, float)) and not isinstance(trained, bool):
+            job = dataclasses.replace(job, data=dataclasses.replace(job.data, target_pad_value=float(trained)))
     if job.data.pad_to or not plan.pad_widths:
         return job
     saved = data.get("pad_widths") or {}
@@ -486,7 +491,7 @@ def check_one_batch(job: JobConfig, spec: ModelSpec, stream=None) -> tuple[str, 
                           f"{err}") from None
     from torch.nn.parameter import is_lazy
 
-    if stream is not None and not job.data.path and any(is_lazy(p) for p in model.parameters()):
+    if stream is not None and not job.data.path and any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
         raise ConfigError(f"{label} has lazy modules (nn.LazyLinear, ...), whose shapes each worker learns from a "
                           "first forward on rows of data.path; with the training rows given as a ray.data.Dataset "
                           "there is none: expected data.path (a Parquet file or folder), or modules with their "

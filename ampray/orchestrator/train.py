@@ -520,7 +520,6 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
         notify(note)
     if plan.data_check is not None:
         notify(plan.data_check.line())
-    job = keep_trained_padding(job, plan)
     code = user_code(job, objects)
     runtime_env = {}
     if code:
@@ -528,6 +527,11 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
 
         runtime_env = worker_runtime_env(code)
     with run_lock(make_run_dir(job)):
+        from ampray.orchestrator.checkpoints import settle_checkpoints
+
+        for note in settle_checkpoints(job.run_dir()):  # resume only from a checkpoint that verifies
+            notify(note)
+        job = keep_trained_padding(job, plan)  # as the checkpoint settled on was trained
         if init_ray(job.run.address, runtime_env=runtime_env):
             runtime_env = {}  # the job's own: the workers inherit it (uploaded once, by this driver)
         if code:
@@ -550,10 +554,6 @@ def run_training(job: JobConfig, notify: Callable[[str], None] = log.warning, st
             if how:
                 shown = ", ".join(plan.unused_parameters[:3]) + (", ..." if len(plan.unused_parameters) > 3 else "")
                 notify(f"{len(plan.unused_parameters)} parameter(s) get no gradient from the loss ({shown}): {how}")
-        from ampray.orchestrator.checkpoints import settle_checkpoints
-
-        for note in settle_checkpoints(job.run_dir()):  # resume only from a checkpoint that verifies
-            notify(note)
         if job.data.fill_gpu:  # the job as the workers get it (paths, padding), and the checkpoint resumed
             from ampray.actors.batch_probe import choose_fill
 

@@ -87,7 +87,7 @@ def _rank_entry(target, args, log: str) -> None:
     try:
         target(*args)
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
+        code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
     except BaseException:
         traceback.print_exc()
         code = 1

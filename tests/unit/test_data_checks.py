@@ -359,9 +359,9 @@ def test_a_truncated_footer_is_named_by_the_workers_reader(tmp_path):
         read_columns(tmp_path, ColumnSpec(("x",), "y"))
 
 
-def test_a_second_integer_input_is_not_held_to_the_vocabulary(user_project):
-    """Token ids beside a uint8 image: which integer column indexes the vocabulary is not known, so neither
-    is held to model.options.vocab_size (an image's 0..255 are not token ids)."""
+def test_an_8_bit_image_beside_the_token_ids_is_not_held_to_the_vocabulary(user_project):
+    """Token ids beside a uint8 image: the image's 0..255 are pixels, not token ids, so only the wider integer
+    column is held to model.options.vocab_size."""
     file = user_project / "data" / "part-1.parquet"
     table = pq.read_table(file)
     pixels = pa.FixedSizeListArray.from_arrays(pa.array(np.full(20 * 6, 200, np.uint8)), 6)
@@ -372,3 +372,6 @@ def test_a_second_integer_input_is_not_held_to_the_vocabulary(user_project):
         pa.array(np.zeros(20 * 6, np.uint8)), 6)), other)
     job = _user_job({"vocab_size": 20, "num_classes": 3})
     assert check_model_and_data(job).data_check.rows == 40
+    _edit(file, "ids", lambda v: v.__setitem__((3, 1), 20))
+    _fails(job, f"data.path={file}: column 'ids' holds 20 in row 3",
+           "expected integers in [0, 20): token ids below model.options.vocab_size=20")

@@ -335,6 +335,9 @@ def test_a_rerun_pads_as_its_checkpoint_was_trained(tmp_path):
     assert keep_trained_padding(own, DataPlan(None, 10, 0, ["tokens", "y"])).data.target_pad_value == 3.0
     (checkpoint / "job.toml").write_text('[data]\npad_value = 3.0\ntarget_pad_value = "auto"\n')
     assert keep_trained_padding(own, DataPlan(None, 10, 0, ["tokens", "y"])).data.target_pad_value == "auto"
+    # Its rerun saved the number: the next rerun ("auto" again) keeps it, and resumes.
+    (checkpoint / "job.toml").write_text('[data]\npad_value = 3.0\ntarget_pad_value = 3.0\n')
+    assert keep_trained_padding(own, DataPlan(None, 10, 0, ["tokens", "y"])).data.target_pad_value == 3.0
 
 
 def test_sparse_gradients_with_an_oom_policy_that_needs_dense_ones_under_ddp(project, capsys):
@@ -657,6 +660,10 @@ def test_the_python_api_knows_which_fields_its_caller_set(tmp_path):
     assert _given(None, {"model.compile": True}) == {"model.compile"}
     job = JobConfig.load(None, {"run.steps": 7})
     assert _given(job, {}) == {"run.steps"}
+    # A job file's fields set to their defaults are still the caller's (fp16 stays fp16 on a bf16 GPU).
+    (tmp_path / "fp16.toml").write_text('[precision]\ndtype = "fp16"\n[data]\nbatch_size = 64\n')
+    assert _given(JobConfig.load(tmp_path / "fp16.toml"), {}) == {"precision.dtype", "data.batch_size"}
+    assert _given(JobConfig(), {}) == set()  # built in Python: what differs from the defaults
 
 
 def test_a_parameter_created_in_forward_is_refused(project, capsys):
