@@ -746,11 +746,16 @@ def _check_model_matches(job: JobConfig, spec: ModelSpec, checkpoint: Path) -> N
         if not isinstance(saved, dict):
             return
         # Tensors only: a module's extra state (get_extra_state) may be any object.
-        now = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items() if isinstance(v, torch.Tensor)}
+        from torch.nn.parameter import is_lazy
+
+        # A lazy module's shape is known only after a forward: its key is compared, not its shape.
+        now = {k: None if is_lazy(v) else tuple(v.shape) for k, v in unwrap(model).state_dict().items()
+               if isinstance(v, torch.Tensor)}
         then = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, torch.Tensor)}
     except Exception:  # noqa: BLE001 - the workers load (and report) it
         return
-    diffs = [f"{k}: {then[k]} in the checkpoint, {now[k]} now" for k in now if k in then and now[k] != then[k]]
+    diffs = [f"{k}: {then[k]} in the checkpoint, {now[k]} now" for k in now
+             if k in then and now[k] is not None and now[k] != then[k]]
     diffs += [f"{k}: not in the checkpoint" for k in now if k not in then]
     diffs += [f"{k}: in the checkpoint, not in the model now" for k in then if k not in now]
     if diffs:

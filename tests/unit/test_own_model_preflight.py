@@ -693,3 +693,36 @@ def test_a_parameter_created_in_forward_is_refused(project, capsys):
     finally:
         sys.modules.pop("growing", None)
     assert "model.factory='growing:build' creates scale in its forward" in err
+
+
+def test_a_lazy_models_rerun_is_matched_by_its_keys(tmp_path, monkeypatch):
+    """A model with nn.LazyLinear has no shapes on the meta device: the driver still compares its state dict
+    keys with the checkpoint's (a layer added is refused), and does not trip over the missing shapes."""
+    import torch
+
+    from ampray.job import JobConfig
+    from ampray.orchestrator.preflight import _check_model_matches, resolve_model
+
+    (tmp_path / "lazyk.py").write_text(
+        "from torch import nn\n"
+        "def build(extra: bool = False):\n"
+        "    layers = [nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2)] + ([nn.Linear(2, 2)] if extra else [])\n"
+        "    return nn.Sequential(*layers)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        job = JobConfig.load(None, {"model.factory": "lazyk:build", "run.storage_path": str(tmp_path),
+                                    "data.path": str(tmp_path), "data.input": "x", "data.target": "y"})
+        spec = resolve_model(job)
+        model = spec.build_model({})
+        model(torch.randn(2, 5))
+        folder = tmp_path / "checkpoint_000010"
+        folder.mkdir()
+        torch.save({"model": model.state_dict()}, folder / "state.pt")
+        _check_model_matches(job, spec, folder)  # the same code
+        extra = JobConfig.load(None, {**{k: v for k, v in job.flat().items() if k.startswith("data.")},
+                                      "model.factory": "lazyk:build", "model.options": {"extra": True}})
+        with pytest.raises(ConfigError, match="3.weight: not in the checkpoint"):
+            _check_model_matches(extra, spec, folder)
+    finally:
+        sys.modules.pop("lazyk", None)
