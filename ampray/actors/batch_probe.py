@@ -101,10 +101,9 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     import torch
 
     from ampray.actors.data import one_batch
-    from ampray.actors.worker import build_engine, in_user_folder, materialize_lazy, spec_on
+    from ampray.actors.worker import build_model_and_engine
     from ampray.amp.bench import time_steps
     from ampray.amp.trainer import to_device
-    from ampray.orchestrator.preflight import resolve_model
 
     from ampray.amp.trainer import OutOfMemoryError, batch_size
 
@@ -113,14 +112,9 @@ def measure_micro_batches(job, objects: dict[str, Any] | None, start: int, cap: 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     # Before anything of the probe: what others hold of the GPU is not ours to use.
     free, total = torch.cuda.mem_get_info(device) if cuda else (float("inf"), float("inf"))
-    with in_user_folder(cwd):
-        spec = spec_on(resolve_model(job, objects), device)
     # One micro-batch per optimizer step, an out-of-memory error raised (so that the probe sees it).
     job = dataclasses.replace(job, precision=job.precision.replace(gradient_accumulation_steps=1, oom_policy="raise"))
-    torch.manual_seed(job.run.seed)
-    engine = build_engine(job, device)
-    with in_user_folder(cwd):  # where the user started ampray: relative paths in model.options
-        model = engine.prepare_model(materialize_lazy(spec.build_model(job.model.options), job, spec))
+    spec, engine, model = build_model_and_engine(job, device, objects, cwd)  # as a worker builds them
     opt = job.optimizer
     optimizer = engine.build_optimizer(model, opt.name, lr=opt.lr, weight_decay=opt.weight_decay)
     x0, y0 = to_device(one_batch(job, spec, min(start, 256)), device)

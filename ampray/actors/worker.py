@@ -209,11 +209,7 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
         from ampray.actors.affinity import bind_local_rank
 
         bind_local_rank(ctx.get_local_rank(), ctx.get_local_world_size())
-    with in_user_folder(cwd):  # the user's module, loss and factory may open paths relative to it
-        spec = spec_on(resolve_spec(job.model.kind, job.model.factory, job.model.loss, objects), device)
-        torch.manual_seed(job.run.seed)  # the same initial weights on every rank
-        engine = build_engine(job, device)
-        model = engine.prepare_model(materialize_lazy(spec.build_model(job.model.options), job, spec))
+    spec, engine, model = build_model_and_engine(job, device, objects, cwd)
     if job.scaling.strategy == "fsdp":
         model = shard(model, job, engine)  # every rank, one worker too: the checkpoints hold shards
     else:
@@ -237,9 +233,19 @@ def setup(job: JobConfig, run_dir: Path, streaming: bool = False, objects: dict[
                   placement())
 
 
-def spec_on(spec: ModelSpec, device: torch.device) -> ModelSpec:
-    """The spec with a loss module's buffers (class weights) on `device`."""
-    return replace(spec, loss=spec.loss.to(device)) if isinstance(spec.loss, torch.nn.Module) else spec
+def build_model_and_engine(job: JobConfig, device: torch.device, objects: dict[str, Any] | None = None,
+                           cwd: str | None = None) -> tuple[ModelSpec, MixedPrecisionTrainer, torch.nn.Module]:
+    """The job's spec (a loss module's buffers on `device`), engine and prepared model, built in the user's
+    folder (`in_user_folder`: their module, loss and factory may open paths relative to it) from the run's
+    seed, so every rank starts from the same weights; lazy modules materialised (`materialize_lazy`)."""
+    with in_user_folder(cwd):
+        spec = resolve_spec(job.model.kind, job.model.factory, job.model.loss, objects)  # imports the user's code
+        if isinstance(spec.loss, torch.nn.Module):
+            spec = replace(spec, loss=spec.loss.to(device))
+        torch.manual_seed(job.run.seed)
+        engine = build_engine(job, device)
+        model = engine.prepare_model(materialize_lazy(spec.build_model(job.model.options), job, spec))
+    return spec, engine, model
 
 
 def materialize_lazy(model: torch.nn.Module, job: JobConfig, spec: ModelSpec) -> torch.nn.Module:

@@ -694,11 +694,11 @@ def check_resume(job: JobConfig, num_workers: int, spec: ModelSpec | None = None
     # A field only one side knows (added or removed by an upgrade of ampray) is not compared. A model option
     # set on one side only is: against the factory's default for it, when its signature has one.
     defaults = _factory_defaults(spec)
-    for key in (saved.keys() ^ now.keys()) & {k for k in saved.keys() | now.keys() if k.startswith("model.options.")}:
+    for key in {k for k in saved.keys() ^ now.keys() if k.startswith("model.options.")}:
         option = key.removeprefix("model.options.")
         for side in (saved, now):
             side.setdefault(key, defaults.get(option, _UNSET))
-    changed = [f"{key}: {_shown(saved[key])} in the checkpoint, {_shown(now[key])} now" for key in sorted(now)
+    changed = [f"{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in sorted(now)
                if key in saved and not _may_change(key) and not _same(saved[key], now[key])]
     world = len(list(checkpoint.glob("rng_rank*.pt")))
     if world and world != num_workers:
@@ -793,11 +793,7 @@ class _Unset:
         return "not set"
 
 
-_UNSET = _Unset()
-
-
-def _shown(value: Any) -> str:
-    return "not set" if value is _UNSET else repr(value)
+_UNSET = _Unset()  # an option one side leaves out, where the factory's signature has no default
 
 
 def _factory_defaults(spec: ModelSpec | None) -> dict[str, Any]:
